@@ -259,7 +259,7 @@ class SmolLM(nn.Module):
         loss = None
         if targets is not None:
             # the loss in fp32 even under bf16 autocast: log-softmax over 49,152 classes
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):

@@ -1,0 +1,167 @@
+"""The model: sizes, names, the pieces against their textbook definitions, the KV cache."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smol import KVCache, SmolConfig, SmolLM, apply_rope, rope_tables, sample_next
+
+TINY = dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128, block_size=64)
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    return SmolLM(SmolConfig(**{**TINY, **overrides})).eval()
+
+
+def test_parameter_count_of_smollm2_135m():
+    with torch.device("meta"):  # shapes only, no memory, no init time
+        model = SmolLM(SmolConfig())
+    assert model.num_params() == 134_515_008
+    assert model.model.embed_tokens.weight.numel() == 28_311_552
+    layer = model.model.layers[0]
+    assert sum(p.numel() for p in layer.parameters()) == 3_540_096
+    sizes = {n: p.numel() for n, p in layer.named_parameters()}
+    assert sizes["self_attn.q_proj.weight"] == sizes["self_attn.o_proj.weight"] == 331_776
+    assert sizes["self_attn.k_proj.weight"] == sizes["self_attn.v_proj.weight"] == 110_592
+    assert sizes["mlp.gate_proj.weight"] == sizes["mlp.up_proj.weight"] == sizes["mlp.down_proj.weight"] == 884_736
+    assert "134,515,008" in model.param_breakdown() and "3,540,096" in model.param_breakdown()
+
+
+def test_state_dict_names_match_official_checkpoints():
+    keys = set(tiny().state_dict())
+    expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        expected |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
+        expected |= {p + f"self_attn.{x}_proj.weight" for x in "qkvo"}
+        expected |= {p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")}
+    assert keys == expected  # no rope tables, no extra buffers
+
+
+def test_lm_head_is_tied_to_embedding():
+    m = tiny()
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+
+
+def test_forward_shapes_and_initial_loss():
+    m = tiny()
+    idx = torch.randint(0, 512, (3, 16))
+    logits, loss = m(idx)
+    assert logits.shape == (3, 16, 512) and loss is None
+    _, loss = m(idx, torch.randint(0, 512, (3, 16)))
+    # the final norm gives unit-RMS features, so logits ~ N(0, s2) with s2 = C * init_std^2,
+    # and the expected loss of random targets is about ln(V) + s2 / 2
+    s2 = m.config.n_embd * m.config.init_std ** 2
+    assert abs(loss.item() - (math.log(512) + s2 / 2)) < 0.15
+
+
+def test_rope_matches_complex_rotation():
+    # rotate_half layout: channel i pairs with channel i + hd/2, and the pair turns by
+    # pos * theta^(-2i/hd), i.e. multiplication by e^{i angle} of x[i] + j x[i + hd/2]
+    hd, theta = 8, 10000.0
+    cos, sin = rope_tables(hd, 16, theta)
+    x = torch.randn(1, 1, 16, hd)
+    got = apply_rope(x, cos, sin)
+    pos = torch.arange(16.0)[:, None]
+    freq = theta ** (-torch.arange(0, hd, 2).float() / hd)
+    z = torch.complex(x[..., :hd // 2], x[..., hd // 2:]) * torch.polar(torch.ones(16, hd // 2), pos * freq)
+    torch.testing.assert_close(got, torch.cat([z.real, z.imag], dim=-1), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_equals_explicit_grouped_query_attention():
+    m = tiny()
+    attn, cfg = m.model.layers[0].self_attn, m.config
+    B, T, hd = 2, 10, cfg.head_dim
+    x = torch.randn(B, T, cfg.n_embd)
+    cos, sin = m.rope_cos[:T], m.rope_sin[:T]
+    q = apply_rope(attn.q_proj(x).view(B, T, 4, hd).transpose(1, 2), cos, sin)
+    k = apply_rope(attn.k_proj(x).view(B, T, 2, hd).transpose(1, 2), cos, sin)
+    v = attn.v_proj(x).view(B, T, 2, hd).transpose(1, 2)
+    # query heads 0,1 share kv head 0; heads 2,3 share kv head 1
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1)
+    torch.testing.assert_close(attn(x, cos, sin), attn.o_proj(y), atol=1e-5, rtol=1e-5)
+
+
+def test_rmsnorm_and_swiglu_definitions():
+    m = tiny()
+    block = m.model.layers[0]
+    x = torch.randn(2, 5, 64)
+    block.input_layernorm.weight.data.uniform_(0.5, 1.5)
+    expected = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * block.input_layernorm.weight
+    torch.testing.assert_close(block.input_layernorm(x), expected)
+    mlp = block.mlp
+    expected = (F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+    torch.testing.assert_close(mlp(x), expected)
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4), (4, 1)])
+def test_kv_cache_greedy_equals_recompute(heads):
+    m = tiny(n_head=heads[0], n_kv_head=heads[1])
+    prompt = torch.randint(0, 512, (2, 7))
+    with_cache = m.generate(prompt, 24, temperature=0)
+    seq = prompt
+    for _ in range(24):  # no cache: run the whole sequence every step
+        logits, _ = m(seq)
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(with_cache, seq)
+
+
+def test_chunk_after_cached_prefix_uses_the_right_mask():
+    m = tiny()
+    seq = torch.randint(0, 512, (2, 30))
+    full, _ = m(seq)
+    cache = KVCache(m.config, 2, 30, "cpu", torch.float32)
+    parts = [m(seq[:, a:b], kv_cache=cache)[0] for a, b in ((0, 11), (11, 12), (12, 25), (25, 30))]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_filters_and_seed():
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    assert sample_next(logits, temperature=0).item() == 1
+    assert sample_next(logits, top_k=1).item() == 1
+    assert sample_next(logits, top_p=1e-6).item() == 1  # the nucleus holds just the top token
+    # top_p keeps tokens until their mass reaches p: here the top two (0.66 + 0.24)
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, top_p=0.8, generator=g).item() for _ in range(200)}
+    assert draws == {1, 2}
+    m = tiny()
+    prompt = torch.randint(0, 512, (1, 4))
+    a = m.generate(prompt, 10, generator=torch.Generator().manual_seed(3))
+    b = m.generate(prompt, 10, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_too_long_generation_is_refused():
+    m = tiny(max_position_embeddings=64)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        m.generate(torch.zeros(1, 60, dtype=torch.long), 10)
+
+
+@pytest.mark.parametrize("bad, msg", [(dict(n_head=5), "divisible by n_head"), (dict(n_kv_head=3), "n_kv_head"),
+                                      (dict(block_size=10_000), "max_position_embeddings"),
+                                      (dict(n_layer=0), "n_layer must be positive")])
+def test_config_validation(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        SmolConfig(**{**TINY, **bad}).validate()
+
+
+def test_overfits_one_batch():
+    # the real vocabulary, a tiny body: memorising one batch must drive the loss
+    # from about ln(49152) = 10.8 to almost nothing
+    torch.manual_seed(0)
+    m = SmolLM(SmolConfig(**{**TINY, "vocab_size": 49152}))
+    x = torch.randint(0, 49152, (2, 33))
+    opt = m.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    first = None
+    for _ in range(80):
+        _, loss = m(x[:, :-1], x[:, 1:])
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 10.5 and loss.item() < 0.5, (first, loss.item())

@@ -1,0 +1,94 @@
+"""train.py and sample.py end to end, through their real command lines."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from smol import HERE
+
+ROOT = HERE
+TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",
+        "--block_size", "64", "--batch_size", "4", "--eval_iters", "2", "--sample_tokens", "4",
+        "--learning_rate", "3e-3", "--warmup_iters", "4", "--lr_decay_iters", "30", "--min_lr", "3e-4"]
+
+
+def run(script, *args, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def train_losses(out_dir):
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return {r["step"]: (r["loss"], r["lr"]) for r in rows if "loss" in r}
+
+
+def load(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+
+
+def test_resume_is_exact(tmp_path):
+    one, split = tmp_path / "one", tmp_path / "split"
+    # 24 steps in one go, versus 14 + a resume to 24; evaluation every 7 steps,
+    # so the split run also evaluates (and samples) mid-way without disturbing anything
+    run("train.py", *TINY, "--max_iters", 24, "--eval_interval", 7, "--log_interval", 1, "--out_dir", one)
+    run("train.py", *TINY, "--max_iters", 14, "--eval_interval", 7, "--log_interval", 1, "--out_dir", split)
+    resumed = run("train.py", "--init_from", "resume", "--max_iters", 24, "--out_dir", split)
+    lines = [line for line in resumed.stdout.splitlines() if line.startswith("step ")]
+    assert lines[0].startswith("step 15 ") and lines[-1].startswith("step 24 ")
+    assert train_losses(one) == train_losses(split)  # every step's loss and lr, bit for bit
+    a, b = load(one), load(split)
+    assert a["iter_num"] == b["iter_num"] == 24
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+
+
+def test_checkpoint_contents(tmp_path):
+    out = run("train.py", *TINY, "--max_iters", 6, "--eval_interval", 3, "--out_dir", tmp_path)
+    ckpt = load(tmp_path)  # weights_only=True: plain data
+    assert {"model", "optimizer", "config", "train_config", "iter_num", "best_val_loss", "rng"} <= ckpt.keys()
+    assert ckpt["iter_num"] == 6 and ckpt["config"]["n_layer"] == 2
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    vals = [json.loads(x)["val_loss"] for x in open(tmp_path / "metrics.jsonl") if "val_loss" in x]
+    assert ckpt["best_val_loss"] == min(vals)
+    assert "parameters: embedding 3,145,728" in out.stdout
+
+
+def test_resume_past_decay_horizon_holds_final_lr(tmp_path):
+    run("train.py", *TINY, "--max_iters", 30, "--eval_interval", 30, "--log_interval", 1, "--out_dir", tmp_path)
+    # the decay horizon (30) comes from the checkpoint; steps 31.. stay at min_lr
+    run("train.py", "--init_from", "resume", "--max_iters", 33, "--log_interval", 1, "--out_dir", tmp_path)
+    lrs = {step: lr for step, (_, lr) in train_losses(tmp_path).items()}
+    assert lrs[31] == lrs[32] == lrs[33] == 3e-4
+    assert lrs[5] == 3e-3  # the end of warmup reaches the peak
+
+
+def test_train_then_sample(tmp_path):
+    out = run("train.py", *TINY, "--max_iters", 40, "--eval_interval", 20, "--log_interval", 10, "--out_dir", tmp_path)
+    losses = train_losses(tmp_path)
+    assert losses[40][0] < losses[10][0]  # it learns
+    assert "eval step 20" in out.stdout and "sample: 'Once upon a time" in out.stdout
+    assert "mfu" not in out.stdout  # no MFU on a CPU
+    s = run("sample.py", "--out_dir", tmp_path, "--num_samples", 2, "--max_new_tokens", 20, "--start", "The river")
+    assert s.stdout.count("The river") == 2
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("A lighthouse keeper")
+    s = run("sample.py", "--out_dir", tmp_path, "--num_samples", 1, "--start", f"FILE:{prompt}", "--temperature", 0)
+    assert s.stdout.startswith("A lighthouse keeper")
+
+
+def test_sample_without_checkpoint_says_how_to_make_one(tmp_path):
+    s = run("sample.py", "--out_dir", tmp_path, check=False)
+    assert s.returncode == 1 and "python train.py" in s.stderr and "Traceback" not in s.stderr
+
+
+def test_unknown_flag_suggests_the_closest(tmp_path):
+    s = run("train.py", "--learning_rat", "1e-3", check=False)
+    assert s.returncode == 2 and "did you mean --learning_rate" in s.stderr and "Traceback" not in s.stderr

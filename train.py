@@ -1,0 +1,393 @@
+"""
+Train SmolLM2 from scratch on a text file, or resume a run exactly.
+
+    python train.py --max_iters 5000                     # from scratch on input.txt
+    python train.py --init_from resume --max_iters 5050  # continue: logs steps 5001..5050
+    python train.py --n_layer 2 --n_embd 64 --n_head 4 --n_kv_head 2 --intermediate_size 128 \
+        --block_size 64 --batch_size 4 --max_iters 50    # a tiny model, seconds on a CPU
+
+Every setting in TrainConfig and SmolConfig is a `--name value` flag. On resume
+the checkpoint's settings are the defaults and only the flags you pass change
+them (the architecture cannot change). The checkpoint, out_dir/ckpt.pt, holds
+everything the next step depends on: weights, AdamW moments, step count, the
+data sampler's random state; so N steps + a resume to N+M reproduces an
+uninterrupted N+M step run exactly (on the same device and settings).
+"""
+import argparse
+import difflib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from smol import EOT_ID, SmolConfig, SmolLM, load_tokenizer
+
+DOC_SEPARATOR = "<|endoftext|>"  # a line of its own between documents in the text file
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"
+    data: str = "input.txt"          # a UTF-8 text file; documents separated by <|endoftext|>
+    init_from: str = "scratch"       # "scratch" or "resume" (from out_dir/ckpt.pt)
+    # evaluation, logging, checkpointing
+    eval_interval: int = 250         # evaluate, print a sample and save a checkpoint every N steps
+    eval_iters: int = 20             # batches per loss estimate
+    log_interval: int = 10
+    sample_prompt: str = "Once upon a time"
+    sample_tokens: int = 48
+    # data: tokens per step = batch_size * block_size * gradient_accumulation_steps
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    # AdamW with the SmolLM2 recipe's betas, and a cosine learning-rate schedule
+    learning_rate: float = 6e-4      # the official 3e-3 is for 1M-token batches; ours are 8K
+    min_lr: float = 6e-5             # learning rate after lr_decay_iters
+    max_iters: int = 5000            # train until this many steps are done
+    warmup_iters: int = 200
+    lr_decay_iters: int = 5000       # end of the cosine decay; constant min_lr after it
+    weight_decay: float = 0.1        # official 0.01; more here because a 100 KB corpus overfits fast
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0           # 0 disables clipping
+    # system
+    device: str = "auto"             # auto: cuda, then mps, then cpu
+    dtype: str = "auto"              # auto: bfloat16 autocast on CUDA, float32 elsewhere
+    compile: str = "auto"            # auto: torch.compile on CUDA only
+    seed: int = 1337
+
+
+# a 512-token context instead of the 2,048 of pretraining: input.txt is small and
+# the short context keeps the default run quick; --block_size changes it
+MODEL_DEFAULTS = SmolConfig(block_size=512)
+ARCH_FIELDS = [f.name for f in fields(SmolConfig) if f.name not in ("block_size", "init_std")]
+CHOICES = {"init_from": ("scratch", "resume"), "dtype": ("auto", "bfloat16", "float32"),
+           "compile": ("auto", "true", "false")}
+# bf16 dense tensor-core peak FLOP/s by device name, for MFU (none for CPU and MPS)
+PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
+              ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12),
+              ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
+
+
+class UserError(Exception):
+    """A mistake in the command line or the files it names: one line, no traceback."""
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)  # --learning_rat must not mean --learning_rate
+
+    def error(self, message):
+        # one line instead of argparse's usage dump, with a suggestion for typos
+        if "unrecognized arguments" in message:
+            flag = message.split(": ", 1)[1].split()[0].split("=")[0]
+            known = [a for action in self._actions for a in action.option_strings]
+            close = difflib.get_close_matches(flag, known, n=1)
+            message = f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else "")
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv):
+    """Return {name: value} for the flags actually given (defaults are applied later,
+    because on resume they come from the checkpoint)."""
+    parser = Parser(prog="train.py", argument_default=argparse.SUPPRESS,
+                    description="Train SmolLM2. Every setting is a flag; see TrainConfig and SmolConfig.")
+    for dc in (TrainConfig(), MODEL_DEFAULTS):
+        for f in fields(dc):
+            default = getattr(dc, f.name)
+            parser.add_argument(f"--{f.name}", type=type(default), choices=CHOICES.get(f.name),
+                                help=f"default {default}")
+    return vars(parser.parse_args(argv))
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} but CUDA is not available here; use --device cpu or leave it on auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps but MPS is not available here; use --device cpu or leave it on auto")
+    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True: a checkpoint is data, never code."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; train one first with `python train.py`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a checkpoint, or pickled objects
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load checkpoint {path} ({first}); it is damaged or not a smol checkpoint")
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
+        raise UserError(f"{path} is not a smol checkpoint (expected 'model' and 'config' entries)")
+    return ckpt
+
+
+def save_checkpoint(ckpt, path):
+    # write a temporary file in the same folder, fsync it, then rename over the
+    # old checkpoint: a crash mid-write leaves the previous checkpoint intact
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_tokens(path, tokenizer):
+    """The text file as one long (N,) tensor of token ids, documents joined by EOT."""
+    if not os.path.isfile(path):
+        raise UserError(f"data file {path} not found; pass --data PATH to a UTF-8 text file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"data file {path} is not UTF-8 text (byte {e.start}); convert it first")
+    docs = [d.strip() for d in text.split(DOC_SEPARATOR)]
+    docs = [d for d in docs if d]
+    if not docs:
+        raise UserError(f"data file {path} is empty")
+    ids = []
+    for enc in tokenizer.encode_batch(docs):
+        ids.extend(enc.ids)
+        ids.append(EOT_ID)  # marks the end of each document
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def get_lr(it, cfg):
+    """Learning rate for the step that follows `it` completed steps."""
+    if it < cfg.warmup_iters:  # linear warmup from lr/warmup to lr
+        return cfg.learning_rate * (it + 1) / cfg.warmup_iters
+    if it >= cfg.lr_decay_iters:  # past the decay horizon: hold the final rate
+        return cfg.min_lr
+    progress = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def peak_flops(device):
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+
+
+def fmt_time(seconds):
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def resolve_settings(given):
+    """Merge defaults, the checkpoint (on resume) and the flags given.
+    Returns (TrainConfig, SmolConfig, checkpoint or None)."""
+    train_keys = {f.name for f in fields(TrainConfig)}
+    ckpt = None
+    if given.get("init_from") == "resume":
+        out_dir = given.get("out_dir", TrainConfig.out_dir)
+        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        train = {**asdict(TrainConfig()), **ckpt.get("train_config", {})}
+        model = dict(ckpt["config"])
+        for k in ARCH_FIELDS:
+            if k in given and given[k] != model.get(k):
+                raise UserError(f"--{k} {given[k]} conflicts with the checkpoint's {k} = {model.get(k)}; "
+                                f"drop the flag to resume, or use another --out_dir to start afresh")
+    else:
+        train, model = asdict(TrainConfig()), asdict(MODEL_DEFAULTS)
+    for k, v in given.items():
+        (train if k in train_keys else model)[k] = v
+    tcfg, mcfg = TrainConfig(**train), SmolConfig(**model)
+    try:
+        mcfg.validate()
+    except ValueError as e:
+        raise UserError(str(e))
+    for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
+                 "eval_iters", "log_interval"):
+        if getattr(tcfg, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(tcfg, name)}")
+    if ckpt is not None and tcfg.max_iters <= ckpt["iter_num"]:
+        raise UserError(f"--max_iters {tcfg.max_iters} is not above the checkpoint's step {ckpt['iter_num']}; "
+                        f"pass a larger --max_iters to continue")
+    return tcfg, mcfg, ckpt
+
+
+def main(argv=None):
+    cfg, mcfg, ckpt = resolve_settings(parse_args(sys.argv[1:] if argv is None else argv))
+    device = pick_device(cfg.device)
+    device_type = device.split(":")[0]
+    if cfg.dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    else:
+        dtype = cfg.dtype
+    # autocast runs the matmuls in bf16 while the weights and AdamW state stay fp32
+    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        probe = os.path.join(cfg.out_dir, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir {cfg.out_dir} ({e.strerror}); pass a writable --out_dir")
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+
+    # ---- data: tokenise once, 90% train / 10% val by position ----
+    tokenizer = load_tokenizer()
+    tokens = load_tokens(cfg.data, tokenizer)
+    n_train = int(0.9 * len(tokens))
+    splits = {"train": tokens[:n_train], "val": tokens[n_train:]}
+    if len(splits["val"]) <= mcfg.block_size:
+        raise UserError(f"data file {cfg.data} has {len(tokens):,} tokens; its 10% validation split needs more "
+                        f"than block_size = {mcfg.block_size}: use a longer file or a smaller --block_size")
+
+    def get_batch(split, generator):
+        data = splits[split]
+        ix = torch.randint(len(data) - mcfg.block_size, (cfg.batch_size,), generator=generator)
+        x = torch.stack([data[i:i + mcfg.block_size] for i in ix])          # (B, T)
+        y = torch.stack([data[i + 1:i + 1 + mcfg.block_size] for i in ix])  # (B, T) shifted by one
+        if device_type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+    # ---- model and optimizer ----
+    torch.manual_seed(cfg.seed)
+    model = SmolLM(mcfg)
+    print(model.param_breakdown())
+    model.to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    # the data sampler's own generator, saved in the checkpoint, so a resumed run
+    # draws exactly the batches the uninterrupted run would have drawn
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    iter_num, best_val_loss = 0, float("inf")
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        data_gen.set_state(ckpt["rng"]["data"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        print(f"resuming from {ckpt_path} at step {iter_num} (best val loss {best_val_loss:.4f})")
+        del ckpt  # free the host copy of the weights and moments
+    raw_model = model  # checkpoints save this one: no "_orig_mod." prefixes from compile
+    if use_compile:
+        model = torch.compile(model)
+
+    tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.gradient_accumulation_steps
+    peak = peak_flops(device)
+    print(f"device {device}, {dtype}, compile {use_compile}; {len(splits['train']):,} train / "
+          f"{len(splits['val']):,} val tokens; {tokens_per_step:,} tokens per step")
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        losses = {}
+        for split in ("train", "val"):
+            gen = torch.Generator().manual_seed(cfg.seed)  # the same batches every time: comparable numbers
+            total = 0.0
+            for _ in range(cfg.eval_iters):
+                x, y = get_batch(split, gen)
+                with ctx:
+                    total += model(x, y)[1].item()
+            losses[split] = total / cfg.eval_iters
+        model.train()
+        return losses
+
+    @torch.no_grad()
+    def sample_text():
+        prompt = torch.tensor([tokenizer.encode(cfg.sample_prompt).ids], device=device)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)  # leaves the global RNG untouched
+        with ctx:
+            out = raw_model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=200, generator=gen)
+        return tokenizer.decode(out[0].tolist())
+
+    def checkpoint():
+        save_checkpoint({
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "config": asdict(mcfg),
+            "train_config": asdict(cfg),
+            "iter_num": iter_num,
+            "best_val_loss": best_val_loss,
+            "rng": {"data": data_gen.get_state(), "torch": torch.get_rng_state()},
+        }, ckpt_path)
+
+    # ---- the loop: one iteration = one optimizer step ----
+    model.train()
+    t_last, steps_since_log, dt_ema = time.time(), 0, None
+    while iter_num < cfg.max_iters:
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(cfg.gradient_accumulation_steps):
+            x, y = get_batch("train", data_gen)
+            with ctx:
+                _, loss = model(x, y)
+            loss = loss / cfg.gradient_accumulation_steps  # the sum over micro steps is the batch mean
+            loss.backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lossf = loss_sum.item()  # also waits for the GPU, so the timing below is real
+        if not math.isfinite(lossf):
+            # stop before the optimizer applies it: the last checkpoint stays the last good state
+            fail(f"loss is {lossf} at step {iter_num + 1}; stopping. The last good checkpoint {ckpt_path} "
+                 f"is untouched: resume from it with a lower --learning_rate")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        steps_since_log += 1
+
+        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            dt = (time.time() - t_last) / steps_since_log
+            t_last, steps_since_log = time.time(), 0
+            # skip the first interval in the average: it includes compilation
+            dt_ema = dt if dt_ema is None or iter_num <= cfg.log_interval else 0.9 * dt_ema + 0.1 * dt
+            tok_s = tokens_per_step / dt
+            mfu = f" | mfu {100 * raw_model.estimate_mfu(tok_s, mcfg.block_size, peak):.1f}%" if peak else ""
+            print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s"
+                  f"{mfu} | eta {fmt_time((cfg.max_iters - iter_num) * dt_ema)}", flush=True)
+            metrics.write(json.dumps({"step": iter_num, "loss": lossf, "lr": lr, "tok_s": tok_s}) + "\n")
+            metrics.flush()
+
+        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+            losses = evaluate()
+            if losses["val"] < best_val_loss:
+                best_val_loss = losses["val"]
+            print(f"eval step {iter_num} | train {losses['train']:.4f} | val {losses['val']:.4f} "
+                  f"| best val {best_val_loss:.4f}", flush=True)
+            print(f"sample: {sample_text()!r}", flush=True)
+            metrics.write(json.dumps({"step": iter_num, "train_loss": losses["train"],
+                                      "val_loss": losses["val"]}) + "\n")
+            metrics.flush()
+            checkpoint()
+            print(f"saved {ckpt_path} at step {iter_num}", flush=True)
+            t_last = time.time()  # evaluation time is not training time
+    metrics.close()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        fail(str(e))
