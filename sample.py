@@ -5,7 +5,6 @@ Sample from a trained model, streaming tokens as they come.
     python sample.py --start "The water cycle" --num_samples 3 --max_new_tokens 200
     python sample.py --start FILE:prompt.txt --temperature 0   # greedy, prompt read from a file
 """
-import argparse
 import os
 import sys
 
@@ -17,6 +16,8 @@ from train import Parser, UserError, fail, load_checkpoint, pick_device
 
 def parse_args(argv):
     p = Parser(prog="sample.py", description="Generate text from a SmolLM checkpoint.")
+    p.add_argument("--init_from", default="resume",
+                   help="resume: out_dir/ckpt.pt (default); or a Hugging Face checkpoint directory or hub id")
     p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt (default out)")
     p.add_argument("--start", default="Once upon a time", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=2)
@@ -48,16 +49,22 @@ def main(argv=None):
     if args.top_k < 0 or args.num_samples <= 0 or args.max_new_tokens <= 0:
         raise UserError("--top_k must be >= 0, --num_samples and --max_new_tokens positive")
     device = pick_device(args.device)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if not os.path.exists(ckpt_path):
-        raise UserError(f"no checkpoint at {ckpt_path}; train one with `python train.py` "
-                        f"(or a tiny one in seconds: `python train.py --n_layer 2 --n_embd 64 --n_head 4 "
-                        f"--n_kv_head 2 --intermediate_size 128 --block_size 64 --max_iters 100`)")
-    ckpt = load_checkpoint(ckpt_path)
-    config = SmolConfig(**ckpt["config"])
-    model = SmolLM(config)
-    model.load_state_dict(ckpt["model"])
-    del ckpt
+    if args.init_from == "resume":
+        ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+        if not os.path.exists(ckpt_path):
+            raise UserError(f"no checkpoint at {ckpt_path}; train one with `python train.py` "
+                            f"(or a tiny one in seconds: `python train.py --n_layer 2 --n_embd 64 --n_head 4 "
+                            f"--n_kv_head 2 --intermediate_size 128 --block_size 64 --max_iters 100`)")
+        ckpt = load_checkpoint(ckpt_path)
+        model = SmolLM(SmolConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+        del ckpt
+    else:
+        try:
+            model = SmolLM.from_pretrained(args.init_from)
+        except ValueError as e:
+            raise UserError(f"--init_from {args.init_from}: {e}")
+    config = model.config
     model.to(device).eval()
     # bf16 weights halve the bytes read per generated token on a GPU; CPU stays fp32
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():

@@ -17,8 +17,9 @@ References:
 Shape letters: B batch, T time (sequence), C channels (n_embd), V vocab,
 nh query heads, nkv key/value heads, hd head_dim.
 """
-import math
+import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+EOT_ID = 0  # <|endoftext|>: separates documents
 
 
 @dataclass
@@ -225,6 +227,46 @@ class SmolLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
 
+    @classmethod
+    def from_pretrained(cls, name_or_dir, dtype=torch.float32):
+        """Load a Hugging Face checkpoint: a directory with config.json and
+        model.safetensors (or shards plus model.safetensors.index.json), or a hub
+        id such as "HuggingFaceTB/SmolLM2-135M" when huggingface_hub can download it."""
+        path = _local_checkpoint_dir(name_or_dir)
+        with open(os.path.join(path, "config.json")) as f:
+            config = config_from_hf(json.load(f))
+        state = {k: v.to(dtype) for k, v in _load_safetensors(path).items()
+                 if not k.endswith("rotary_emb.inv_freq")}  # old files stored the RoPE frequencies
+        state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))  # tied: stored once
+        with torch.device("meta"):  # shapes only: no memory, no random init to throw away
+            model = cls(config)
+        missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
+        if missing or unexpected:
+            raise ValueError(f"{path}: tensors do not match config.json (missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]})")
+        model.load_state_dict(state, assign=True)  # adopt the loaded tensors as the parameters
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign made two parameters: tie again
+        cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        model.rope_cos, model.rope_sin = cos, sin  # real tables in place of the meta placeholders
+        return model
+
+    def save_pretrained(self, out_dir):
+        """Write a Hugging Face checkpoint directory (config.json, model.safetensors,
+        tokenizer files) that transformers' AutoModelForCausalLM loads as is."""
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        # lm_head.weight is the embedding: left out, as in the official files
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k != "lm_head.weight"}
+        dtype = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(config_to_hf(self.config, dtype), f, indent=2)
+        shutil.copy(os.path.join(HERE, "tokenizer.json"), out_dir)
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                       "unk_token": "<|endoftext|>", "add_prefix_space": False,
+                       "model_max_length": self.config.max_position_embeddings}, f, indent=2)
+
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
@@ -327,11 +369,93 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+# -----------------------------------------------------------------------------
+# Hugging Face checkpoints: config.json <-> SmolConfig, and where the files are
+
+PRESETS = {  # the three SmolLM2 sizes, from their config.json files
+    "SmolLM2-135M": SmolConfig(),
+    "SmolLM2-360M": SmolConfig(n_layer=32, n_head=15, n_kv_head=5, n_embd=960, intermediate_size=2560,
+                               init_std=0.02),
+    "SmolLM2-1.7B": SmolConfig(n_layer=24, n_head=32, n_kv_head=32, n_embd=2048, intermediate_size=8192,
+                               rope_theta=130000.0, init_std=0.02),
+}
+
+
+def config_from_hf(hf):
+    """SmolConfig from a config.json dict; ValueError for what SmolLM cannot represent."""
+    arch = hf.get("architectures") or [hf.get("model_type")]
+    if "LlamaForCausalLM" not in arch:
+        raise ValueError(f"architecture {arch} is not supported: smol implements LlamaForCausalLM only")
+    # transformers 5 moved rope_theta into "rope_parameters"; older files keep it at the top
+    rope = hf.get("rope_parameters") or {}
+    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope scaling {hf.get('rope_scaling') or rope} is not supported: smol uses plain RoPE")
+    if hf.get("rope_interleaved"):
+        raise ValueError("interleaved RoPE is not supported: smol uses the rotate_half layout")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError("attention or MLP biases are not supported: SmolLM has none")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported: SmolLM uses silu")
+    if not hf.get("tie_word_embeddings", False):
+        raise ValueError("untied input and output embeddings are not supported: SmolLM ties them")
+    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim", n_embd // n_head) != n_embd // n_head:
+        raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
+    max_pos = hf.get("max_position_embeddings", 2048)
+    return SmolConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
+                      n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
+                      intermediate_size=hf["intermediate_size"], block_size=min(2048, max_pos),
+                      max_position_embeddings=max_pos,
+                      rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta", 10000.0)),
+                      norm_eps=hf.get("rms_norm_eps", 1e-6), init_std=hf.get("initializer_range", 0.02)).validate()
+
+
+def config_to_hf(c, dtype="float32"):
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+            "hidden_size": c.n_embd, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+            "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "intermediate_size": c.intermediate_size,
+            "hidden_act": "silu", "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "rope_scaling": None,
+            "max_position_embeddings": c.max_position_embeddings, "tie_word_embeddings": True,
+            "attention_bias": False, "mlp_bias": False, "initializer_range": c.init_std,
+            "bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "torch_dtype": dtype}
+
+
+def _local_checkpoint_dir(name):
+    if os.path.isdir(name):
+        return name
+    hint = "pass a local directory holding config.json and model.safetensors"
+    if os.path.exists(name) or name.count("/") != 1:
+        raise ValueError(f"{name} is not a checkpoint directory nor a hub id like HuggingFaceTB/SmolLM2-135M; {hint}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ValueError(f"{name} is not a local directory and huggingface_hub is not installed; "
+                         f"pip install huggingface_hub, or {hint}") from None
+    try:
+        return snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"])
+    except Exception as e:  # offline, unknown repo, gated, ...
+        raise ValueError(f"could not download {name} ({type(e).__name__}); {hint}") from None
+
+
+def _load_safetensors(path):
+    from safetensors.torch import load_file
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):  # sharded: the index maps each tensor to its file
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise ValueError(f"no model.safetensors (or model.safetensors.index.json) in {path}")
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(path, name)))
+    return state
+
+
 def load_tokenizer(path=os.path.join(HERE, "tokenizer.json")):
     """The cosmo2 tokenizer (49,152 byte-level BPE tokens) as a tokenizers.Tokenizer.
     tokenizer.json is committed; build_tokenizer.py rebuilds it offline."""
     from tokenizers import Tokenizer
     return Tokenizer.from_file(path)
 
-
-EOT_ID = 0  # <|endoftext|>: separates documents

@@ -35,7 +35,8 @@ class TrainConfig:
     # I/O
     out_dir: str = "out"
     data: str = "input.txt"          # a UTF-8 text file; documents separated by <|endoftext|>
-    init_from: str = "scratch"       # "scratch" or "resume" (from out_dir/ckpt.pt)
+    init_from: str = "scratch"       # "scratch", "resume" (out_dir/ckpt.pt), or a Hugging Face
+                                     # checkpoint directory / hub id to fine-tune from
     # evaluation, logging, checkpointing
     eval_interval: int = 250         # evaluate, print a sample and save a checkpoint every N steps
     eval_iters: int = 20             # batches per loss estimate
@@ -66,7 +67,7 @@ class TrainConfig:
 # the short context keeps the default run quick; --block_size changes it
 MODEL_DEFAULTS = SmolConfig(block_size=512)
 ARCH_FIELDS = [f.name for f in fields(SmolConfig) if f.name not in ("block_size", "init_std")]
-CHOICES = {"init_from": ("scratch", "resume"), "dtype": ("auto", "bfloat16", "float32"),
+CHOICES = {"dtype": ("auto", "bfloat16", "float32"),
            "compile": ("auto", "true", "false")}
 # bf16 dense tensor-core peak FLOP/s by device name, for MFU (none for CPU and MPS)
 PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
@@ -196,21 +197,29 @@ def fmt_time(seconds):
 
 
 def resolve_settings(given):
-    """Merge defaults, the checkpoint (on resume) and the flags given.
-    Returns (TrainConfig, SmolConfig, checkpoint or None)."""
+    """Merge defaults, the checkpoint (on resume) and the flags given. Returns
+    (TrainConfig, SmolConfig, checkpoint or None, pretrained SmolLM or None)."""
     train_keys = {f.name for f in fields(TrainConfig)}
-    ckpt = None
-    if given.get("init_from") == "resume":
+    ckpt = pretrained = None
+    init_from = given.get("init_from", "scratch")
+    if init_from == "resume":
         out_dir = given.get("out_dir", TrainConfig.out_dir)
         ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
         train = {**asdict(TrainConfig()), **ckpt.get("train_config", {})}
         model = dict(ckpt["config"])
-        for k in ARCH_FIELDS:
-            if k in given and given[k] != model.get(k):
-                raise UserError(f"--{k} {given[k]} conflicts with the checkpoint's {k} = {model.get(k)}; "
-                                f"drop the flag to resume, or use another --out_dir to start afresh")
+    elif init_from != "scratch":  # fine-tune official (or exported) weights
+        try:
+            pretrained = SmolLM.from_pretrained(init_from)
+        except ValueError as e:
+            raise UserError(f"--init_from {init_from}: {e}")
+        train, model = asdict(TrainConfig()), {**asdict(pretrained.config), "block_size": MODEL_DEFAULTS.block_size}
     else:
         train, model = asdict(TrainConfig()), asdict(MODEL_DEFAULTS)
+    if init_from != "scratch":
+        for k in ARCH_FIELDS:
+            if k in given and given[k] != model.get(k):
+                raise UserError(f"--{k} {given[k]} conflicts with {init_from}'s {k} = {model.get(k)}; drop the "
+                                f"flag, or train from scratch in another --out_dir")
     for k, v in given.items():
         (train if k in train_keys else model)[k] = v
     tcfg, mcfg = TrainConfig(**train), SmolConfig(**model)
@@ -225,11 +234,11 @@ def resolve_settings(given):
     if ckpt is not None and tcfg.max_iters <= ckpt["iter_num"]:
         raise UserError(f"--max_iters {tcfg.max_iters} is not above the checkpoint's step {ckpt['iter_num']}; "
                         f"pass a larger --max_iters to continue")
-    return tcfg, mcfg, ckpt
+    return tcfg, mcfg, ckpt, pretrained
 
 
 def main(argv=None):
-    cfg, mcfg, ckpt = resolve_settings(parse_args(sys.argv[1:] if argv is None else argv))
+    cfg, mcfg, ckpt, pretrained = resolve_settings(parse_args(sys.argv[1:] if argv is None else argv))
     device = pick_device(cfg.device)
     device_type = device.split(":")[0]
     if cfg.dtype == "auto":
@@ -271,7 +280,12 @@ def main(argv=None):
 
     # ---- model and optimizer ----
     torch.manual_seed(cfg.seed)
-    model = SmolLM(mcfg)
+    if pretrained is not None:
+        model = pretrained
+        model.config = mcfg  # the same architecture, with this run's block_size
+        print(f"fine-tuning from {cfg.init_from}")
+    else:
+        model = SmolLM(mcfg)
     print(model.param_breakdown())
     model.to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
