@@ -18,6 +18,8 @@ import difflib
 import json
 import math
 import os
+import pickle
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -134,11 +136,14 @@ def load_checkpoint(path):
         raise UserError(f"no checkpoint at {path}; train one first with `python train.py`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a checkpoint, or pickled objects
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load checkpoint {path} ({first}); it is damaged or not a smol checkpoint")
-    if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
-        raise UserError(f"{path} is not a smol checkpoint (expected 'model' and 'config' entries)")
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds pickled Python objects, and loading them could run code; refused "
+                        f"(weights_only=True). Only load checkpoints written by this train.py") from None
+    except Exception:  # truncated, corrupt, or not a torch file at all
+        raise UserError(f"{path} is truncated or corrupt and cannot be read; restore a copy or train afresh "
+                        f"in another --out_dir") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "iter_num"} <= ckpt.keys():
+        raise UserError(f"{path} is not a smol training checkpoint (expected 'model', 'config' and 'iter_num')")
     return ckpt
 
 
@@ -150,7 +155,13 @@ def save_checkpoint(ckpt, path):
         torch.save(ckpt, f)
         f.flush()
         os.fsync(f.fileno())
+        time.sleep(float(os.environ.get("SMOL_TEST_SLOW_SAVE", 0)))  # tests only: a window to kill the writer
     os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
 
 
 def load_tokens(path, tokenizer):
@@ -228,9 +239,14 @@ def resolve_settings(given):
     except ValueError as e:
         raise UserError(str(e))
     for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
-                 "eval_iters", "log_interval"):
+                 "eval_iters", "log_interval", "learning_rate", "lr_decay_iters"):
         if getattr(tcfg, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(tcfg, name)}")
+    for name in ("min_lr", "warmup_iters", "weight_decay", "grad_clip", "sample_tokens"):
+        if getattr(tcfg, name) < 0:
+            raise UserError(f"--{name} must not be negative, got {getattr(tcfg, name)}")
+    if not (0 <= tcfg.beta1 < 1 and 0 <= tcfg.beta2 < 1):
+        raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {tcfg.beta1} and {tcfg.beta2}")
     if ckpt is not None and tcfg.max_iters <= ckpt["iter_num"]:
         raise UserError(f"--max_iters {tcfg.max_iters} is not above the checkpoint's step {ckpt['iter_num']}; "
                         f"pass a larger --max_iters to continue")
@@ -259,6 +275,9 @@ def main(argv=None):
     except OSError as e:
         raise UserError(f"cannot write to out_dir {cfg.out_dir} ({e.strerror}); pass a writable --out_dir")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if ckpt is None and os.path.exists(ckpt_path):
+        raise UserError(f"{ckpt_path} already exists and a new run would overwrite it; continue it with "
+                        f"--init_from resume, or pass another --out_dir (or delete the file)")
 
     # ---- data: tokenise once, 90% train / 10% val by position ----
     tokenizer = load_tokenizer()
@@ -300,7 +319,7 @@ def main(argv=None):
         torch.set_rng_state(ckpt["rng"]["torch"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         print(f"resuming from {ckpt_path} at step {iter_num} (best val loss {best_val_loss:.4f})")
-        del ckpt  # free the host copy of the weights and moments
+    ckpt_loaded, ckpt = ckpt is not None, None  # drop the host copy of the weights and moments
     raw_model = model  # checkpoints save this one: no "_orig_mod." prefixes from compile
     if use_compile:
         model = torch.compile(model)
@@ -309,7 +328,8 @@ def main(argv=None):
     peak = peak_flops(device)
     print(f"device {device}, {dtype}, compile {use_compile}; {len(splits['train']):,} train / "
           f"{len(splits['val']):,} val tokens; {tokens_per_step:,} tokens per step")
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+    # a resumed run appends; a new run starts the file afresh
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if ckpt_loaded else "w")
 
     @torch.no_grad()
     def evaluate():
@@ -344,6 +364,12 @@ def main(argv=None):
             "best_val_loss": best_val_loss,
             "rng": {"data": data_gen.get_state(), "torch": torch.get_rng_state()},
         }, ckpt_path)
+
+    # SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) only raise a flag; the
+    # loop finishes the step it is in, saves a checkpoint and exits
+    stop_signal = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
 
     # ---- the loop: one iteration = one optimizer step ----
     model.train()
@@ -397,6 +423,13 @@ def main(argv=None):
             checkpoint()
             print(f"saved {ckpt_path} at step {iter_num}", flush=True)
             t_last = time.time()  # evaluation time is not training time
+        elif stop_signal:
+            checkpoint()
+        if stop_signal and iter_num < cfg.max_iters:
+            name = signal.Signals(stop_signal[0]).name
+            print(f"{name}: stopped after step {iter_num}; saved {ckpt_path}. Continue with: python train.py "
+                  f"--init_from resume --out_dir {cfg.out_dir} --max_iters {cfg.max_iters}", file=sys.stderr)
+            sys.exit(128 + stop_signal[0])
     metrics.close()
 
 
@@ -405,3 +438,6 @@ if __name__ == "__main__":
         main()
     except UserError as e:
         fail(str(e))
+    except KeyboardInterrupt:  # before the training loop installs its handler: nothing to save yet
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,180 @@
+"""Every mistake a user can make gets one clear line, a non-zero exit, no
+traceback, and never costs a good checkpoint. Plus: interruption, crashes in the
+middle of a save, and divergence all leave a checkpoint that resumes exactly."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from smol import HERE
+
+TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",
+        "--block_size", "32", "--batch_size", "2", "--eval_iters", "1", "--sample_tokens", "2",
+        "--max_position_embeddings", "128", "--log_interval", "1", "--data", os.path.join(HERE, "input.txt")]
+
+
+def command(script, *args):
+    return [sys.executable, os.path.join(HERE, script), *map(str, args)]
+
+
+def run(script, *args, cwd, env=None):
+    return subprocess.run(command(script, *args), capture_output=True, text=True, cwd=cwd, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A folder with a good checkpoint (step 6) in good/, and data files of every bad kind."""
+    root = tmp_path_factory.mktemp("errors")
+    proc = run("train.py", *TINY, "--max_iters", 6, "--eval_interval", 3, "--out_dir", root / "good", cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    (root / "empty.txt").write_text("  \n<|endoftext|>\n")
+    (root / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (root / "short.txt").write_text("Just a few words, far fewer than one block of tokens.")
+    (root / "a_file").write_text("not a folder")
+    good = torch.load(root / "good" / "ckpt.pt", weights_only=True)
+    os.makedirs(root / "truncated")
+    data = open(root / "good" / "ckpt.pt", "rb").read()
+    open(root / "truncated" / "ckpt.pt", "wb").write(data[: len(data) // 2])
+    os.makedirs(root / "pickled")
+    torch.save({**good, "config": argparse_namespace()}, root / "pickled" / "ckpt.pt")
+    (root / "long_prompt.txt").write_text(" ".join(["word"] * 300))  # 300 tokens
+    return root
+
+
+def argparse_namespace():
+    import argparse
+    return argparse.Namespace(n_layer=2)  # an arbitrary Python object: unpickling it would import code
+
+
+RESUME = ["--init_from", "resume", "--out_dir", "good", "--max_iters", 20]
+CASES = [
+    # (script, args, exit status, words the message must contain)
+    ("train.py", [*RESUME, "--data", "missing.txt"], 1, "missing.txt not found"),
+    ("train.py", [*RESUME, "--data", "empty.txt"], 1, "is empty"),
+    ("train.py", [*RESUME, "--data", "latin1.txt"], 1, "not UTF-8"),
+    ("train.py", [*RESUME, "--data", "short.txt"], 1, "smaller --block_size"),
+    ("train.py", ["--init_from", "resume", "--out_dir", "nothing_here"], 1, "no checkpoint at"),
+    ("train.py", ["--init_from", "resume", "--out_dir", "truncated", "--max_iters", 20], 1, "truncated or corrupt"),
+    ("train.py", ["--init_from", "resume", "--out_dir", "pickled", "--max_iters", 20], 1, "pickled Python objects"),
+    ("train.py", [*RESUME, "--n_layer", 3], 1, "--n_layer 3 conflicts with"),
+    ("train.py", ["--init_from", "resume", "--out_dir", "good", "--max_iters", 6], 1, "not above the checkpoint's step 6"),
+    ("train.py", [*TINY, "--out_dir", "good"], 1, "already exists"),
+    ("train.py", ["--n_layr", 3], 2, "did you mean --n_layer"),
+    ("train.py", ["--batch_size", "abc"], 2, "invalid int value"),
+    ("train.py", ["--init_from", "resume", "--out_dir", "good", "--max_iters", 20, "--batch_size", 0], 1,
+     "--batch_size must be positive"),
+    ("train.py", [*TINY, "--n_embd", -64, "--out_dir", "fresh"], 1, "n_embd must be positive"),
+    ("train.py", [*TINY, "--block_size", 256, "--out_dir", "fresh"], 1, "exceeds max_position_embeddings"),
+    ("train.py", [*TINY, "--n_kv_head", 3, "--out_dir", "fresh"], 1, "divisible by n_kv_head"),
+    ("train.py", [*TINY, "--n_head", 5, "--n_kv_head", 1, "--out_dir", "fresh"], 1, "divisible by n_head"),
+    ("train.py", [*TINY, "--learning_rate", -1, "--out_dir", "fresh"], 1, "--learning_rate must be positive"),
+    ("train.py", [*TINY, "--out_dir", "a_file/run"], 1, "cannot write to out_dir"),
+    ("train.py", [*RESUME, "--device", "cuda"], 1, "CUDA is not available"),
+    ("train.py", [*RESUME, "--init_from", "no/such-model"], 1, "pass a local directory"),
+    ("sample.py", ["--out_dir", "nothing_here"], 1, "python train.py"),
+    ("sample.py", ["--out_dir", "good", "--start", "FILE:missing_prompt.txt"], 1, "prompt file missing_prompt.txt"),
+    ("sample.py", ["--out_dir", "good", "--top_p", 1.5], 1, "--top_p must be in (0, 1]"),
+    ("sample.py", ["--out_dir", "good", "--top_p", 0], 1, "--top_p must be in (0, 1]"),
+    ("sample.py", ["--out_dir", "good", "--temperature", -1], 1, "--temperature must be"),
+    ("sample.py", ["--out_dir", "truncated"], 1, "truncated or corrupt"),
+    ("sample.py", ["--out_dir", "good", "--tempreature", 1], 2, "did you mean --temperature"),
+    ("export.py", ["--out_dir", "nothing_here", "--to", "exported"], 1, "no checkpoint at"),
+]
+
+
+@pytest.mark.parametrize("script, args, status, message", CASES,
+                         ids=[f"{c[0]}:{c[3][:30]}" for c in CASES])
+def test_mistake_is_explained(work, script, args, status, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so --device cuda is not a mistake here")
+    before = digest(work / "good" / "ckpt.pt")
+    proc = run(script, *args, cwd=work)
+    assert proc.returncode == status, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error: " in lines[0] and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert digest(work / "good" / "ckpt.pt") == before  # nothing overwritten
+    assert not os.path.exists(work / "fresh" / "ckpt.pt")
+
+
+def test_long_prompt_keeps_the_last_tokens_with_a_warning(work):
+    proc = run("sample.py", "--out_dir", "good", "--start", "FILE:long_prompt.txt", "--max_new_tokens", 8,
+               "--num_samples", 1, cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: prompt has 300 tokens; keeping the last 120" in proc.stderr
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_and_resume_matches_uninterrupted_run(tmp_path, sig):
+    steps = [*TINY, "--max_iters", 40, "--eval_interval", 100]
+    assert run("train.py", *steps, "--out_dir", "straight", cwd=tmp_path).returncode == 0
+    proc = subprocess.Popen(command("train.py", *steps, "--out_dir", "stopped"), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "stopped" / "metrics.jsonl"
+    assert wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 5)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig
+    assert f"{signal.Signals(sig).name}: stopped after step" in err and "--init_from resume" in err
+    stopped_at = torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)["iter_num"]
+    assert 5 <= stopped_at < 40
+    resumed = run("train.py", "--init_from", "resume", "--out_dir", "stopped", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
+
+
+def test_killed_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path):
+    # the save at step 4 succeeds; the one at step 8 is made slow on purpose, and the
+    # writer is SIGKILLed while the temporary file is half-way to becoming ckpt.pt
+    assert run("train.py", *TINY, "--max_iters", 4, "--eval_interval", 4, "--out_dir", "run",
+               cwd=tmp_path).returncode == 0
+    first = digest(tmp_path / "run" / "ckpt.pt")
+    proc = subprocess.Popen(command("train.py", "--init_from", "resume", "--out_dir", "run", "--max_iters", 12),
+                            cwd=tmp_path, env={**os.environ, "SMOL_TEST_SLOW_SAVE": "30"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: (tmp_path / "run" / "ckpt.pt.tmp").exists())
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    assert digest(tmp_path / "run" / "ckpt.pt") == first  # untouched by the interrupted save
+    resumed = run("train.py", "--init_from", "resume", "--out_dir", "run", "--max_iters", 12, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout and "at step 4" in resumed.stdout
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["iter_num"] == 12
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    assert run("train.py", *TINY, "--max_iters", 4, "--eval_interval", 4, "--out_dir", "run",
+               cwd=tmp_path).returncode == 0
+    good = digest(tmp_path / "run" / "ckpt.pt")
+    # a learning rate of 1e30 sends the weights to infinity within a step or two
+    proc = run("train.py", "--init_from", "resume", "--out_dir", "run", "--max_iters", 50,
+               "--learning_rate", 1e30, "--min_lr", 1e30, "--grad_clip", 0, cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "at step" in proc.stderr and "last good checkpoint" in proc.stderr, proc.stderr
+    assert digest(tmp_path / "run" / "ckpt.pt") == good
