@@ -27,7 +27,23 @@ def parse_args(argv):
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the top tokens up to this mass")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="weights while sampling; auto: bfloat16 where the hardware computes it natively")
     return p.parse_args(argv)
+
+
+def inference_dtype(device, setting="auto"):
+    """Decoding one token reads every weight once, so its speed is bytes over memory
+    bandwidth: bf16 weights halve the bytes. Used where the hardware has native bf16
+    (CUDA with bf16, CPUs with AVX-512 BF16 or AMX); elsewhere bf16 would be emulated
+    and slower, so fp32."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def read_prompt(start):
@@ -65,10 +81,7 @@ def main(argv=None):
         except ValueError as e:
             raise UserError(f"--init_from {args.init_from}: {e}")
     config = model.config
-    model.to(device).eval()
-    # bf16 weights halve the bytes read per generated token on a GPU; CPU stays fp32
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        model.to(torch.bfloat16)
+    model.to(device, inference_dtype(device, args.dtype)).eval()
 
     tokenizer = load_tokenizer()
     prompt_ids = tokenizer.encode(read_prompt(args.start)).ids

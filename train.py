@@ -15,6 +15,7 @@ uninterrupted N+M step run exactly (on the same device and settings).
 """
 import argparse
 import difflib
+import inspect
 import json
 import math
 import os
@@ -25,7 +26,10 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from smol import EOT_ID, SmolConfig, SmolLM, load_tokenizer
 
@@ -62,6 +66,7 @@ class TrainConfig:
     device: str = "auto"             # auto: cuda, then mps, then cpu
     dtype: str = "auto"              # auto: bfloat16 autocast on CUDA, float32 elsewhere
     compile: str = "auto"            # auto: torch.compile on CUDA only
+    backend: str = "auto"            # torchrun only: auto = nccl on CUDA, gloo on CPU
     seed: int = 1337
 
 
@@ -70,7 +75,7 @@ class TrainConfig:
 MODEL_DEFAULTS = SmolConfig(block_size=512)
 ARCH_FIELDS = [f.name for f in fields(SmolConfig) if f.name not in ("block_size", "init_std")]
 CHOICES = {"dtype": ("auto", "bfloat16", "float32"),
-           "compile": ("auto", "true", "false")}
+           "compile": ("auto", "true", "false"), "backend": ("auto", "nccl", "gloo")}
 # bf16 dense tensor-core peak FLOP/s by device name, for MFU (none for CPU and MPS)
 PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
               ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12),
@@ -82,7 +87,8 @@ class UserError(Exception):
 
 
 def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy of the message
+        print(f"error: {msg}", file=sys.stderr)
     sys.exit(1)
 
 
@@ -165,7 +171,7 @@ def save_checkpoint(ckpt, path):
 
 
 def load_tokens(path, tokenizer):
-    """The text file as one long (N,) tensor of token ids, documents joined by EOT."""
+    """The text file as one long (N,) array of token ids, each document followed by EOT."""
     if not os.path.isfile(path):
         raise UserError(f"data file {path} not found; pass --data PATH to a UTF-8 text file")
     try:
@@ -181,7 +187,7 @@ def load_tokens(path, tokenizer):
     for enc in tokenizer.encode_batch(docs):
         ids.extend(enc.ids)
         ids.append(EOT_ID)  # marks the end of each document
-    return torch.tensor(ids, dtype=torch.long)
+    return np.array(ids, dtype=np.uint16)  # 49,152 ids fit in 16 bits, as in prepare.py's .bin files
 
 
 def get_lr(it, cfg):
@@ -192,6 +198,45 @@ def get_lr(it, cfg):
         return cfg.min_lr
     progress = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def autocast_for(device_type, dtype):
+    """(dtype name, context) for the --dtype setting: autocast runs the matmuls in
+    bf16 while the weights and AdamW state stay fp32."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    return dtype, ctx
+
+
+def train_step(model, optimizer, next_batch, accum, ctx, grad_clip):
+    """One optimizer step: forward and backward over `accum` micro batches, clip,
+    update. Returns the mean loss; raises FloatingPointError before the update if
+    the loss is not finite, so a diverged step never reaches the weights."""
+    loss_sum = 0.0
+    for micro in range(accum):
+        x, y = next_batch()
+        # under DDP, gradients are averaged across processes only on the last micro
+        # step; the earlier ones just accumulate locally
+        sync = nullcontext() if not isinstance(model, DDP) or micro == accum - 1 else model.no_sync()
+        with sync:
+            with ctx:
+                _, loss = model(x, y)
+            loss = loss / accum  # the sum over micro steps is the batch mean
+            loss.backward()
+        loss_sum = loss_sum + loss.detach()
+    if isinstance(model, DDP):  # report the mean over all processes' micro steps
+        dist.all_reduce(loss_sum)
+        loss_sum = loss_sum / dist.get_world_size()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    lossf = loss_sum.item()  # also waits for the GPU, so step timings are real
+    if not math.isfinite(lossf):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(lossf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lossf
 
 
 def peak_flops(device):
@@ -253,59 +298,95 @@ def resolve_settings(given):
     return tcfg, mcfg, ckpt, pretrained
 
 
+def load_splits(path, block_size):
+    """{"train": ids, "val": ids} as uint16 arrays. A folder made by prepare.py is
+    memory-mapped, so the corpus never has to fit in memory; a text file is
+    tokenised here and split 90% / 10% by position."""
+    if os.path.isdir(path):
+        files = {split: os.path.join(path, f"{split}.bin") for split in ("train", "val")}
+        if not all(os.path.isfile(f) for f in files.values()):
+            raise UserError(f"{path} holds no train.bin and val.bin; make them with `python prepare.py SOURCE "
+                            f"--out {path}`, or pass a text file as --data")
+        # an empty file cannot be mapped: it is simply no tokens
+        splits = {s: np.memmap(f, dtype=np.uint16, mode="r") if os.path.getsize(f) else np.zeros(0, np.uint16)
+                  for s, f in files.items()}
+    else:
+        tokens = load_tokens(path, load_tokenizer())
+        n_train = int(0.9 * len(tokens))
+        splits = {"train": tokens[:n_train], "val": tokens[n_train:]}
+    for split, data in splits.items():
+        if len(data) <= block_size:
+            raise UserError(f"--data {path}: the {split} split has {len(data):,} tokens, not more than block_size = "
+                            f"{block_size}; use more text or a smaller --block_size")
+    return splits
+
+
 def main(argv=None):
     cfg, mcfg, ckpt, pretrained = resolve_settings(parse_args(sys.argv[1:] if argv is None else argv))
     device = pick_device(cfg.device)
     device_type = device.split(":")[0]
-    if cfg.dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    else:
-        dtype = cfg.dtype
-    # autocast runs the matmuls in bf16 while the weights and AdamW state stay fp32
-    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    # ---- one process, or one of many under torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE) ----
+    ddp = "RANK" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    if cfg.gradient_accumulation_steps % world:
+        raise UserError(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} must be a multiple of "
+                        f"the number of processes ({world}): each process runs an equal share of the micro steps")
+    accum = cfg.gradient_accumulation_steps // world  # this process's share
+    if ddp:
+        if device_type == "cuda":
+            device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
+            torch.cuda.set_device(device)
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend)
+    master = rank == 0  # logs, samples and writes checkpoints
+    log = print if master else (lambda *args, **kwargs: None)
+    dtype, ctx = autocast_for(device_type, cfg.dtype)
     use_compile = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast on tensor cores
         torch.backends.cudnn.allow_tf32 = True
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        probe = os.path.join(cfg.out_dir, ".write_test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to out_dir {cfg.out_dir} ({e.strerror}); pass a writable --out_dir")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if ckpt is None and os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} already exists and a new run would overwrite it; continue it with "
                         f"--init_from resume, or pass another --out_dir (or delete the file)")
+    if master:
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            probe = os.path.join(cfg.out_dir, ".write_test")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise UserError(f"cannot write to out_dir {cfg.out_dir} ({e.strerror}); pass a writable --out_dir")
 
-    # ---- data: tokenise once, 90% train / 10% val by position ----
+    # ---- data ----
+    splits = load_splits(cfg.data, mcfg.block_size)
     tokenizer = load_tokenizer()
-    tokens = load_tokens(cfg.data, tokenizer)
-    n_train = int(0.9 * len(tokens))
-    splits = {"train": tokens[:n_train], "val": tokens[n_train:]}
-    if len(splits["val"]) <= mcfg.block_size:
-        raise UserError(f"data file {cfg.data} has {len(tokens):,} tokens; its 10% validation split needs more "
-                        f"than block_size = {mcfg.block_size}: use a longer file or a smaller --block_size")
 
-    def get_batch(split, generator):
-        data = splits[split]
-        ix = torch.randint(len(data) - mcfg.block_size, (cfg.batch_size,), generator=generator)
-        x = torch.stack([data[i:i + mcfg.block_size] for i in ix])          # (B, T)
-        y = torch.stack([data[i + 1:i + 1 + mcfg.block_size] for i in ix])  # (B, T) shifted by one
+    def batch_at(data, offsets):
+        # offsets: (B,) window starts -> x, y: (B, T) int64, y shifted by one token
+        xy = torch.from_numpy(np.stack([data[i:i + mcfg.block_size + 1] for i in offsets.tolist()]).astype(np.int64))
+        x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
         if device_type == "cuda":
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
+
+    def step_offsets(split, generator, micro_steps):
+        # every process draws the offsets of the whole global step from identically
+        # seeded generators and keeps its own rows: the data of a step is the same
+        # for 1 process x 2a micro steps as for 2 processes x a, and resuming needs
+        # only one generator state whatever the number of processes
+        ix = torch.randint(len(splits[split]) - mcfg.block_size, (micro_steps, cfg.batch_size), generator=generator)
+        return ix
 
     # ---- model and optimizer ----
     torch.manual_seed(cfg.seed)
     if pretrained is not None:
         model = pretrained
         model.config = mcfg  # the same architecture, with this run's block_size
-        print(f"fine-tuning from {cfg.init_from}")
+        log(f"fine-tuning from {cfg.init_from}")
     else:
         model = SmolLM(mcfg)
-    print(model.param_breakdown())
+    log(model.param_breakdown())
     model.to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     # the data sampler's own generator, saved in the checkpoint, so a resumed run
@@ -318,18 +399,29 @@ def main(argv=None):
         data_gen.set_state(ckpt["rng"]["data"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        print(f"resuming from {ckpt_path} at step {iter_num} (best val loss {best_val_loss:.4f})")
+        log(f"resuming from {ckpt_path} at step {iter_num} (best val loss {best_val_loss:.4f})")
     ckpt_loaded, ckpt = ckpt is not None, None  # drop the host copy of the weights and moments
-    raw_model = model  # checkpoints save this one: no "_orig_mod." prefixes from compile
+    raw_model = model  # checkpoints save this one: no "_orig_mod." or "module." prefixes
     if use_compile:
         model = torch.compile(model)
+    if ddp:
+        # the RoPE tables are identical everywhere: no need to broadcast buffers each
+        # forward (the keyword was renamed in newer torch)
+        no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else "broadcast_buffers"
+        model = DDP(model, device_ids=[device] if device_type == "cuda" else None, **{no_buffer_sync: False})
 
     tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.gradient_accumulation_steps
     peak = peak_flops(device)
-    print(f"device {device}, {dtype}, compile {use_compile}; {len(splits['train']):,} train / "
-          f"{len(splits['val']):,} val tokens; {tokens_per_step:,} tokens per step")
+    log(f"device {device}{f' x {world} processes ({backend})' if ddp else ''}, {dtype}, compile {use_compile}; "
+        f"{len(splits['train']):,} train / {len(splits['val']):,} val tokens; {tokens_per_step:,} tokens per step")
     # a resumed run appends; a new run starts the file afresh
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if ckpt_loaded else "w")
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if ckpt_loaded else "w") if master else None
+
+    def write_metrics(row):
+        if master:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
 
     @torch.no_grad()
     def evaluate():
@@ -338,10 +430,9 @@ def main(argv=None):
         for split in ("train", "val"):
             gen = torch.Generator().manual_seed(cfg.seed)  # the same batches every time: comparable numbers
             total = 0.0
-            for _ in range(cfg.eval_iters):
-                x, y = get_batch(split, gen)
+            for offsets in step_offsets(split, gen, cfg.eval_iters):
                 with ctx:
-                    total += model(x, y)[1].item()
+                    total += model(*batch_at(splits[split], offsets))[1].item()
             losses[split] = total / cfg.eval_iters
         model.train()
         return losses
@@ -355,21 +446,28 @@ def main(argv=None):
         return tokenizer.decode(out[0].tolist())
 
     def checkpoint():
-        save_checkpoint({
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "config": asdict(mcfg),
-            "train_config": asdict(cfg),
-            "iter_num": iter_num,
-            "best_val_loss": best_val_loss,
-            "rng": {"data": data_gen.get_state(), "torch": torch.get_rng_state()},
-        }, ckpt_path)
+        if master:
+            save_checkpoint({
+                "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "config": asdict(mcfg),
+                "train_config": asdict(cfg),
+                "iter_num": iter_num,
+                "best_val_loss": best_val_loss,
+                "rng": {"data": data_gen.get_state(), "torch": torch.get_rng_state()},
+            }, ckpt_path)
 
     # SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) only raise a flag; the
     # loop finishes the step it is in, saves a checkpoint and exits
     stop_signal = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    def stop_requested():
+        flag = torch.tensor([stop_signal[0] if stop_signal else 0], device=device)
+        if ddp:  # all processes stop after the same step, whichever got the signal
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
     # ---- the loop: one iteration = one optimizer step ----
     model.train()
@@ -378,23 +476,13 @@ def main(argv=None):
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(cfg.gradient_accumulation_steps):
-            x, y = get_batch("train", data_gen)
-            with ctx:
-                _, loss = model(x, y)
-            loss = loss / cfg.gradient_accumulation_steps  # the sum over micro steps is the batch mean
-            loss.backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        lossf = loss_sum.item()  # also waits for the GPU, so the timing below is real
-        if not math.isfinite(lossf):
-            # stop before the optimizer applies it: the last checkpoint stays the last good state
-            fail(f"loss is {lossf} at step {iter_num + 1}; stopping. The last good checkpoint {ckpt_path} "
-                 f"is untouched: resume from it with a lower --learning_rate")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        mine = step_offsets("train", data_gen, cfg.gradient_accumulation_steps)[rank * accum:(rank + 1) * accum]
+        micro_batches = (batch_at(splits["train"], offsets) for offsets in mine)
+        try:
+            lossf = train_step(model, optimizer, lambda: next(micro_batches), accum, ctx, cfg.grad_clip)
+        except FloatingPointError as e:
+            raise UserError(f"loss is {e} at step {iter_num + 1}; stopping. The last good checkpoint {ckpt_path} "
+                            f"is untouched: resume from it with a lower --learning_rate")
         iter_num += 1
         steps_since_log += 1
 
@@ -404,33 +492,39 @@ def main(argv=None):
             # skip the first interval in the average: it includes compilation
             dt_ema = dt if dt_ema is None or iter_num <= cfg.log_interval else 0.9 * dt_ema + 0.1 * dt
             tok_s = tokens_per_step / dt
-            mfu = f" | mfu {100 * raw_model.estimate_mfu(tok_s, mcfg.block_size, peak):.1f}%" if peak else ""
-            print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s"
-                  f"{mfu} | eta {fmt_time((cfg.max_iters - iter_num) * dt_ema)}", flush=True)
-            metrics.write(json.dumps({"step": iter_num, "loss": lossf, "lr": lr, "tok_s": tok_s}) + "\n")
-            metrics.flush()
+            mfu = f" | mfu {100 * raw_model.estimate_mfu(tok_s / world, mcfg.block_size, peak):.1f}%" if peak else ""
+            log(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s"
+                f"{mfu} | eta {fmt_time((cfg.max_iters - iter_num) * dt_ema)}", flush=True)
+            write_metrics({"step": iter_num, "loss": lossf, "lr": lr, "tok_s": tok_s})
 
+        stop = stop_requested()
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
             losses = evaluate()
             if losses["val"] < best_val_loss:
                 best_val_loss = losses["val"]
-            print(f"eval step {iter_num} | train {losses['train']:.4f} | val {losses['val']:.4f} "
-                  f"| best val {best_val_loss:.4f}", flush=True)
-            print(f"sample: {sample_text()!r}", flush=True)
-            metrics.write(json.dumps({"step": iter_num, "train_loss": losses["train"],
-                                      "val_loss": losses["val"]}) + "\n")
-            metrics.flush()
+            log(f"eval step {iter_num} | train {losses['train']:.4f} | val {losses['val']:.4f} "
+                f"| best val {best_val_loss:.4f}", flush=True)
+            if master:
+                log(f"sample: {sample_text()!r}", flush=True)
+            write_metrics({"step": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]})
             checkpoint()
-            print(f"saved {ckpt_path} at step {iter_num}", flush=True)
+            log(f"saved {ckpt_path} at step {iter_num}", flush=True)
             t_last = time.time()  # evaluation time is not training time
-        elif stop_signal:
+        elif stop:
             checkpoint()
-        if stop_signal and iter_num < cfg.max_iters:
-            name = signal.Signals(stop_signal[0]).name
-            print(f"{name}: stopped after step {iter_num}; saved {ckpt_path}. Continue with: python train.py "
-                  f"--init_from resume --out_dir {cfg.out_dir} --max_iters {cfg.max_iters}", file=sys.stderr)
-            sys.exit(128 + stop_signal[0])
-    metrics.close()
+        if stop and iter_num < cfg.max_iters:
+            if ddp:
+                dist.barrier()  # nobody exits (and gets the others killed) before the checkpoint is on disk
+            name = signal.Signals(stop).name
+            if master:
+                print(f"{name}: stopped after step {iter_num}; saved {ckpt_path}. Continue with: python train.py "
+                      f"--init_from resume --out_dir {cfg.out_dir} --max_iters {cfg.max_iters}", file=sys.stderr)
+            sys.exit(128 + stop)
+    if master:
+        metrics.close()
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

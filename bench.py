@@ -1,0 +1,226 @@
+"""
+Benchmark smol against the reference implementation (transformers' LlamaForCausalLM)
+in one run, on one device, with the SmolLM2-135M config:
+
+    training:   train.py's own step (train_step, the model, AdamW settings, autocast and
+                compile choices of `python train.py`) in tokens/s, MFU and peak memory;
+                transformers with fp32 weights, the same autocast and AdamW, eager and
+                (--hf_compile) compiled
+    generation: tokens/s at batch 1 and 16, prompt 16 tokens, 256 new, prefill included;
+                ours as sample.py runs it, transformers' generate
+
+    python bench.py                      # CUDA: 16 x 2048; CPU: 4 x 256 and fewer steps
+    python bench.py --skip_hf            # ours only
+Random token ids stand in for data: the data loader is not what is measured.
+"""
+import json
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+from smol import SmolConfig, SmolLM, config_to_hf
+from train import Parser, TrainConfig, autocast_for, peak_flops, pick_device, train_step
+
+
+def parse_args(argv):
+    p = Parser(prog="bench.py", description=__doc__.strip().splitlines()[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch_size", type=int, default=None, help="default 16 on CUDA, 4 on CPU")
+    p.add_argument("--block_size", type=int, default=None, help="default 2048 on CUDA, 256 on CPU")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps (default 20 CUDA, 3 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 CUDA, 1 CPU)")
+    p.add_argument("--new_tokens", type=int, default=256)
+    p.add_argument("--gen_batches", default="1,16", help="comma-separated generation batch sizes")
+    p.add_argument("--skip_hf", action="store_true", help="measure smol only")
+    p.add_argument("--hf_compile", default="auto", choices=("auto", "true", "false"),
+                   help="also time transformers + torch.compile (auto: on CUDA)")
+    p.add_argument("--skip_train", action="store_true")
+    p.add_argument("--skip_generate", action="store_true")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    return p.parse_args(argv)
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reset_peak(device):
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (Linux: KiB)
+
+
+class HFAdapter(torch.nn.Module):
+    """transformers' model behind smol's call signature model(x, y) -> (logits, loss),
+    so train_step drives both; the loss is transformers' own."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, x, y):
+        out = self.hf(input_ids=x, labels=y, shift_labels=y)  # y is already shifted
+        return out.logits, out.loss
+
+
+def hf_model(config, device):
+    import transformers
+    hf_cfg = {k: v for k, v in config_to_hf(config).items() if k not in ("architectures", "model_type")}
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_cfg)).to(device)
+
+
+def configure_like_train(model, device_type):
+    """train.py's optimizer for a model that is not a SmolLM: AdamW with its betas,
+    weight decay on 2-D weights only, fused on CUDA (as SmolLM.configure_optimizers)."""
+    tc = TrainConfig()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2), eps=1e-8,
+                             fused=device_type == "cuda")
+
+
+def bench_train(name, model, optimizer, config, args, device, compile_it):
+    _, ctx = autocast_for(device.split(":")[0], "auto")  # train.py's default dtype choice
+    run_model = torch.compile(model) if compile_it else model
+    B, T = args.batch_size, args.block_size
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def next_batch():
+        xy = torch.randint(0, config.vocab_size, (B, T + 1), device=device, generator=gen)
+        return xy[:, :-1], xy[:, 1:].contiguous()
+
+    reset_peak(device)
+    for _ in range(args.warmup):  # compilation and allocator warm-up happen here
+        train_step(run_model, optimizer, next_batch, 1, ctx, TrainConfig.grad_clip)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        train_step(run_model, optimizer, next_batch, 1, ctx, TrainConfig.grad_clip)
+    sync(device)
+    dt = (time.perf_counter() - t0) / args.steps
+    tok_s = B * T / dt
+    peak = peak_flops(device)
+    with torch.device("meta"):
+        flops_per_token = SmolLM(config).flops_per_token(T)
+    return {"what": f"train {name}", "tok_s": tok_s, "ms": dt * 1000,
+            "mfu": flops_per_token * tok_s / peak if peak else None, "peak_gib": peak_gib(device)}
+
+
+def bench_generate(name, generate, batch, args, device, vocab_size):
+    prompt = torch.randint(0, vocab_size, (batch, 16), device=device, generator=torch.Generator(device=device).manual_seed(1))
+    generate(prompt, 8)  # warm-up: kernels, caches, compilation
+    reset_peak(device)
+    sync(device)
+    t0 = time.perf_counter()
+    out = generate(prompt, args.new_tokens)
+    sync(device)
+    dt = time.perf_counter() - t0
+    assert out.shape == (batch, 16 + args.new_tokens), out.shape
+    return {"what": f"generate {name} batch {batch}", "tok_s": batch * args.new_tokens / dt,
+            "ms": dt * 1000 / args.new_tokens, "mfu": None, "peak_gib": peak_gib(device)}
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = pick_device(args.device)
+    cuda = device.startswith("cuda")
+    args.batch_size = args.batch_size or (16 if cuda else 4)
+    args.block_size = args.block_size or (2048 if cuda else 256)
+    args.steps = args.steps or (20 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    hf_compile = args.hf_compile == "true" or (args.hf_compile == "auto" and cuda)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    config = SmolConfig(block_size=args.block_size)
+    info = {"device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "python": platform.python_version(),
+            "train_shape": f"{args.batch_size} x {args.block_size}", "new_tokens": args.new_tokens}
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        args.skip_hf = True
+    print(json.dumps(info))
+    results = []
+
+    def record(r):
+        results.append(r)
+        mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] else "    -"
+        print(f"{r['what']:<40} {r['tok_s']:>12,.1f} tok/s {r['ms']:>10.2f} ms {mfu}  peak {r['peak_gib']:.2f} GiB",
+              flush=True)
+
+    if not args.skip_train:
+        torch.manual_seed(0)
+        use_compile = cuda  # train.py's --compile auto
+        model = SmolLM(config).to(device)
+        record(bench_train("smol" + (" (compiled)" if use_compile else ""), model,
+                           model.configure_optimizers(TrainConfig.weight_decay, TrainConfig.learning_rate,
+                                                      (TrainConfig.beta1, TrainConfig.beta2), device.split(":")[0]),
+                           config, args, device, use_compile))
+        del model
+        if not args.skip_hf:
+            for compiled in ([False, True] if hf_compile else [False]):
+                hf = HFAdapter(hf_model(config, device))
+                record(bench_train("transformers" + (" (compiled)" if compiled else " (eager)"), hf,
+                                   configure_like_train(hf, device.split(":")[0]), config, args, device, compiled))
+                del hf
+
+    if not args.skip_generate:
+        from sample import inference_dtype
+        dtype = inference_dtype(device, "auto")  # what sample.py uses here by default
+        model = SmolLM(config).to(device).to(dtype).eval()
+        batches = [int(b) for b in args.gen_batches.split(",")]
+        for b in batches:
+            record(bench_generate(f"smol {str(dtype)[6:]}", lambda p, n: model.generate(p, n, temperature=0),
+                                  b, args, device, config.vocab_size))
+        if dtype != torch.float32 and not cuda:  # the same weights in fp32, for a like-for-like row
+            model.float()
+            record(bench_generate("smol float32", lambda p, n: model.generate(p, n, temperature=0),
+                                  1, args, device, config.vocab_size))
+        del model
+        if not args.skip_hf:
+            hf_dtype = torch.bfloat16 if cuda else torch.float32
+            hf = hf_model(config, device).to(hf_dtype).eval()
+            hf.generation_config.eos_token_id = None  # random weights: never stop early
+            hf.generation_config.pad_token_id = 0
+
+            def hf_generate(prompt, n, **kw):
+                with torch.no_grad():
+                    return hf.generate(prompt, max_new_tokens=n, do_sample=False, **kw)
+            for b in batches:
+                record(bench_generate(f"transformers {str(hf_dtype)[6:]}", hf_generate, b, args, device,
+                                      config.vocab_size))
+            if cuda:  # its fastest path: a static cache and a compiled forward
+                hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+                record(bench_generate(f"transformers {str(hf_dtype)[6:]} static+compile",
+                                      lambda p, n: hf_generate(p, n, cache_implementation="static"),
+                                      1, args, device, config.vocab_size))
+
+    # ratios: ours over each transformers row of the same kind and batch
+    print("\nratios (smol / transformers, tokens/s):")
+    for r in results:
+        if "smol" in r["what"]:
+            kind = r["what"].split()[0]
+            batch = r["what"].split("batch")[-1] if "batch" in r["what"] else None
+            for o in results:
+                if "transformers" in o["what"] and o["what"].startswith(kind) and \
+                        (batch is None or o["what"].endswith("batch" + batch)):
+                    print(f"  {r['what']} vs {o['what']}: {r['tok_s'] / o['tok_s']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""DistributedDataParallel under torchrun, on CPU with the gloo backend."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from smol import HERE
+
+TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",
+        "--block_size", "32", "--batch_size", "2", "--eval_iters", "1", "--sample_tokens", "2", "--log_interval", "1",
+        "--learning_rate", "3e-3", "--warmup_iters", "2", "--lr_decay_iters", "12", "--min_lr", "3e-4",
+        "--data", os.path.join(HERE, "input.txt")]
+
+
+def train(*args, procs=1, cwd):
+    launcher = [sys.executable] if procs == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+    proc = subprocess.run([*launcher, os.path.join(HERE, "train.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def weights(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
+
+
+def test_two_processes_equal_one_process_with_double_accumulation(tmp_path):
+    one = train(*TINY, "--max_iters", 12, "--eval_interval", 6, "--gradient_accumulation_steps", 4,
+                "--out_dir", "one", cwd=tmp_path)
+    two = train(*TINY, "--max_iters", 12, "--eval_interval", 6, "--gradient_accumulation_steps", 4,
+                "--out_dir", "two", procs=2, cwd=tmp_path)
+    assert "x 2 processes (gloo)" in two.stdout
+    assert sum(line.startswith("step 12 |") for line in two.stdout.splitlines()) == 1  # rank 0 logs
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 13))
+    for (_, la), (_, lb) in zip(a, b):
+        assert abs(la - lb) <= 1e-5 * abs(la)
+    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert not any(k.startswith("module.") for k in wb)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_under_torchrun_is_exact(tmp_path):
+    common = [*TINY, "--eval_interval", 5, "--gradient_accumulation_steps", 2]
+    train(*common, "--max_iters", 12, "--out_dir", "straight", procs=2, cwd=tmp_path)
+    train(*common, "--max_iters", 7, "--out_dir", "split", procs=2, cwd=tmp_path)
+    resumed = train("--init_from", "resume", "--max_iters", 12, "--out_dir", "split", procs=2, cwd=tmp_path)
+    assert "step 8 |" in resumed.stdout and "step 7 |" not in resumed.stdout
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+    wa, wb = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_accumulation_must_split_evenly_across_processes(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(HERE, "train.py"), *TINY, "--gradient_accumulation_steps", "3",
+                           "--out_dir", "x"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0
+    assert "must be a multiple of the number of processes (2)" in proc.stderr
+    assert proc.stderr.count("error: --gradient_accumulation_steps") == 1  # one copy, from rank 0
