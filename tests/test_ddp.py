@@ -67,3 +67,18 @@ def test_accumulation_must_split_evenly_across_processes(tmp_path):
     assert proc.returncode != 0
     assert "must be a multiple of the number of processes (2)" in proc.stderr
     assert proc.stderr.count("error: --gradient_accumulation_steps") == 1  # one copy, from rank 0
+
+
+def test_prepared_corpus_trains_and_resumes_exactly(tmp_path):
+    # prepare.py's memory-mapped train.bin / val.bin instead of a text file
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(open(os.path.join(HERE, "input.txt"), encoding="utf-8").read()[:60000])
+    subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), str(corpus), "--out", "prepared",
+                    "--val_fraction", "0.2"], check=True, capture_output=True, cwd=tmp_path, timeout=300)
+    common = [a if a != os.path.join(HERE, "input.txt") else "prepared" for a in TINY]
+    first = train(*common, "--eval_interval", 4, "--max_iters", 10, "--out_dir", "straight", cwd=tmp_path)
+    train_tokens = os.path.getsize(tmp_path / "prepared" / "train.bin") // 2
+    assert f"{train_tokens:,} train" in first.stdout
+    train(*common, "--eval_interval", 4, "--max_iters", 6, "--out_dir", "split", cwd=tmp_path)
+    train("--init_from", "resume", "--max_iters", 10, "--out_dir", "split", cwd=tmp_path)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
