@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from smol import HERE
@@ -91,3 +92,15 @@ def test_sample_without_checkpoint_says_how_to_make_one(tmp_path):
 def test_unknown_flag_suggests_the_closest(tmp_path):
     s = run("train.py", "--learning_rat", "1e-3", check=False)
     assert s.returncode == 2 and "did you mean --learning_rate" in s.stderr and "Traceback" not in s.stderr
+
+
+def test_plot_turns_metrics_into_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    run("train.py", *TINY, "--max_iters", 6, "--eval_interval", 3, "--log_interval", 1, "--out_dir", tmp_path)
+    run("train.py", "--init_from", "resume", "--max_iters", 9, "--out_dir", tmp_path)  # the curve continues
+    run("plot.py", "--out_dir", tmp_path, "--to", tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
+    assert steps == list(range(1, 10))
+    missing = run("plot.py", "--out_dir", tmp_path / "nothing", check=False)
+    assert missing.returncode == 1 and "no metrics at" in missing.stderr
