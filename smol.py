@@ -326,7 +326,7 @@ class SmolLM(nn.Module):
         """Model FLOPs utilisation: achieved FLOP/s over the device's peak."""
         return self.flops_per_token(T) * tokens_per_sec / peak_flops
 
-    @torch.no_grad()
+    @torch.inference_mode()  # like no_grad, and also skips autograd's version bookkeeping: faster small ops
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
         """Yield (B, 1) new tokens one at a time. The prompt idx (B, T) is
         processed once into a KV cache; each later step feeds one token."""
@@ -336,13 +336,24 @@ class SmolLM(nn.Module):
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_position_embeddings ({self.config.max_position_embeddings})")
         cache = KVCache(self.config, B, total, idx.device, self.model.embed_tokens.weight.dtype)
+        # bf16 on a CPU at batch 1: each step is a matrix-vector product per weight, where
+        # PyTorch's own kernel reads the weights about twice as fast as oneDNN's; the prompt
+        # and bigger batches are matrix products, faster in oneDNN (bench/NOTES.md)
+        own_gemv = B == 1 and idx.device.type == "cpu" and cache.k.dtype == torch.bfloat16
         logits, _ = self(idx, kv_cache=cache)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             yield next_token
-            logits, _ = self(next_token, kv_cache=cache)
+            if i == max_new_tokens - 1:
+                break  # the last token needs no logits of its own
+            onednn = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = onednn and not own_gemv
+            try:
+                logits, _ = self(next_token, kv_cache=cache)
+            finally:
+                torch.backends.mkldnn.enabled = onednn
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
         """Return idx (B, T) extended by max_new_tokens sampled tokens: (B, T + new).
         temperature 0 means greedy decoding."""

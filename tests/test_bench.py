@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from smol import HERE, SmolConfig, SmolLM
+from smol import HERE, KVCache, SmolConfig, SmolLM
 
 
 def test_bench_runs_and_reports_every_row(tmp_path):
@@ -37,3 +37,49 @@ def test_bf16_paths_match_fp32_to_bf16_tolerance():
             amp = model(x, y)[1].item()
         bf16 = model.to(torch.bfloat16)(x, y)[1].item()  # sample.py's bf16 weights
     assert abs(amp - ref) / ref < 1e-2 and abs(bf16 - ref) / ref < 1e-2, (ref, amp, bf16)
+
+
+def test_cpu_bf16_decoding_uses_pytorchs_own_matrix_vector_kernel():
+    # stream() turns oneDNN off for bf16 decode steps at batch 1 (faster there), on for
+    # the prompt and for bigger batches, and always leaves the global switch as it found it
+    torch.manual_seed(0)
+    model = SmolLM(SmolConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128,
+                              vocab_size=500, block_size=32)).eval()
+    seen = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: (seen.append((a[0].size(1), torch.backends.mkldnn.enabled)), forward(*a, **kw))[1]
+    prompt = torch.randint(0, 500, (1, 5))
+    model.to(torch.bfloat16).generate(prompt, 3, temperature=0)
+    assert seen == [(5, True), (1, False), (1, False)]
+    seen.clear()
+    model.generate(prompt.repeat(2, 1), 3, temperature=0)  # batch 2: matrix products, oneDNN stays on
+    assert [on for _, on in seen] == [True] * 3
+    seen.clear()
+    model.float().generate(prompt, 3, temperature=0)  # fp32: untouched
+    assert [on for _, on in seen] == [True] * 3
+    stream = model.to(torch.bfloat16).stream(prompt, 5, temperature=0)
+    next(stream), next(stream)
+    stream.close()  # stopped early, as sample.py does at <|endoftext|>
+    assert torch.backends.mkldnn.enabled
+
+
+def test_bf16_decode_step_matches_fp32_with_either_kernel():
+    torch.manual_seed(0)
+    model = SmolLM(SmolConfig(n_layer=2, n_embd=576, n_head=9, n_kv_head=3, intermediate_size=1536,
+                              vocab_size=4000, block_size=32)).eval()
+    prompt, token = torch.randint(0, 4000, (1, 8)), torch.randint(0, 4000, (1, 1))
+
+    def decode_logits(m, dtype, onednn):
+        cache = KVCache(m.config, 1, 9, "cpu", dtype)
+        with torch.inference_mode():
+            m(prompt, kv_cache=cache)
+            torch.backends.mkldnn.enabled = onednn
+            try:
+                return m(token, kv_cache=cache)[0].float()
+            finally:
+                torch.backends.mkldnn.enabled = True
+    ref = decode_logits(model, torch.float32, True)
+    model.to(torch.bfloat16)
+    for onednn in (True, False):
+        err = (decode_logits(model, torch.bfloat16, onednn) - ref).abs().max().item()
+        assert err < 0.05 * ref.abs().max().item(), (onednn, err)
