@@ -195,25 +195,24 @@ def main(argv=None):
             cases.append(("smol float32", lambda p, n: smol32.generate(p, n, temperature=0), 1))
         if not args.skip_hf:
             hf_dtype = torch.bfloat16 if cuda else torch.float32
-            hf = hf_model(config, device).to(hf_dtype).eval()
-            hf.generation_config.eos_token_id = None  # random weights: never stop early
-            hf.generation_config.pad_token_id = 0
 
-            def hf_generate(prompt, n, **kw):
-                with torch.no_grad():
-                    return hf.generate(prompt, max_new_tokens=n, do_sample=False, **kw)
-            cases += [(f"transformers {str(hf_dtype)[6:]}", hf_generate, b) for b in batches]
-            if cuda:  # its fastest path: a static cache and a compiled forward
-                hf_fast = hf_model(config, device).to(hf_dtype).eval()
-                hf_fast.generation_config.eos_token_id = None
-                hf_fast.generation_config.pad_token_id = 0
-                hf_fast.forward = torch.compile(hf_fast.forward, mode="reduce-overhead", fullgraph=True)
+            def hf_generator(static_compiled):
+                hf = hf_model(config, device).to(hf_dtype).eval()
+                hf.generation_config.eos_token_id = None  # random weights: never stop early
+                hf.generation_config.pad_token_id = 0
+                kw = {}
+                if static_compiled:  # its fastest path: a static cache and a compiled forward
+                    hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+                    kw = {"cache_implementation": "static"}
 
-                def hf_fast_generate(prompt, n):
+                def generate(prompt, n):
                     with torch.no_grad():
-                        return hf_fast.generate(prompt, max_new_tokens=n, do_sample=False,
-                                                cache_implementation="static")
-                cases.append((f"transformers {str(hf_dtype)[6:]} static+compile", hf_fast_generate, 1))
+                        return hf.generate(prompt, max_new_tokens=n, do_sample=False, **kw)
+                return generate
+            hf_name, hf_generate = f"transformers {str(hf_dtype)[6:]}", hf_generator(static_compiled=False)
+            cases += [(hf_name, hf_generate, b) for b in batches]
+            if cuda:
+                cases.append((hf_name + " static+compile", hf_generator(static_compiled=True), 1))
         best = {}
         for _ in range(args.repeat):
             for name, fn, b in cases:
