@@ -22,7 +22,8 @@ import time
 import torch
 
 from smol import SmolConfig, SmolLM, config_to_hf
-from train import Parser, TrainConfig, autocast_for, peak_flops, pick_device, train_step
+from common import Parser, inference_dtype, pick_device
+from train import TrainConfig, autocast_for, peak_flops, train_step
 
 
 def parse_args(argv):
@@ -183,7 +184,6 @@ def main(argv=None):
         # every generation case is set up first, then all are timed in turns, --repeat
         # rounds, keeping each one's best: drift in the machine's speed (other tenants,
         # clocks) then hits every row alike instead of favouring whichever ran first
-        from sample import inference_dtype
         dtype = inference_dtype(device, "auto")  # what sample.py uses here by default
         batches = [int(b) for b in args.gen_batches.split(",")]
         cases = []  # (name, generate function, batch)

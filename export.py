@@ -13,7 +13,7 @@ import sys
 import torch
 
 from smol import SmolConfig, SmolLM
-from train import Parser, UserError, fail, load_checkpoint
+from common import Parser, UserError, fail, load_checkpoint
 
 
 def main(argv=None):

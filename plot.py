@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from train import Parser, UserError, fail
+from common import Parser, UserError, fail
 
 
 def read_metrics(path):

@@ -33,7 +33,7 @@ from fractions import Fraction
 import numpy as np
 
 from smol import EOT_ID, load_tokenizer
-from train import DOC_SEPARATOR, Parser, UserError, fail
+from common import DOC_SEPARATOR, Parser, UserError, fail
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet")  # what a folder is searched for
 NOT_TEXT = (".json", ".csv", ".tsv", ".gz", ".zst", ".bz2", ".xz", ".zip", ".tar", ".arrow", ".bin", ".npy", ".pt")

@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from smol import EOT_ID, SmolConfig, SmolLM, load_tokenizer
-from train import Parser, UserError, fail, load_checkpoint, pick_device
+from common import Parser, UserError, fail, inference_dtype, load_model, pick_device
+from smol import EOT_ID, load_tokenizer
 
 
 def parse_args(argv):
@@ -30,20 +30,6 @@ def parse_args(argv):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="weights while sampling; auto: bfloat16 where the hardware computes it natively")
     return p.parse_args(argv)
-
-
-def inference_dtype(device, setting="auto"):
-    """Decoding one token reads every weight once, so its speed is bytes over memory
-    bandwidth: bf16 weights halve the bytes. Used where the hardware has native bf16
-    (CUDA with bf16, CPUs with AVX-512 BF16 or AMX); elsewhere bf16 would be emulated
-    and slower, so fp32."""
-    if setting != "auto":
-        return getattr(torch, setting)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 def read_prompt(start):
@@ -65,21 +51,7 @@ def main(argv=None):
     if args.top_k < 0 or args.num_samples <= 0 or args.max_new_tokens <= 0:
         raise UserError("--top_k must be >= 0, --num_samples and --max_new_tokens positive")
     device = pick_device(args.device)
-    if args.init_from == "resume":
-        ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-        if not os.path.exists(ckpt_path):
-            raise UserError(f"no checkpoint at {ckpt_path}; train one with `python train.py` "
-                            f"(or a tiny one in seconds: `python train.py --n_layer 2 --n_embd 64 --n_head 4 "
-                            f"--n_kv_head 2 --intermediate_size 128 --block_size 64 --max_iters 100`)")
-        ckpt = load_checkpoint(ckpt_path)
-        model = SmolLM(SmolConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-        del ckpt
-    else:
-        try:
-            model = SmolLM.from_pretrained(args.init_from)
-        except ValueError as e:
-            raise UserError(f"--init_from {args.init_from}: {e}")
+    model = load_model(args.init_from, args.out_dir)
     config = model.config
     model.to(device, inference_dtype(device, args.dtype)).eval()
 

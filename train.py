@@ -14,12 +14,10 @@ data sampler's random state; so N steps + a resume to N+M reproduces an
 uninterrupted N+M step run exactly (on the same device and settings).
 """
 import argparse
-import difflib
 import inspect
 import json
 import math
 import os
-import pickle
 import signal
 import sys
 import time
@@ -31,10 +29,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from common import DOC_SEPARATOR, Parser, UserError, fail, load_checkpoint, pick_device
 from smol import EOT_ID, SmolConfig, SmolLM, load_tokenizer
-
-DOC_SEPARATOR = "<|endoftext|>"  # a line of its own between documents in the text file
-
 
 @dataclass
 class TrainConfig:
@@ -82,31 +78,6 @@ PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100"
               ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
 
 
-class UserError(Exception):
-    """A mistake in the command line or the files it names: one line, no traceback."""
-
-
-def fail(msg):
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy of the message
-        print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-class Parser(argparse.ArgumentParser):
-    def __init__(self, **kwargs):
-        super().__init__(allow_abbrev=False, **kwargs)  # --learning_rat must not mean --learning_rate
-
-    def error(self, message):
-        # one line instead of argparse's usage dump, with a suggestion for typos
-        if "unrecognized arguments" in message:
-            flag = message.split(": ", 1)[1].split()[0].split("=")[0]
-            known = [a for action in self._actions for a in action.option_strings]
-            close = difflib.get_close_matches(flag, known, n=1)
-            message = f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else "")
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv):
     """Return {name: value} for the flags actually given (defaults are applied later,
     because on resume they come from the checkpoint)."""
@@ -118,39 +89,6 @@ def parse_args(argv):
             parser.add_argument(f"--{f.name}", type=type(default), choices=CHOICES.get(f.name),
                                 help=f"default {default}")
     return vars(parser.parse_args(argv))
-
-
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} but CUDA is not available here; use --device cpu or leave it on auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps but MPS is not available here; use --device cpu or leave it on auto")
-    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    return name
-
-
-def load_checkpoint(path):
-    """torch.load with weights_only=True: a checkpoint is data, never code."""
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; train one first with `python train.py`")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} holds pickled Python objects, and loading them could run code; refused "
-                        f"(weights_only=True). Only load checkpoints written by this train.py") from None
-    except Exception:  # truncated, corrupt, or not a torch file at all
-        raise UserError(f"{path} is truncated or corrupt and cannot be read; restore a copy or train afresh "
-                        f"in another --out_dir") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "iter_num"} <= ckpt.keys():
-        raise UserError(f"{path} is not a smol training checkpoint (expected 'model', 'config' and 'iter_num')")
-    return ckpt
 
 
 def save_checkpoint(ckpt, path):

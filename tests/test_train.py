@@ -104,3 +104,10 @@ def test_plot_turns_metrics_into_a_png(tmp_path):
     assert steps == list(range(1, 10))
     missing = run("plot.py", "--out_dir", tmp_path / "nothing", check=False)
     assert missing.returncode == 1 and "no metrics at" in missing.stderr
+
+
+def test_sampling_and_exporting_never_import_the_training_loop():
+    # each script imports only what its job needs: the shared helpers live in common.py
+    code = "import sys, sample, export, plot, prepare; assert 'train' not in sys.modules, 'train imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

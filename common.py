@@ -1,0 +1,114 @@
+"""
+What the command-line scripts share: one-line errors instead of tracebacks, an
+argument parser that suggests the flag you meant, the device choice, and loading
+a model from a training checkpoint or a Hugging Face directory. Kept apart from
+train.py so that sampling, serving and exporting never import the training loop.
+"""
+import argparse
+import difflib
+import os
+import pickle
+import sys
+
+import torch
+
+from smol import SmolConfig, SmolLM
+
+DOC_SEPARATOR = "<|endoftext|>"  # a line of its own between documents in a text corpus
+
+
+class UserError(Exception):
+    """A mistake in the command line or the files it names: one line, no traceback."""
+
+
+def fail(msg):
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one copy of the message
+        print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)  # --learning_rat must not mean --learning_rate
+
+    def error(self, message):
+        # one line instead of argparse's usage dump, with a suggestion for typos
+        if "unrecognized arguments" in message:
+            flag = message.split(": ", 1)[1].split()[0].split("=")[0]
+            known = [a for action in self._actions for a in action.option_strings]
+            close = difflib.get_close_matches(flag, known, n=1)
+            message = f"unknown flag {flag}" + (f" (did you mean {close[0]}?)" if close else "")
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} but CUDA is not available here; use --device cpu or leave it on auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps but MPS is not available here; use --device cpu or leave it on auto")
+    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
+def cpu_has_native_bf16():
+    """True on CPUs that compute bf16 in hardware (AVX-512 BF16 or AMX); elsewhere
+    bf16 is emulated and slower than fp32."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def inference_dtype(device, setting="auto"):
+    """Decoding one token reads every weight once, so its speed is bytes over memory
+    bandwidth: bf16 weights halve the bytes. Used where the hardware has native bf16
+    (CUDA with bf16, CPUs with AVX-512 BF16 or AMX); elsewhere bf16 would be emulated
+    and slower, so fp32."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True: a checkpoint is data, never code."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; train one first with `python train.py`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds pickled Python objects, and loading them could run code; refused "
+                        f"(weights_only=True). Only load checkpoints written by this train.py") from None
+    except Exception:  # truncated, corrupt, or not a torch file at all
+        raise UserError(f"{path} is truncated or corrupt and cannot be read; restore a copy or train afresh "
+                        f"in another --out_dir") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "iter_num"} <= ckpt.keys():
+        raise UserError(f"{path} is not a smol training checkpoint (expected 'model', 'config' and 'iter_num')")
+    return ckpt
+
+
+def load_model(init_from, out_dir):
+    """The model to sample from, serve or export: "resume" reads out_dir/ckpt.pt,
+    anything else is a Hugging Face checkpoint directory or hub id."""
+    if init_from == "resume":
+        ckpt_path = os.path.join(out_dir, "ckpt.pt")
+        if not os.path.exists(ckpt_path):
+            raise UserError(f"no checkpoint at {ckpt_path}; train one with `python train.py` "
+                            f"(or a tiny one in seconds: `python train.py --n_layer 2 --n_embd 64 --n_head 4 "
+                            f"--n_kv_head 2 --intermediate_size 128 --block_size 64 --max_iters 100`)")
+        ckpt = load_checkpoint(ckpt_path)
+        model = SmolLM(SmolConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+        return model
+    try:
+        return SmolLM.from_pretrained(init_from)
+    except ValueError as e:
+        raise UserError(f"--init_from {init_from}: {e}")
