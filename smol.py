@@ -327,9 +327,11 @@ class SmolLM(nn.Module):
         return self.flops_per_token(T) * tokens_per_sec / peak_flops
 
     @torch.inference_mode()  # like no_grad, and also skips autograd's version bookkeeping: faster small ops
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=()):
         """Yield (B, 1) new tokens one at a time. The prompt idx (B, T) is
-        processed once into a KV cache; each later step feeds one token."""
+        processed once into a KV cache; each later step feeds one token.
+        A row that samples one of stop_ids is finished: it yields that id, then
+        repeats it while other rows go on; the stream ends when all rows are done."""
         B, T = idx.size()
         total = T + max_new_tokens
         if total > self.config.max_position_embeddings:
@@ -340,12 +342,18 @@ class SmolLM(nn.Module):
         # PyTorch's own kernel reads the weights about twice as fast as oneDNN's; the prompt
         # and bigger batches are matrix products, faster in oneDNN (bench/NOTES.md)
         own_gemv = B == 1 and idx.device.type == "cpu" and cache.k.dtype == torch.bfloat16
+        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=idx.device)  # (S,)
+        done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)  # rows that have stopped
         logits, _ = self(idx, kv_cache=cache)
         for i in range(max_new_tokens):
             next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            if len(stop_ids):
+                next_token = torch.where(done, prev_token, next_token) if i else next_token
+                done = done | torch.isin(next_token, stop)
             yield next_token
-            if i == max_new_tokens - 1:
+            if i == max_new_tokens - 1 or (len(stop_ids) and bool(done.all())):
                 break  # the last token needs no logits of its own
+            prev_token = next_token
             onednn = torch.backends.mkldnn.enabled
             torch.backends.mkldnn.enabled = onednn and not own_gemv
             try:
@@ -354,10 +362,11 @@ class SmolLM(nn.Module):
                 torch.backends.mkldnn.enabled = onednn
 
     @torch.inference_mode()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
-        """Return idx (B, T) extended by max_new_tokens sampled tokens: (B, T + new).
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=()):
+        """Return idx (B, T) extended by the sampled tokens: (B, T + new), new <= max_new_tokens
+        (fewer when every row stopped early; finished rows are padded with their stop id).
         temperature 0 means greedy decoding."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator))
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, stop_ids))
         return torch.cat([idx] + new, dim=1)
 
 

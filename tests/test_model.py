@@ -111,6 +111,25 @@ def test_kv_cache_greedy_equals_recompute(heads):
     assert torch.equal(with_cache, seq)
 
 
+def test_each_row_stops_at_its_own_stop_id():
+    m = tiny()
+    prompt = torch.randint(0, 512, (2, 5))
+    free = m.generate(prompt, 12, temperature=0)[:, 5:]  # no stop ids: the full 12 tokens
+    # a stop id that row 0 writes later than row 1 does (or row 1 never does), so the rows end apart
+    stop = next(t for t in free[0].tolist()[1:] if t not in free[0].tolist()[:1])
+    got = m.generate(prompt, 12, temperature=0, stop_ids={stop})[:, 5:]
+    ends = []
+    for row in range(2):
+        hits = (free[row] == stop).nonzero()
+        end = hits[0].item() + 1 if len(hits) else 12
+        assert torch.equal(got[row, :end], free[row, :end])  # same tokens up to and including the stop
+        assert (got[row, end:] == stop).all()  # then padded with the stop id
+        ends.append(end)
+    assert ends[0] != ends[1] and got.size(1) == max(ends)  # rows end apart; the stream ends with the last
+    tokens = list(m.stream(prompt[:1], 12, temperature=0, stop_ids=[stop]))
+    assert len(tokens) == ends[0] and tokens[-1].item() == stop  # batch 1: the stop id is the last token
+
+
 def test_chunk_after_cached_prefix_uses_the_right_mask():
     m = tiny()
     seq = torch.randint(0, 512, (2, 30))
