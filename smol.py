@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EOT_ID = 0  # <|endoftext|>: separates documents
@@ -109,13 +110,25 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Keys and values of the positions seen so far, pre-allocated for max_len
     positions so that decoding never re-allocates. Kept apart from the model:
-    one model can serve many caches. `pos` counts the positions filled."""
+    one model can serve many caches.
+
+    The count of filled positions is kept twice: `pos`, a Python int, for the
+    prompt and any chunk of tokens (their shapes depend on it anyway), and
+    `pos_t`, the same count as a tensor on the device, for the one-token decode
+    step. That step reads its position from a tensor and attends over all max_len
+    slots under a mask, so every step has identical shapes and no Python constant
+    changes: it is compiled once, and on CUDA captured once as a CUDA graph."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
         self.pos = 0
+        self.pos_t = torch.zeros((), dtype=torch.long, device=device)
+        if self.k.is_cuda:  # a CUDA graph replays fixed addresses: tell the compiler these never move
+            for t in (self.k, self.v, self.pos_t):
+                torch._dynamo.mark_static_address(t)
 
     def update(self, layer, k, v):
         # k, v: (B, nkv, T, hd) for the new positions; returns all positions so far
@@ -123,6 +136,16 @@ class KVCache:
         self.k[layer, :, :, self.pos:self.pos + T] = k
         self.v[layer, :, :, self.pos:self.pos + T] = v
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+    def write_at_pos(self, layer, k, v):
+        # k, v: (B, nkv, 1, hd) for position pos_t; returns every slot, (B, nkv, max_len, hd)
+        self.k[layer].index_copy_(2, self.pos_t.view(1), k.to(self.k.dtype))  # (autocast may give bf16)
+        self.v[layer].index_copy_(2, self.pos_t.view(1), v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
+    def advance(self, n):
+        self.pos += n
+        self.pos_t.fill_(self.pos)
 
 
 class Attention(nn.Module):
@@ -138,23 +161,27 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, config.n_kv_head * hd, bias=False)
         self.o_proj = nn.Linear(config.n_head * hd, C, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, cos, sin, kv_cache=None, decode_mask=None):
         B, T, C = x.size()
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, Tk, hd), Tk = cached + T
-        Tk = k.size(2)
-        # Three masking cases. No cache, or a prompt into an empty cache: plain causal.
-        # One new token: it may see every cached position, so no mask at all.
-        # A chunk of T tokens after a cached prefix: query i sees keys up to Tk-T+i.
-        # is_causal would align the triangle to the top-left corner, which is
-        # wrong when Tk > T, so that case gets an explicit boolean mask.
-        mask, is_causal = None, Tk == T and T > 1
-        if T > 1 and Tk > T:
-            mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
+        if decode_mask is not None:  # the fixed-shape decode step: one token, every cache slot
+            k, v = kv_cache.write_at_pos(self.layer_idx, k, v)  # (B, nkv, max_len, hd)
+            mask, is_causal = decode_mask, False  # (1, 1, 1, max_len): the slots filled so far
+        else:
+            if kv_cache is not None:
+                k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, Tk, hd), Tk = cached + T
+            Tk = k.size(2)
+            # Three masking cases. No cache, or a prompt into an empty cache: plain causal.
+            # One new token: it may see every cached position, so no mask at all.
+            # A chunk of T tokens after a cached prefix: query i sees keys up to Tk-T+i.
+            # is_causal would align the triangle to the top-left corner, which is
+            # wrong when Tk > T, so that case gets an explicit boolean mask.
+            mask, is_causal = None, Tk == T and T > 1
+            if T > 1 and Tk > T:
+                mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
         # enable_gqa lets SDPA broadcast each k/v head over its group of query heads
         # without materialising repeated copies of k and v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
@@ -187,8 +214,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache=None, decode_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, decode_mask)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x
 
@@ -226,6 +253,7 @@ class SmolLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
+        self._compiled = {}  # compiled decode step and its reusable cache, made on first use (stream)
 
     @classmethod
     def from_pretrained(cls, name_or_dir, dtype=torch.float32):
@@ -282,7 +310,9 @@ class SmolLM(nn.Module):
                 f"{layer:,} + final norm {self.model.norm.weight.numel():,} = {self.num_params():,}")
 
     def forward(self, idx, targets=None, kv_cache=None):
-        # idx: (B, T) token ids; targets: (B, T) next-token ids, -1 = ignore
+        # idx: (B, T) token ids; targets: (B, T) next-token ids, -1 = ignore.
+        # Returns (logits (B, T, V), None), or with targets (None, loss): training
+        # never needs all the logits at once, and they are the largest tensors of a step
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.max_position_embeddings:
@@ -295,14 +325,26 @@ class SmolLM(nn.Module):
         for block in self.model.layers:
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
         x = self.model.norm(x)
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = None
         if targets is not None:
-            # the loss in fp32 even under bf16 autocast: log-softmax over 49,152 classes
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            return None, chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+        return self.lm_head(x), None  # (B, T, V)
+
+    def decode_step(self, token, kv_cache):
+        """Logits (B, V) after one new token (B, 1) at position kv_cache.pos_t. Every
+        step has the same shapes whatever the position, so this is the function that
+        torch.compile compiles once (and captures as a CUDA graph on CUDA). The
+        caller advances the cache."""
+        pos = kv_cache.pos_t.view(1)  # (1,)
+        x = self.model.embed_tokens(token)  # (B, 1, C)
+        cos = self.rope_cos.index_select(0, pos).to(x.dtype)  # (1, hd)
+        sin = self.rope_sin.index_select(0, pos).to(x.dtype)
+        # the new token sees its own slot and every earlier one; later slots hold stale values
+        mask = (torch.arange(kv_cache.max_len, device=token.device) <= pos).view(1, 1, 1, -1)
+        for block in self.model.layers:
+            x = block(x, cos, sin, kv_cache, decode_mask=mask)
+        return self.lm_head(self.model.norm(x))[:, -1]  # (B, V)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # decay the 2-D matrices (embedding and projections), never the norm gains
@@ -326,10 +368,31 @@ class SmolLM(nn.Module):
         """Model FLOPs utilisation: achieved FLOP/s over the device's peak."""
         return self.flops_per_token(T) * tokens_per_sec / peak_flops
 
+    def _decoder(self, B, slots, device, dtype, compile):
+        """(decode step function, KV cache) for stream. Compiled: one torch.compile of
+        decode_step (with CUDA graphs on CUDA: one launch per token instead of about 400)
+        and a cache kept for the next call, because a CUDA graph replays fixed addresses;
+        so one compiled stream at a time per model. Eager: a fresh cache each call."""
+        if not compile:
+            return self.decode_step, KVCache(self.config, B, slots, device, dtype)
+        mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
+        if mode not in self._compiled:
+            self._compiled[mode] = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
+        cache = self._compiled.get("cache")
+        if cache is None or cache.k.shape[1::2] != (B, slots) or cache.k.dtype != dtype or \
+                cache.k.device != torch.device(device):
+            self._compiled["cache"] = cache = None  # free the old one first
+            self._compiled["cache"] = cache = KVCache(self.config, B, slots, device, dtype)
+        cache.pos = 0
+        cache.pos_t.zero_()
+        return self._compiled[mode], cache
+
     @torch.inference_mode()  # like no_grad, and also skips autograd's version bookkeeping: faster small ops
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=()):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=(),
+               compile=False):
         """Yield (B, 1) new tokens one at a time. The prompt idx (B, T) is
-        processed once into a KV cache; each later step feeds one token.
+        processed once into a KV cache (prefill, eager); each later step feeds one
+        token through decode_step, compiled when compile=True.
         A row that samples one of stop_ids is finished: it yields that id, then
         repeats it while other rows go on; the stream ends when all rows are done."""
         B, T = idx.size()
@@ -337,16 +400,19 @@ class SmolLM(nn.Module):
         if total > self.config.max_position_embeddings:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_position_embeddings ({self.config.max_position_embeddings})")
-        cache = KVCache(self.config, B, total, idx.device, self.model.embed_tokens.weight.dtype)
+        # cache slots: a power of two, at least 256, so that prompts of different lengths
+        # share one cache shape and one compiled step (unused slots are masked out)
+        slots = min(max(256, 1 << (total - 1).bit_length()), self.config.max_position_embeddings)
+        step, cache = self._decoder(B, slots, idx.device, self.model.embed_tokens.weight.dtype, compile)
         # bf16 on a CPU at batch 1: each step is a matrix-vector product per weight, where
         # PyTorch's own kernel reads the weights about twice as fast as oneDNN's; the prompt
         # and bigger batches are matrix products, faster in oneDNN (bench/NOTES.md)
         own_gemv = B == 1 and idx.device.type == "cpu" and cache.k.dtype == torch.bfloat16
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=idx.device)  # (S,)
         done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)  # rows that have stopped
-        logits, _ = self(idx, kv_cache=cache)
+        logits = self(idx, kv_cache=cache)[0][:, -1]  # (B, V)
         for i in range(max_new_tokens):
-            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if len(stop_ids):
                 next_token = torch.where(done, prev_token, next_token) if i else next_token
                 done = done | torch.isin(next_token, stop)
@@ -357,17 +423,40 @@ class SmolLM(nn.Module):
             onednn = torch.backends.mkldnn.enabled
             torch.backends.mkldnn.enabled = onednn and not own_gemv
             try:
-                logits, _ = self(next_token, kv_cache=cache)
+                if compile and idx.is_cuda:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are done with
+                logits = step(next_token, cache)
             finally:
                 torch.backends.mkldnn.enabled = onednn
+            cache.advance(1)
 
     @torch.inference_mode()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=()):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=(),
+                 compile=False):
         """Return idx (B, T) extended by the sampled tokens: (B, T + new), new <= max_new_tokens
         (fewer when every row stopped early; finished rows are padded with their stop id).
         temperature 0 means greedy decoding."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, stop_ids))
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, stop_ids, compile))
         return torch.cat([idx] + new, dim=1)
+
+
+def chunked_cross_entropy(x, weight, targets, n_chunks=8):
+    """Mean cross-entropy of the logits x @ weight.T against targets (-1 = ignore),
+    without holding all the logits at once: at 16 x 2048 tokens they are
+    (32768, 49152), 6.4 GB in fp32, and as much again for their gradient. The rows
+    go through in n_chunks pieces, and each piece's logits are recomputed in the
+    backward pass instead of kept (activation checkpointing): one piece's logits
+    exist at a time, for one extra matmul of the head.
+    x: (N, C) final features, weight: (V, C) the tied head, targets: (N,)"""
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for x_part, t_part in zip(x.chunk(n_chunks), targets.chunk(n_chunks)):
+        total = total + checkpoint(_cross_entropy_sum, x_part, weight, t_part, use_reentrant=False)
+    return total / (targets != -1).sum()
+
+
+def _cross_entropy_sum(x, weight, targets):
+    logits = F.linear(x, weight).float()  # (n, V): the loss in fp32 even under bf16 autocast
+    return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum")
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import DOC_SEPARATOR, Parser, UserError, fail, load_checkpoint, pick_device
+from common import DOC_SEPARATOR, Parser, UserError, cpu_has_native_bf16, fail, load_checkpoint, pick_device
 from smol import EOT_ID, SmolConfig, SmolLM, load_tokenizer
 
 @dataclass
@@ -60,7 +60,8 @@ class TrainConfig:
     grad_clip: float = 1.0           # 0 disables clipping
     # system
     device: str = "auto"             # auto: cuda, then mps, then cpu
-    dtype: str = "auto"              # auto: bfloat16 autocast on CUDA, float32 elsewhere
+    dtype: str = "auto"              # auto: bfloat16 autocast on CUDA and on CPUs with native bf16,
+                                     # float32 elsewhere
     compile: str = "auto"            # auto: torch.compile on CUDA only
     backend: str = "auto"            # torchrun only: auto = nccl on CUDA, gloo on CPU
     seed: int = 1337
@@ -70,6 +71,10 @@ class TrainConfig:
 # the short context keeps the default run quick; --block_size changes it
 MODEL_DEFAULTS = SmolConfig(block_size=512)
 ARCH_FIELDS = [f.name for f in fields(SmolConfig) if f.name not in ("block_size", "init_std")]
+# the README's laptop run: 7M parameters, 1,500 steps in about 16 minutes on 2 CPU cores
+SMALL_CPU_RUN = ("--n_layer 4 --n_embd 128 --n_head 4 --n_kv_head 2 --intermediate_size 384 --block_size 128 "
+                 "--batch_size 8 --max_iters 1500 --lr_decay_iters 1500 --learning_rate 2e-3 --min_lr 2e-4 "
+                 "--warmup_iters 100 --eval_interval 250 --log_interval 50 --out_dir out-cpu")
 CHOICES = {"dtype": ("auto", "bfloat16", "float32"),
            "compile": ("auto", "true", "false"), "backend": ("auto", "nccl", "gloo")}
 # bf16 dense tensor-core peak FLOP/s by device name, for MFU (none for CPU and MPS)
@@ -142,7 +147,11 @@ def autocast_for(device_type, dtype):
     """(dtype name, context) for the --dtype setting: autocast runs the matmuls in
     bf16 while the weights and AdamW state stay fp32."""
     if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        # bf16 where the hardware computes it: about 1.6x faster than fp32 on a CPU with
+        # AVX-512 BF16 (bench/NOTES.md); emulated bf16 elsewhere would be slower than fp32
+        native = (device_type == "cuda" and torch.cuda.is_bf16_supported()) or \
+            (device_type == "cpu" and cpu_has_native_bf16())
+        dtype = "bfloat16" if native else "float32"
     ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
     return dtype, ctx
 
@@ -187,7 +196,8 @@ def peak_flops(device):
 def fmt_time(seconds):
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+    d, h = divmod(h, 24)
+    return f"{d}d{h:02d}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def resolve_settings(given):
@@ -409,7 +419,8 @@ def main(argv=None):
 
     # ---- the loop: one iteration = one optimizer step ----
     model.train()
-    t_last, steps_since_log, dt_ema = time.time(), 0, None
+    t_last, steps_since_log, dt_ema, logs_done = time.time(), 0, None, 0
+    first_step = iter_num + 1  # this run's first, logged as soon as it ends (also after a resume)
     while iter_num < cfg.max_iters:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
@@ -424,15 +435,22 @@ def main(argv=None):
         iter_num += 1
         steps_since_log += 1
 
-        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+        if iter_num == first_step or iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
             dt = (time.time() - t_last) / steps_since_log
             t_last, steps_since_log = time.time(), 0
-            # skip the first interval in the average: it includes compilation
-            dt_ema = dt if dt_ema is None or iter_num <= cfg.log_interval else 0.9 * dt_ema + 0.1 * dt
+            # the first step includes compilation and warm-up: its time gives the first
+            # ETA, the next interval replaces it, and only then does the average start
+            dt_ema = dt if logs_done < 2 else 0.9 * dt_ema + 0.1 * dt
+            logs_done += 1
             tok_s = tokens_per_step / dt
             mfu = f" | mfu {100 * raw_model.estimate_mfu(tok_s / world, mcfg.block_size, peak):.1f}%" if peak else ""
             log(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s"
                 f"{mfu} | eta {fmt_time((cfg.max_iters - iter_num) * dt_ema)}", flush=True)
+            eta = (cfg.max_iters - iter_num) * dt
+            if iter_num == first_step and device_type == "cpu" and eta > 3600:
+                log(f"note: at {dt:.1f} s per step, the {cfg.max_iters - iter_num:,} steps left take about "
+                    f"{fmt_time(eta)} on this CPU. A small model trains on input.txt in minutes (README, "
+                    f"'Small on a laptop CPU'): python train.py {SMALL_CPU_RUN}", flush=True)
             write_metrics({"step": iter_num, "loss": lossf, "lr": lr, "tok_s": tok_s})
 
         stop = stop_requested()

@@ -46,8 +46,9 @@ def test_cpu_bf16_decoding_uses_pytorchs_own_matrix_vector_kernel():
     model = SmolLM(SmolConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128,
                               vocab_size=500, block_size=32)).eval()
     seen = []
-    forward = model.forward
+    forward, decode_step = model.forward, model.decode_step
     model.forward = lambda *a, **kw: (seen.append((a[0].size(1), torch.backends.mkldnn.enabled)), forward(*a, **kw))[1]
+    model.decode_step = lambda *a: (seen.append((a[0].size(1), torch.backends.mkldnn.enabled)), decode_step(*a))[1]
     prompt = torch.randint(0, 500, (1, 5))
     model.to(torch.bfloat16).generate(prompt, 3, temperature=0)
     assert seen == [(5, True), (1, False), (1, False)]

@@ -184,3 +184,41 @@ def test_overfits_one_batch():
         loss.backward()
         opt.step()
     assert first > 10.5 and loss.item() < 0.5, (first, loss.item())
+
+
+def test_compiled_decoding_equals_eager_and_compiles_once():
+    # decode_step has the same shapes at every position, so torch.compile compiles
+    # it once: 64 steps from one prompt and a second prompt of another length must
+    # give eager's greedy tokens and never recompile after the first step
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    m = tiny(max_position_embeddings=256)
+    prompts = [torch.randint(0, 512, (1, 5)), torch.randint(0, 512, (1, 17))]
+    eager = [m.generate(p, 64, temperature=0) for p in prompts]
+    torch._dynamo.reset()
+    counters.clear()
+    warm = m.generate(prompts[0], 2, temperature=0, compile=True)  # compiles here
+    assert torch.equal(warm, eager[0][:, :5 + 2])
+    compiled_frames = counters["stats"]["unique_graphs"]
+    assert compiled_frames == 1
+    with torch._dynamo.config.patch(error_on_recompile=True):  # any recompilation now raises
+        for p, e in zip(prompts, eager):
+            assert torch.equal(m.generate(p, 64, temperature=0, compile=True), e)
+    assert counters["stats"]["unique_graphs"] == compiled_frames
+
+
+def test_chunked_loss_equals_plain_cross_entropy_with_its_gradients():
+    m = tiny()
+    x, y = torch.randint(0, 512, (3, 20)), torch.randint(0, 512, (3, 20))
+    y[0, :4] = -1  # ignored positions count in neither loss
+    _, loss = m(x, y)
+    loss.backward()
+    chunked = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    # the textbook path: all the logits at once
+    logits = m(x)[0]
+    plain = F.cross_entropy(logits.view(-1, 512), y.view(-1), ignore_index=-1)
+    plain.backward()
+    torch.testing.assert_close(loss, plain, atol=1e-5, rtol=1e-5)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(chunked[n], p.grad, atol=1e-5, rtol=1e-5, msg=n)

@@ -32,13 +32,18 @@ def load(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # fp32, and the bf16 autocast of CUDA and capable CPUs
+def test_resume_is_exact(tmp_path, dtype):
     one, split = tmp_path / "one", tmp_path / "split"
     # 24 steps in one go, versus 14 + a resume to 24; evaluation every 7 steps,
     # so the split run also evaluates (and samples) mid-way without disturbing anything
-    run("train.py", *TINY, "--max_iters", 24, "--eval_interval", 7, "--log_interval", 1, "--out_dir", one)
-    run("train.py", *TINY, "--max_iters", 14, "--eval_interval", 7, "--log_interval", 1, "--out_dir", split)
+    first = run("train.py", *TINY, "--max_iters", 24, "--eval_interval", 7, "--log_interval", 1, "--out_dir", one,
+                "--dtype", dtype)
+    assert f", {dtype}, compile False" in first.stdout
+    run("train.py", *TINY, "--max_iters", 14, "--eval_interval", 7, "--log_interval", 1, "--out_dir", split,
+        "--dtype", dtype)
     resumed = run("train.py", "--init_from", "resume", "--max_iters", 24, "--out_dir", split)
+    assert f", {dtype}, compile False" in resumed.stdout  # the checkpoint's dtype carries over
     lines = [line for line in resumed.stdout.splitlines() if line.startswith("step ")]
     assert lines[0].startswith("step 15 ") and lines[-1].startswith("step 24 ")
     assert train_losses(one) == train_losses(split)  # every step's loss and lr, bit for bit
@@ -111,3 +116,40 @@ def test_sampling_and_exporting_never_import_the_training_loop():
     code = "import sys, sample, export, plot, prepare; assert 'train' not in sys.modules, 'train imported'"
     proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_first_step_is_logged_at_once_with_an_eta(tmp_path):
+    out = run("train.py", *TINY, "--max_iters", 12, "--eval_interval", 12, "--log_interval", 10, "--out_dir", tmp_path)
+    steps = [line.split(" |")[0] for line in out.stdout.splitlines() if line.startswith("step ")]
+    assert steps == ["step 1", "step 10", "step 12"]
+    from common import cpu_has_native_bf16  # --dtype auto: bf16 autocast exactly where the CPU computes it
+    assert f"device cpu, {'bfloat16' if cpu_has_native_bf16() else 'float32'}, compile False" in out.stdout
+    first = next(line for line in out.stdout.splitlines() if line.startswith("step 1 |"))
+    assert " ms | " in first and "| eta " in first
+    resumed = run("train.py", "--init_from", "resume", "--max_iters", 30, "--out_dir", tmp_path)
+    steps = [line.split(" |")[0] for line in resumed.stdout.splitlines() if line.startswith("step ")]
+    assert steps == ["step 13", "step 20", "step 30"]  # the first step after a resume too
+
+
+def test_a_run_of_hours_on_a_cpu_says_so_and_offers_the_small_model(tmp_path):
+    # a run whose ETA is hours: after its first step, one line gives the duration and
+    # the small configuration; then Ctrl-C stops it cleanly with a checkpoint
+    import signal
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--max_iters", "10000000",
+                             "--out_dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("note:"):
+                break
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert lines[-1].startswith("note:"), lines
+    assert lines[-2].startswith("step 1 |")
+    note = lines[-1]
+    assert "on this CPU" in note and "python train.py --n_layer 4 --n_embd 128" in note and "--out_dir out-cpu" in note
+    assert proc.returncode == 130 and (tmp_path / "ckpt.pt").exists()
