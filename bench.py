@@ -3,26 +3,36 @@ Benchmark smol against the reference implementation (transformers' LlamaForCausa
 in one run, on one device, with the SmolLM2-135M config:
 
     training:   train.py's own step (train_step, the model, AdamW settings, autocast and
-                compile choices of `python train.py`) in tokens/s, MFU and peak memory;
-                transformers with fp32 weights, the same autocast and AdamW, eager and
-                (--hf_compile) compiled
+                compile choices of `python train.py`) in tokens/s, MFU and peak memory, each
+                case in a fresh process so that its peak memory is its own (on a CPU, the
+                process's peak resident size). CUDA: smol compiled (train.py's default) and
+                eager, transformers eager and compiled, all bf16 autocast. CPU: smol with
+                train.py's default dtype (bf16 autocast where the CPU has it) and fp32,
+                transformers fp32 and bf16 autocast. Plus smol with the plain, unchunked
+                cross-entropy, to weigh the chunked one.
     generation: tokens/s at batch 1 and 16, prompt 16 tokens, 256 new, prefill included;
-                ours as sample.py runs it, transformers' generate
+                ours as sample.py runs it, eager and with the compiled decode step;
+                transformers' generate (and its static cache + compile on CUDA)
 
     python bench.py                      # CUDA: 16 x 2048; CPU: 4 x 256 and fewer steps
     python bench.py --skip_hf            # ours only
 Random token ids stand in for data: the data loader is not what is measured.
 """
+import argparse
 import json
+import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
+import smol
 from smol import SmolConfig, SmolLM, config_to_hf
-from common import Parser, inference_dtype, pick_device
+from common import Parser, cpu_has_native_bf16, inference_dtype, pick_device
 from train import TrainConfig, autocast_for, peak_flops, train_step
 
 
@@ -33,6 +43,8 @@ def parse_args(argv):
     p.add_argument("--block_size", type=int, default=None, help="default 2048 on CUDA, 256 on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 20 CUDA, 3 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 CUDA, 1 CPU)")
+    p.add_argument("--n_layer", type=int, default=30, help="layers of the model (default 30, SmolLM2-135M's; "
+                   "fewer only for a quick check)")
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--gen_batches", default="1,16", help="comma-separated generation batch sizes")
     p.add_argument("--skip_hf", action="store_true", help="measure smol only")
@@ -42,6 +54,9 @@ def parse_args(argv):
     p.add_argument("--skip_train", action="store_true")
     p.add_argument("--skip_generate", action="store_true")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--compile_decode", default="auto", choices=("auto", "true", "false"),
+                   help="also time smol's compiled decode step (auto: yes)")
+    p.add_argument("--train_case", default=None, help=argparse.SUPPRESS)  # internal: one training case, in a child
     return p.parse_args(argv)
 
 
@@ -92,8 +107,48 @@ def configure_like_train(model, device_type):
                              fused=device_type == "cuda")
 
 
-def bench_train(name, model, optimizer, config, args, device, compile_it):
-    _, ctx = autocast_for(device.split(":")[0], "auto")  # train.py's default dtype choice
+def plain_cross_entropy(x, weight, targets, n_chunks=None):
+    """The textbook loss, all the logits at once: what chunked_cross_entropy replaces."""
+    return F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=-1)
+
+
+def train_cases(cuda, skip_hf, hf_compile):
+    """(name, implementation, dtype, compiled, loss) of every training row."""
+    if cuda:  # train.py's CUDA default: bf16 autocast and compile
+        cases = [("smol (compiled)", "smol", "auto", True, "chunked"), ("smol (eager)", "smol", "auto", False, "chunked"),
+                 ("smol (compiled, plain loss)", "smol", "auto", True, "plain")]
+        hf = [("transformers (eager)", "hf", "auto", False, None)]
+        hf += [("transformers (compiled)", "hf", "auto", True, None)] if hf_compile else []
+    else:  # train.py's CPU default: no compile, bf16 autocast where the CPU computes bf16
+        # bf16 rows only where the CPU computes bf16: emulated, a step takes minutes
+        # (0.4x fp32 on an AVX2-only CPU, bench/NOTES.md)
+        native = cpu_has_native_bf16()
+        dtype = "bfloat16" if native else "float32"  # train.py's --dtype auto
+        cases = [(f"smol {dtype}", "smol", "auto", False, "chunked")]
+        cases += [("smol float32", "smol", "float32", False, "chunked")] if native else []
+        cases += [(f"smol {dtype}, plain loss", "smol", "auto", False, "plain")]
+        hf = [("transformers float32 (eager)", "hf", "float32", False, None)]
+        hf += [("transformers bfloat16 (eager)", "hf", "bfloat16", False, None)] if native else []
+        hf += [("transformers float32 (compiled)", "hf", "float32", True, None)] if hf_compile else []
+    return cases + ([] if skip_hf else hf)
+
+
+def run_train_case(case, args, device):
+    """In a child process: time one training case, return its row."""
+    name, impl, dtype, compile_it, loss = case
+    torch.manual_seed(0)
+    config = SmolConfig(block_size=args.block_size, n_layer=args.n_layer)
+    device_type = device.split(":")[0]
+    if impl == "smol":
+        if loss == "plain":
+            smol.chunked_cross_entropy = plain_cross_entropy  # SmolLM.forward looks it up at each call
+        model = SmolLM(config).to(device)
+        optimizer = model.configure_optimizers(TrainConfig.weight_decay, TrainConfig.learning_rate,
+                                               (TrainConfig.beta1, TrainConfig.beta2), device_type)
+    else:
+        model = HFAdapter(hf_model(config, device))
+        optimizer = configure_like_train(model, device_type)
+    _, ctx = autocast_for(device_type, dtype)
     run_model = torch.compile(model) if compile_it else model
     B, T = args.batch_size, args.block_size
     gen = torch.Generator(device=device).manual_seed(0)
@@ -119,9 +174,20 @@ def bench_train(name, model, optimizer, config, args, device, compile_it):
             "mfu": flops_per_token * tok_s / peak if peak else None, "peak_gib": peak_gib(device)}
 
 
+def bench_train(case, args, device):
+    """Run one training case in a fresh process of bench.py and return its row."""
+    argv = [sys.executable, os.path.abspath(__file__), "--device", device, "--batch_size", str(args.batch_size),
+            "--block_size", str(args.block_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--n_layer", str(args.n_layer),
+            "--train_case", json.dumps(case)]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"training case {case[0]} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def bench_generate(name, generate, batch, args, device, vocab_size):
     prompt = torch.randint(0, vocab_size, (batch, 16), device=device, generator=torch.Generator(device=device).manual_seed(1))
-    generate(prompt, 8)  # warm-up: kernels, caches, compilation (cheap after the first round)
     reset_peak(device)
     sync(device)
     t0 = time.perf_counter()
@@ -144,11 +210,15 @@ def main(argv=None):
     hf_compile = args.hf_compile == "true" or (args.hf_compile == "auto" and cuda)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    config = SmolConfig(block_size=args.block_size)
+    if args.train_case:  # a child process timing one training case: its row as JSON on the last line
+        print(json.dumps(run_train_case(json.loads(args.train_case), args, device)))
+        return
+    config = SmolConfig(block_size=args.block_size, n_layer=args.n_layer)
     info = {"device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.version.cuda, "n_layer": args.n_layer,
             "train_shape": f"{args.batch_size} x {args.block_size}",
-            "train_dtype": "bf16 autocast" if cuda else "fp32", "train_compile": cuda,  # train.py's auto choices
+            "train_steps": args.steps, "train_warmup": args.warmup,
             "prompt_tokens": 16, "new_tokens": args.new_tokens, "generate_rounds": args.repeat}
     try:
         import transformers
@@ -161,38 +231,31 @@ def main(argv=None):
     def record(r):
         results.append(r)
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] else "    -"
-        print(f"{r['what']:<40} {r['tok_s']:>12,.1f} tok/s {r['ms']:>10.2f} ms {mfu}  peak {r['peak_gib']:.2f} GiB",
+        print(f"{r['what']:<52} {r['tok_s']:>12,.1f} tok/s {r['ms']:>10.2f} ms {mfu}  peak {r['peak_gib']:.2f} GiB",
               flush=True)
 
     if not args.skip_train:
-        torch.manual_seed(0)
-        use_compile = cuda  # train.py's --compile auto
-        model = SmolLM(config).to(device)
-        record(bench_train("smol" + (" (compiled)" if use_compile else ""), model,
-                           model.configure_optimizers(TrainConfig.weight_decay, TrainConfig.learning_rate,
-                                                      (TrainConfig.beta1, TrainConfig.beta2), device.split(":")[0]),
-                           config, args, device, use_compile))
-        del model
-        if not args.skip_hf:
-            for compiled in ([False, True] if hf_compile else [False]):
-                hf = HFAdapter(hf_model(config, device))
-                record(bench_train("transformers" + (" (compiled)" if compiled else " (eager)"), hf,
-                                   configure_like_train(hf, device.split(":")[0]), config, args, device, compiled))
-                del hf
+        for case in train_cases(cuda, args.skip_hf, hf_compile):
+            record(bench_train(case, args, device))
 
     if not args.skip_generate:
-        # every generation case is set up first, then all are timed in turns, --repeat
-        # rounds, keeping each one's best: drift in the machine's speed (other tenants,
-        # clocks) then hits every row alike instead of favouring whichever ran first
+        # every generation case is set up first, then all are timed in turns: a first
+        # round that warms up (kernels, caches, compilation), then --repeat rounds, keeping
+        # each one's best, so drift in the machine's speed (other tenants, clocks) hits
+        # every row alike instead of favouring whichever ran first
         dtype = inference_dtype(device, "auto")  # what sample.py uses here by default
         batches = [int(b) for b in args.gen_batches.split(",")]
         cases = []  # (name, generate function, batch)
         torch.manual_seed(0)
-        smol = SmolLM(config).to(device).to(dtype).eval()
-        cases += [(f"smol {str(dtype)[6:]}", lambda p, n: smol.generate(p, n, temperature=0), b) for b in batches]
+        ours = SmolLM(config).to(device).to(dtype).eval()
+        name = f"smol {str(dtype)[6:]}"
+        cases += [(name, lambda p, n: ours.generate(p, n, temperature=0), b) for b in batches]
+        if args.compile_decode != "false":
+            cases += [(name + " compiled", lambda p, n: ours.generate(p, n, temperature=0, compile=True), b)
+                      for b in batches]
         if dtype != torch.float32 and not cuda:  # the same model in fp32, for a like-for-like row
-            smol32 = SmolLM(config).to(device).eval()
-            cases.append(("smol float32", lambda p, n: smol32.generate(p, n, temperature=0), 1))
+            ours32 = SmolLM(config).to(device).eval()
+            cases.append(("smol float32", lambda p, n: ours32.generate(p, n, temperature=0), 1))
         if not args.skip_hf:
             hf_dtype = torch.bfloat16 if cuda else torch.float32
 
@@ -212,26 +275,28 @@ def main(argv=None):
             hf_name, hf_generate = f"transformers {str(hf_dtype)[6:]}", hf_generator(static_compiled=False)
             cases += [(hf_name, hf_generate, b) for b in batches]
             if cuda:
-                cases.append((hf_name + " static+compile", hf_generator(static_compiled=True), 1))
+                hf_fast = hf_generator(static_compiled=True)
+                cases += [(hf_name + " static+compile", hf_fast, b) for b in batches]
         best = {}
-        for _ in range(args.repeat):
+        for round_ in range(args.repeat + 1):
             for name, fn, b in cases:
                 r = bench_generate(name, fn, b, args, device, config.vocab_size)
-                if r["what"] not in best or r["tok_s"] > best[r["what"]]["tok_s"]:
+                if round_ and (r["what"] not in best or r["tok_s"] > best[r["what"]]["tok_s"]):
                     best[r["what"]] = r
         for r in best.values():
             record(r)
 
-    # ratios: ours over each transformers row of the same kind and batch
-    print("\nratios (smol / transformers, tokens/s):")
+    print("\nratios (tokens/s):")
     for r in results:
-        if "smol" in r["what"]:
-            kind = r["what"].split()[0]
-            batch = r["what"].split("batch")[-1] if "batch" in r["what"] else None
-            for o in results:
-                if "transformers" in o["what"] and o["what"].startswith(kind) and \
-                        (batch is None or o["what"].endswith("batch" + batch)):
-                    print(f"  {r['what']} vs {o['what']}: {r['tok_s'] / o['tok_s']:.2f}x")
+        kind = r["what"].split()[0]
+        batch = r["what"].split("batch")[-1] if "batch" in r["what"] else None
+        for o in results:
+            same_kind = o is not r and o["what"].startswith(kind) and (batch is None or o["what"].endswith("batch" + batch))
+            # ours against each transformers row; and ours against our own other rows of the same kind
+            if same_kind and "smol" in r["what"] and (
+                    "transformers" in o["what"] or (o["what"] in [x["what"] for x in results[results.index(r) + 1:]]
+                                                    and "smol" in o["what"])):
+                print(f"  {r['what']} vs {o['what']}: {r['tok_s'] / o['tok_s']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "results": results}, f, indent=2)

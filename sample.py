@@ -29,6 +29,9 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="weights while sampling; auto: bfloat16 where the hardware computes it natively")
+    p.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
+                   help="compile the decode step once (CUDA graphs on CUDA); auto: on CUDA only, where it pays "
+                        "for its compile time (bench/NOTES.md)")
     return p.parse_args(argv)
 
 
@@ -70,13 +73,14 @@ def main(argv=None):
         prompt_ids = prompt_ids[-room:]
     idx = torch.tensor([prompt_ids], device=device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    use_compile = args.compile == "true" or (args.compile == "auto" and device.startswith("cuda"))
     for i in range(args.num_samples):
         if i:
             print("\n" + "-" * 40)
         sys.stdout.write(tokenizer.decode(prompt_ids))
         ids, shown = [], ""
-        for token in model.stream(idx, args.max_new_tokens, args.temperature, args.top_k or None,
-                                  args.top_p, generator):
+        for token in model.stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                                  top_p=args.top_p, generator=generator, compile=use_compile):
             if token.item() == EOT_ID:  # the model ended the document
                 break
             ids.append(token.item())

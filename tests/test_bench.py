@@ -7,22 +7,31 @@ import sys
 
 import torch
 
+from common import cpu_has_native_bf16
 from smol import HERE, KVCache, SmolConfig, SmolLM
 
 
 def test_bench_runs_and_reports_every_row(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--steps", "1", "--warmup", "0",
-                           "--batch_size", "1", "--block_size", "32", "--new_tokens", "4", "--gen_batches", "1",
-                           "--json", str(out)], capture_output=True, text=True, cwd=HERE, timeout=600)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--n_layer", "2", "--steps", "1",
+                           "--warmup", "0", "--batch_size", "1", "--block_size", "32", "--new_tokens", "4",
+                           "--gen_batches", "1", "--repeat", "1", "--json", str(out)],
+                          capture_output=True, text=True, cwd=HERE, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.load(open(out))
-    assert {"device", "torch", "train_shape"} <= report["info"].keys()
+    assert {"device", "torch", "train_shape"} <= report["info"].keys() and report["info"]["n_layer"] == 2
     rows = {r["what"] for r in report["results"]}
-    assert "train smol" in rows and any(r.startswith("generate smol") for r in rows)
+    # train.py's default dtype on this CPU (and fp32 beside it where that is bf16), and the plain-loss comparison
+    native = cpu_has_native_bf16()
+    assert "train smol float32" in rows and ("train smol bfloat16" in rows) == native
+    assert any(r.startswith("train smol") and r.endswith("plain loss") for r in rows)
+    assert any(r.startswith("generate smol") and "compiled" in r for r in rows)
+    assert any(r.startswith("generate smol") and "compiled" not in r for r in rows)
     if "transformers" in report["info"]:
-        assert "train transformers (eager)" in rows and "ratios" in proc.stdout
-    assert all(r["tok_s"] > 0 for r in report["results"])
+        assert "train transformers float32 (eager)" in rows
+        assert ("train transformers bfloat16 (eager)" in rows) == native
+        assert "vs train transformers float32 (eager)" in proc.stdout
+    assert all(r["tok_s"] > 0 and r["peak_gib"] > 0 for r in report["results"])
 
 
 def test_bf16_paths_match_fp32_to_bf16_tolerance():

@@ -87,6 +87,10 @@ def test_train_then_sample(tmp_path):
     prompt.write_text("A lighthouse keeper")
     s = run("sample.py", "--out_dir", tmp_path, "--num_samples", 1, "--start", f"FILE:{prompt}", "--temperature", 0)
     assert s.stdout.startswith("A lighthouse keeper")
+    # the compiled decode step writes the same greedy text as the eager one
+    compiled = run("sample.py", "--out_dir", tmp_path, "--num_samples", 1, "--start", f"FILE:{prompt}",
+                   "--temperature", 0, "--compile", "true")
+    assert compiled.stdout == s.stdout
 
 
 def test_sample_without_checkpoint_says_how_to_make_one(tmp_path):
