@@ -55,7 +55,8 @@ def parse_args(argv):
     p.add_argument("--skip_generate", action="store_true")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--compile_decode", default="auto", choices=("auto", "true", "false"),
-                   help="also time smol's compiled decode step (auto: yes)")
+                   help="also time smol's compiled decode step (auto: on CUDA only; on a CPU it measured "
+                        "slower than eager, bench/NOTES.md)")
     p.add_argument("--train_case", default=None, help=argparse.SUPPRESS)  # internal: one training case, in a child
     return p.parse_args(argv)
 
@@ -250,7 +251,7 @@ def main(argv=None):
         ours = SmolLM(config).to(device).to(dtype).eval()
         name = f"smol {str(dtype)[6:]}"
         cases += [(name, lambda p, n: ours.generate(p, n, temperature=0), b) for b in batches]
-        if args.compile_decode != "false":
+        if args.compile_decode == "true" or (args.compile_decode == "auto" and cuda):
             cases += [(name + " compiled", lambda p, n: ours.generate(p, n, temperature=0, compile=True), b)
                       for b in batches]
         if dtype != torch.float32 and not cuda:  # the same model in fp32, for a like-for-like row

@@ -15,7 +15,7 @@ def test_bench_runs_and_reports_every_row(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--n_layer", "2", "--steps", "1",
                            "--warmup", "0", "--batch_size", "1", "--block_size", "32", "--new_tokens", "4",
-                           "--gen_batches", "1", "--repeat", "1", "--json", str(out)],
+                           "--gen_batches", "1", "--repeat", "1", "--compile_decode", "true", "--json", str(out)],
                           capture_output=True, text=True, cwd=HERE, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.load(open(out))
