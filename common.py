@@ -144,7 +144,7 @@ def check_state(state, config, path):
     def some(names, show=str):
         return ", ".join(map(show, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     def misshaped(k):
-        return f"{k} is {got[k]}, the config needs {expected[k]}"
+        return f"{k} is {got[k]} not {expected[k]}"
     problems = [f"{len(wrong)} misshaped ({some(wrong, misshaped)})"] if wrong else []
     problems += [f"{len(missing)} missing ({some(missing)})"] if missing else []
     problems += [f"{len(extra)} unexpected ({some(extra)})"] if extra else []
