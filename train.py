@@ -14,7 +14,6 @@ data sampler's random state; so N steps + a resume to N+M reproduces an
 uninterrupted N+M step run exactly (on the same device and settings).
 """
 import argparse
-import errno
 import fcntl
 import inspect
 import json
@@ -411,7 +410,7 @@ def main(argv=None):
     if master:
         try:
             os.makedirs(cfg.out_dir, exist_ok=True)
-            out_dir_lock = lock_out_dir(cfg.out_dir)  # noqa: F841 (held open until the process ends)
+            out_dir_lock = lock_out_dir(cfg.out_dir)  # noqa: F841 (held, open, until the process ends)
         except OSError as e:
             raise UserError(f"cannot write to out_dir {cfg.out_dir} ({e.strerror}); pass a writable --out_dir")
     if ckpt is None and os.path.exists(ckpt_path):
