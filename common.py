@@ -6,13 +6,14 @@ train.py so that sampling, serving and exporting never import the training loop.
 """
 import argparse
 import difflib
+import math
 import os
 import pickle
 import sys
 
 import torch
 
-from smol import SmolConfig, SmolLM
+from smol import PRESETS, SmolConfig, SmolLM
 
 DOC_SEPARATOR = "<|endoftext|>"  # a line of its own between documents in a text corpus
 
@@ -27,9 +28,22 @@ def fail(msg):
     sys.exit(1)
 
 
+def finite_float(text):
+    # float() accepts "nan" and "inf", and a NaN passes every `x <= 0` check after it
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     def __init__(self, **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)  # --learning_rat must not mean --learning_rate
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("type") is float:  # every float flag of every script refuses NaN and infinity
+            kwargs["type"] = finite_float
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message):
         # one line instead of argparse's usage dump, with a suggestion for typos
@@ -92,7 +106,52 @@ def load_checkpoint(path):
                         f"in another --out_dir") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "iter_num"} <= ckpt.keys():
         raise UserError(f"{path} is not a smol training checkpoint (expected 'model', 'config' and 'iter_num')")
+    try:
+        config = SmolConfig(**ckpt["config"]).validate()
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} holds a config that is not a SmolConfig ({e}); it was not written by this "
+                        f"train.py") from None
+    check_state(ckpt["model"], config, path)
     return ckpt
+
+
+def shapes_look_like(state):
+    """What model the tensors of a state dict describe, read from their shapes alone."""
+    emb, up = state.get("model.embed_tokens.weight"), state.get("model.layers.0.mlp.up_proj.weight")
+    if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or not isinstance(up, torch.Tensor):
+        return "no SmolLM at all (no model.embed_tokens.weight or model.layers.0.mlp.up_proj.weight)"
+    layers = {int(k.split(".")[2]) for k in state if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
+    size = dict(n_layer=max(layers) + 1, n_embd=emb.shape[1], intermediate_size=up.shape[0], vocab_size=emb.shape[0])
+    preset = [name for name, c in PRESETS.items() if all(getattr(c, k) == v for k, v in size.items())]
+    return (", ".join(f"{k} {v}" for k, v in size.items())
+            + (f", the shapes of {preset[0]}" if preset else ", none of the SmolLM2 presets"))
+
+
+def check_state(state, config, path):
+    """Refuse, in one line, a state dict whose tensors do not fit the config stored with
+    it (a file from another model size, or one edited or assembled by hand), naming the
+    wrong tensors and the model its shapes describe; load_state_dict would print pages."""
+    with torch.device("meta"):  # the shapes the config implies, without allocating anything
+        expected = {k: tuple(v.shape) for k, v in SmolLM(config).state_dict().items()}
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: 'model' is a {type(state).__name__}, not a dict of tensors")
+    got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in state.items()}
+    missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    wrong = [k for k in expected if k in got and got[k] != expected[k]]
+    if not (missing or extra or wrong):
+        return
+
+    def some(names, show=str):
+        return ", ".join(map(show, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    def misshaped(k):
+        return f"{k} is {got[k]} not {expected[k]}"
+    problems = [f"{len(wrong)} misshaped ({some(wrong, misshaped)})"] if wrong else []
+    problems += [f"{len(missing)} missing ({some(missing)})"] if missing else []
+    problems += [f"{len(extra)} unexpected ({some(extra)})"] if extra else []
+    size = ", ".join(f"{k} {getattr(config, k)}" for k in ("n_layer", "n_embd", "intermediate_size", "vocab_size"))
+    raise UserError(f"{path}: the tensors do not match the config stored with them ({size}): "
+                    f"{'; '.join(problems)}. The tensors look like {shapes_look_like(state)}. Restore the file "
+                    f"train.py wrote, or train afresh in another --out_dir")
 
 
 def load_model(init_from, out_dir):

@@ -268,10 +268,14 @@ class SmolLM(nn.Module):
         state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))  # tied: stored once
         with torch.device("meta"):  # shapes only: no memory, no random init to throw away
             model = cls(config)
-        missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
-        if missing or unexpected:
-            raise ValueError(f"{path}: tensors do not match config.json (missing {sorted(missing)[:3]}, "
-                             f"unexpected {sorted(unexpected)[:3]})")
+        expected = model.state_dict()
+        missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+        misshaped = [f"{k} {tuple(state[k].shape)} (config.json: {tuple(v.shape)})" for k, v in expected.items()
+                     if k in state and state[k].shape != v.shape]
+        wrong = [f"{what} {names[:3]}" for what, names in
+                 (("missing", sorted(missing)), ("unexpected", sorted(unexpected)), ("misshaped", misshaped)) if names]
+        if wrong:
+            raise ValueError(f"{path}: tensors do not match config.json ({', '.join(wrong)})")
         model.load_state_dict(state, assign=True)  # adopt the loaded tensors as the parameters
         model.lm_head.weight = model.model.embed_tokens.weight  # assign made two parameters: tie again
         cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
@@ -558,7 +562,12 @@ def _load_safetensors(path):
         raise ValueError(f"no model.safetensors (or model.safetensors.index.json) in {path}")
     state = {}
     for name in files:
-        state.update(load_file(os.path.join(path, name)))
+        if not os.path.isfile(os.path.join(path, name)):
+            raise ValueError(f"{os.path.join(path, name)} is missing")
+        try:
+            state.update(load_file(os.path.join(path, name)))
+        except Exception as e:  # safetensors' own error type: a file cut short, or not safetensors at all
+            raise ValueError(f"{os.path.join(path, name)} is truncated or corrupt ({e})") from None
     return state
 
 

@@ -14,11 +14,14 @@ data sampler's random state; so N steps + a resume to N+M reproduces an
 uninterrupted N+M step run exactly (on the same device and settings).
 """
 import argparse
+import fcntl
 import inspect
 import json
 import math
 import os
+import shutil
 import signal
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -31,6 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import DOC_SEPARATOR, Parser, UserError, cpu_has_native_bf16, fail, load_checkpoint, pick_device
 from smol import EOT_ID, SmolConfig, SmolLM, load_tokenizer
+
+PREPARE_HINT = "rebuild it with `python prepare.py SOURCE --out {}`"
 
 @dataclass
 class TrainConfig:
@@ -96,21 +101,102 @@ def parse_args(argv):
     return vars(parser.parse_args(argv))
 
 
+class RecordingWriter:
+    """A file for torch.save that keeps the OSError of a failed write: torch.save
+    itself reports a full disk only as a RuntimeError about stream positions."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
 def save_checkpoint(ckpt, path):
     # write a temporary file in the same folder, fsync it, then rename over the
-    # old checkpoint: a crash mid-write leaves the previous checkpoint intact
+    # old checkpoint: a crash mid-write leaves the previous checkpoint intact. A
+    # failed write (disk full, out_dir gone) removes the partial file and raises OSError.
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-        time.sleep(float(os.environ.get("SMOL_TEST_SLOW_SAVE", 0)))  # tests only: a window to kill the writer
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+        with open(tmp, "wb") as f:
+            writer = RecordingWriter(f)
+            try:
+                torch.save(ckpt, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                raise writer.error from None
+            f.flush()
+            os.fsync(f.fileno())
+            time.sleep(float(os.environ.get("SMOL_TEST_SLOW_SAVE", 0)))  # tests only: a window to kill the writer
+        os.replace(tmp, path)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        try:
+            os.remove(tmp)  # a partial file would only take the space a retry needs
+        except OSError:
+            pass
+        raise
+
+
+def lock_out_dir(out_dir):
+    """Hold out_dir/train.lock for the whole run, so that a second run on the same
+    out_dir refuses instead of overwriting the first one's checkpoints. flock is
+    released by the OS when the holder dies, however it dies: a killed run never
+    blocks the next. Returns the open file, which must stay open."""
+    f = open(os.path.join(out_dir, "train.lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{out_dir} is in use by another train.py ({holder}); wait for it to finish, or pass "
+                        f"another --out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
+def is_out_of_memory(e):
+    # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError with one of these phrases
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(m in str(e) for m in ("not enough memory", "DefaultCPUAllocator",
+                                                                  "can't allocate memory")))
+
+
+def memory_needed(mcfg, cfg):
+    """A lower bound on the bytes a training run needs, to refuse absurd sizes before
+    allocating anything: fp32 weights, gradients and two AdamW moments (16 bytes a
+    parameter), the RoPE tables, and each layer's input kept for backward (the real
+    activation memory is several times this)."""
+    c, kv = mcfg.n_embd, mcfg.n_kv_head * mcfg.head_dim
+    params = mcfg.vocab_size * c + mcfg.n_layer * (2 * c + 2 * c * c + 2 * c * kv + 3 * c * mcfg.intermediate_size) + c
+    rope = 2 * 4 * mcfg.max_position_embeddings * mcfg.head_dim
+    activations = 4 * cfg.batch_size * mcfg.block_size * c * (mcfg.n_layer + 1)
+    return params, 16 * params + rope + activations
+
+
+def device_memory(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # CPU (and MPS: unified memory)
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def load_tokens(path, tokenizer):
@@ -209,6 +295,10 @@ def resolve_settings(given):
     if init_from == "resume":
         out_dir = given.get("out_dir", TrainConfig.out_dir)
         ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        lacking = [k for k in ("optimizer", "rng", "best_val_loss") if k not in ckpt]
+        if lacking:
+            raise UserError(f"{os.path.join(out_dir, 'ckpt.pt')} has no {', '.join(lacking)}, so it cannot be resumed "
+                            f"exactly; sample or export it, or train afresh in another --out_dir")
         train = {**asdict(TrainConfig()), **ckpt.get("train_config", {})}
         model = dict(ckpt["config"])
     elif init_from != "scratch":  # fine-tune official (or exported) weights
@@ -246,20 +336,46 @@ def resolve_settings(given):
     return tcfg, mcfg, ckpt, pretrained
 
 
-def load_splits(path, block_size):
+def largest_id(data, chunk=1 << 24):
+    # in 32 MB pieces: a memory-mapped corpus is read once and never held whole
+    return max((int(data[i:i + chunk].max()) for i in range(0, len(data), chunk)), default=-1)
+
+
+def load_splits(path, block_size, vocab_size):
     """{"train": ids, "val": ids} as uint16 arrays. A folder made by prepare.py is
     memory-mapped, so the corpus never has to fit in memory; a text file is
-    tokenised here and split 90% / 10% by position."""
+    tokenised here and split 90% / 10% by position. Files that prepare.py cannot
+    have written (a torn size, no tokens, ids the model has no embedding for) are
+    refused here, before any training, rather than as an IndexError mid-run."""
     if os.path.isdir(path):
         files = {split: os.path.join(path, f"{split}.bin") for split in ("train", "val")}
-        if not all(os.path.isfile(f) for f in files.values()):
+        missing = [f for f in files.values() if not os.path.isfile(f)]
+        if len(missing) == 2:
             raise UserError(f"{path} holds no train.bin and val.bin; make them with `python prepare.py SOURCE "
                             f"--out {path}`, or pass a text file as --data")
-        # an empty file cannot be mapped: it is simply no tokens
-        splits = {s: np.memmap(f, dtype=np.uint16, mode="r") if os.path.getsize(f) else np.zeros(0, np.uint16)
-                  for s, f in files.items()}
+        if missing:
+            raise UserError(f"{missing[0]} is missing (the folder has only one of train.bin and val.bin); "
+                            + PREPARE_HINT.format(path))
+        splits = {}
+        for split, f in files.items():
+            size = os.path.getsize(f)
+            if size % 2:
+                raise UserError(f"{f} has {size:,} bytes, not a whole number of 2-byte token ids: it was cut "
+                                f"short or is not from prepare.py; " + PREPARE_HINT.format(path))
+            if size == 0:  # np.memmap cannot map an empty file
+                raise UserError(f"{f} is empty (0 tokens); " + PREPARE_HINT.format(path)
+                                + (" and a --val_fraction above 0" if split == "val" else ""))
+            splits[split] = np.memmap(f, dtype=np.uint16, mode="r")
+            top = largest_id(splits[split])
+            if top >= vocab_size:
+                raise UserError(f"{f} holds token id {top}, not below vocab_size {vocab_size}: it was made with "
+                                f"another tokenizer or is damaged; " + PREPARE_HINT.format(path))
     else:
         tokens = load_tokens(path, load_tokenizer())
+        top = largest_id(tokens)
+        if top >= vocab_size:
+            raise UserError(f"--vocab_size {vocab_size} is too small for the tokenizer: {path} encodes to id {top}; "
+                            f"use at least --vocab_size {top + 1}")
         n_train = int(0.9 * len(tokens))
         splits = {"train": tokens[:n_train], "val": tokens[n_train:]}
     for split, data in splits.items():
@@ -293,22 +409,39 @@ def main(argv=None):
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast on tensor cores
         torch.backends.cudnn.allow_tf32 = True
+    n_params, needed = memory_needed(mcfg, cfg)
+    have = device_memory(device)
+    if have and needed > have:
+        raise UserError(f"this run needs at least {needed / 2**30:,.1f} GiB ({n_params:,} parameters at 16 bytes "
+                        f"for weights, gradients and AdamW moments, plus activations of batch_size "
+                        f"{cfg.batch_size} x block_size {mcfg.block_size}) but {device} has {have / 2**30:,.1f} GiB; "
+                        f"choose a smaller model, --batch_size or --block_size")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if ckpt is None and os.path.exists(ckpt_path):
-        raise UserError(f"{ckpt_path} already exists and a new run would overwrite it; continue it with "
-                        f"--init_from resume, or pass another --out_dir (or delete the file)")
     if master:
         try:
             os.makedirs(cfg.out_dir, exist_ok=True)
-            probe = os.path.join(cfg.out_dir, ".write_test")
-            open(probe, "w").close()
-            os.remove(probe)
+            out_dir_lock = lock_out_dir(cfg.out_dir)  # noqa: F841 (held, open, until the process ends)
         except OSError as e:
             raise UserError(f"cannot write to out_dir {cfg.out_dir} ({e.strerror}); pass a writable --out_dir")
+    if ckpt is None and os.path.exists(ckpt_path):
+        raise UserError(f"{ckpt_path} already exists and a new run would overwrite it; continue it with "
+                        f"--init_from resume, or pass another --out_dir (or delete the file)")
+    # a checkpoint holds fp32 weights and two AdamW moments; the .tmp beside the old one needs that much free
+    ckpt_bytes = 12 * n_params
+    if master and shutil.disk_usage(cfg.out_dir).free < ckpt_bytes:
+        raise UserError(f"{cfg.out_dir} has {shutil.disk_usage(cfg.out_dir).free / 2**30:.2f} GiB free but a checkpoint "
+                        f"takes about {ckpt_bytes / 2**30:.2f} GiB; free some space or pass another --out_dir")
 
     # ---- data ----
-    splits = load_splits(cfg.data, mcfg.block_size)
+    splits = load_splits(cfg.data, mcfg.block_size, mcfg.vocab_size)
     tokenizer = load_tokenizer()
+    # the sample printed at every evaluation: checked now, not after the first eval_interval steps
+    sample_ids = tokenizer.encode(cfg.sample_prompt).ids or [EOT_ID]  # an empty prompt starts a fresh document
+    if max(sample_ids) >= mcfg.vocab_size:
+        raise UserError(f"--sample_prompt encodes to id {max(sample_ids)}, not below vocab_size {mcfg.vocab_size}")
+    if len(sample_ids) + cfg.sample_tokens > mcfg.max_position_embeddings:
+        raise UserError(f"--sample_prompt ({len(sample_ids)} tokens) + --sample_tokens {cfg.sample_tokens} exceed "
+                        f"max_position_embeddings {mcfg.max_position_embeddings}; shorten one of them")
 
     def batch_at(data, offsets):
         # offsets: (B,) window starts -> x, y: (B, T) int64, y shifted by one token
@@ -343,7 +476,11 @@ def main(argv=None):
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{ckpt_path}: the AdamW state does not fit the model ({e}); the file cannot be "
+                            f"resumed exactly: train afresh in another --out_dir") from None
         data_gen.set_state(ckpt["rng"]["data"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
@@ -364,15 +501,30 @@ def main(argv=None):
     log(f"device {device}{f' x {world} processes ({backend})' if ddp else ''}, {dtype}, compile {use_compile}; "
         f"{len(splits['train']):,} train / {len(splits['val']):,} val tokens; {tokens_per_step:,} tokens per step")
     # a resumed run appends; a new run starts the file afresh
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if ckpt_loaded else "w") if master else None
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    torn = False
+    if master and ckpt_loaded and os.path.exists(metrics_path) and os.path.getsize(metrics_path):
+        with open(metrics_path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"  # a crash in the middle of a line: ours start on a line of their own
+    metrics = open(metrics_path, "a" if ckpt_loaded else "w") if master else None
+    if torn:
+        metrics.write("\n")
 
     def write_metrics(row):
         if master:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            try:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            except OSError as e:
+                raise UserError(f"cannot write {metrics.name} ({e.strerror}); stopped at step {iter_num}. "
+                                f"{last_saved()}") from None
 
     @torch.no_grad()
     def evaluate():
+        if os.environ.get("SMOL_TEST_OOM_AT_EVAL"):  # tests only: the error the CPU allocator raises
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                               f"{os.environ['SMOL_TEST_OOM_AT_EVAL']} bytes. Error code 12 (Cannot allocate memory)")
         model.eval()
         losses = {}
         for split in ("train", "val"):
@@ -387,23 +539,46 @@ def main(argv=None):
 
     @torch.no_grad()
     def sample_text():
-        prompt = torch.tensor([tokenizer.encode(cfg.sample_prompt).ids], device=device)
+        prompt = torch.tensor([sample_ids], device=device)  # (1, T)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)  # leaves the global RNG untouched
         with ctx:
             out = raw_model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=200, generator=gen)
         return tokenizer.decode(out[0].tolist())
 
+    saved_step = iter_num if ckpt_loaded else None
+
+    def last_saved():
+        if saved_step is None:
+            return "No checkpoint was saved yet"
+        return (f"The checkpoint of step {saved_step}, {ckpt_path}, is intact: continue with python train.py "
+                f"--init_from resume --out_dir {cfg.out_dir}")
+
+    def out_of_memory(e, where):
+        if not is_out_of_memory(e):
+            raise e
+        return UserError(f"out of memory on {device} at {where} with batch_size {cfg.batch_size} x block_size "
+                         f"{mcfg.block_size} = {cfg.batch_size * mcfg.block_size:,} tokens per micro step "
+                         f"({n_params:,} parameters); lower --batch_size or --block_size (raise "
+                         f"--gradient_accumulation_steps, now {cfg.gradient_accumulation_steps}, to keep the tokens "
+                         f"per step). {last_saved()}")
+
     def checkpoint():
+        nonlocal saved_step
         if master:
-            save_checkpoint({
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "config": asdict(mcfg),
-                "train_config": asdict(cfg),
-                "iter_num": iter_num,
-                "best_val_loss": best_val_loss,
-                "rng": {"data": data_gen.get_state(), "torch": torch.get_rng_state()},
-            }, ckpt_path)
+            try:
+                save_checkpoint({
+                    "model": raw_model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "config": asdict(mcfg),
+                    "train_config": asdict(cfg),
+                    "iter_num": iter_num,
+                    "best_val_loss": best_val_loss,
+                    "rng": {"data": data_gen.get_state(), "torch": torch.get_rng_state()},
+                }, ckpt_path)
+            except OSError as e:  # disk full, out_dir removed or read-only: stop rather than train on unsaved
+                raise UserError(f"could not save {ckpt_path} at step {iter_num} ({e.strerror or e}); stopped. "
+                                f"{last_saved()}") from None
+            saved_step = iter_num
 
     # SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) only raise a flag; the
     # loop finishes the step it is in, saves a checkpoint and exits
@@ -432,6 +607,8 @@ def main(argv=None):
         except FloatingPointError as e:
             raise UserError(f"loss is {e} at step {iter_num + 1}; stopping. The last good checkpoint {ckpt_path} "
                             f"is untouched: resume from it with a lower --learning_rate")
+        except RuntimeError as e:
+            raise out_of_memory(e, f"step {iter_num + 1}") from None
         iter_num += 1
         steps_since_log += 1
 
@@ -455,7 +632,10 @@ def main(argv=None):
 
         stop = stop_requested()
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-            losses = evaluate()
+            try:
+                losses = evaluate()
+            except RuntimeError as e:
+                raise out_of_memory(e, f"the evaluation of step {iter_num}") from None
             if losses["val"] < best_val_loss:
                 best_val_loss = losses["val"]
             log(f"eval step {iter_num} | train {losses['train']:.4f} | val {losses['val']:.4f} "

@@ -4,15 +4,18 @@ middle of a save, and divergence all leave a checkpoint that resumes exactly."""
 import hashlib
 import json
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from smol import HERE
+from smol import HERE, PRESETS, SmolLM
 
 TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",
         "--block_size", "32", "--batch_size", "2", "--eval_iters", "1", "--sample_tokens", "2",
@@ -23,9 +26,13 @@ def command(script, *args):
     return [sys.executable, os.path.join(HERE, script), *map(str, args)]
 
 
-def run(script, *args, cwd, env=None):
+def run(script, *args, cwd, env=None, limits=()):
+    # limits: (resource, bytes) pairs set in the child only, to make the OS itself refuse memory or disk
+    def set_limits():
+        for limit, size in limits:
+            resource.setrlimit(limit, (size, size))
     return subprocess.run(command(script, *args), capture_output=True, text=True, cwd=cwd, timeout=300,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, preexec_fn=set_limits if limits else None)
 
 
 def digest(path):
@@ -49,7 +56,38 @@ def work(tmp_path_factory):
     os.makedirs(root / "pickled")
     torch.save({**good, "config": argparse_namespace()}, root / "pickled" / "ckpt.pt")
     (root / "long_prompt.txt").write_text(" ".join(["word"] * 300))  # 300 tokens
+    make_bad_prepared_folders(root)
+    make_mismatched_checkpoints(root, good)
     return root
+
+
+def make_bad_prepared_folders(root):
+    """Folders shaped like prepare.py's output, each wrong in one way."""
+    ids = (np.arange(2000) % 1000).astype(np.uint16)
+    for name in ("odd_size", "empty_val", "id_too_big", "no_val"):
+        os.makedirs(root / name)
+        ids.tofile(root / name / "train.bin")
+        ids.tofile(root / name / "val.bin")
+    with open(root / "odd_size" / "train.bin", "ab") as f:
+        f.write(b"\x01")  # half a token: a file cut short mid-write
+    open(root / "empty_val" / "val.bin", "wb").close()
+    big = ids.copy()
+    big[1234] = 60000  # the model has 49,152 embeddings
+    big.tofile(root / "id_too_big" / "val.bin")
+    os.remove(root / "no_val" / "val.bin")
+
+
+def make_mismatched_checkpoints(root, good):
+    def save(name, model):
+        os.makedirs(root / name)
+        torch.save({**good, "model": model}, root / name / "ckpt.pt")
+    state = good["model"]
+    save("missing_tensor", {k: v for k, v in state.items() if k != "model.norm.weight"})
+    save("misshaped_tensor", {**state, "model.layers.1.self_attn.k_proj.weight": torch.zeros(64, 64)})
+    # the tensors of SmolLM2-135M under a tiny model's config; expand() keeps the file a few KB
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in SmolLM(PRESETS["SmolLM2-135M"]).state_dict().items()}
+    save("preset_tensors", {k: torch.zeros(1).expand(shape) for k, shape in shapes.items()})
 
 
 def argparse_namespace():
@@ -90,6 +128,24 @@ CASES = [
     ("sample.py", ["--out_dir", "truncated"], 1, "truncated or corrupt"),
     ("sample.py", ["--out_dir", "good", "--tempreature", 1], 2, "did you mean --temperature"),
     ("export.py", ["--out_dir", "nothing_here", "--to", "exported"], 1, "no checkpoint at"),
+    # prepared data prepare.py cannot have written: the file is named, with how to rebuild it
+    ("train.py", [*RESUME, "--data", "odd_size"], 1, "odd_size/train.bin has 4,001 bytes, not a whole number"),
+    ("train.py", [*RESUME, "--data", "empty_val"], 1, "empty_val/val.bin is empty"),
+    ("train.py", [*RESUME, "--data", "id_too_big"], 1, "id_too_big/val.bin holds token id 60000"),
+    ("train.py", [*RESUME, "--data", "no_val"], 1, "`python prepare.py SOURCE --out no_val`"),
+    # flags that parse but make no sense
+    ("train.py", [*RESUME, "--learning_rate", "nan"], 2, "--learning_rate: must be a finite number, got 'nan'"),
+    ("sample.py", ["--out_dir", "good", "--temperature", "inf"], 2, "--temperature: must be a finite number"),
+    ("train.py", [*TINY, "--n_embd", 65536, "--n_head", 1024, "--n_kv_head", 1024, "--out_dir", "fresh"], 1,
+     "GiB (37,631,623,168 parameters"),
+    # what the first evaluation needs is checked before the first step
+    ("train.py", [*TINY, "--sample_tokens", 200, "--out_dir", "fresh"], 1, "exceed max_position_embeddings 128"),
+    # tensors that do not fit their config: which ones, and what the file looks like
+    ("train.py", ["--init_from", "resume", "--out_dir", "missing_tensor", "--max_iters", 20], 1,
+     "1 missing (model.norm.weight)"),
+    ("export.py", ["--out_dir", "misshaped_tensor", "--to", "exported"], 1,
+     "model.layers.1.self_attn.k_proj.weight is (64, 64) not (32, 64)"),
+    ("sample.py", ["--out_dir", "preset_tensors"], 1, "the shapes of SmolLM2-135M"),
 ]
 
 
@@ -178,3 +234,83 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "at step" in proc.stderr and "last good checkpoint" in proc.stderr, proc.stderr
     assert digest(tmp_path / "run" / "ckpt.pt") == good
+
+
+def test_out_of_memory_at_the_first_step_is_one_line(work):
+    # a real allocator failure, not a simulated one: the address space is capped at
+    # 2.5 GB (enough for the tiny model at batch 2) and a batch of 50,000 rows asks
+    # for far more
+    proc = run("train.py", *TINY, "--batch_size", 50000, "--max_iters", 1, "--out_dir", "oom_step", cwd=work,
+               limits=[(resource.RLIMIT_AS, 2500 << 20)])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert "error: out of memory on cpu at step 1 with batch_size 50000 x block_size 32" in line
+    assert "lower --batch_size or --block_size" in line and "--gradient_accumulation_steps" in line
+    assert not os.path.exists(work / "oom_step" / "ckpt.pt")
+
+
+def test_out_of_memory_at_the_first_evaluation_keeps_the_checkpoint(work, tmp_path):
+    # SMOL_TEST_OOM_AT_EVAL makes evaluate() raise the CPU allocator's own error
+    shutil.copytree(work / "good", tmp_path / "run")
+    before = digest(tmp_path / "run" / "ckpt.pt")
+    proc = run("train.py", "--init_from", "resume", "--out_dir", "run", "--max_iters", 9, "--data",
+               os.path.join(HERE, "input.txt"), cwd=tmp_path, env={"SMOL_TEST_OOM_AT_EVAL": "123456789"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert "out of memory on cpu at the evaluation of step 9 with batch_size 2 x block_size 32" in line
+    assert "The checkpoint of step 6" in line and "is intact" in line
+    assert digest(tmp_path / "run" / "ckpt.pt") == before
+
+
+def test_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(work, tmp_path):
+    # RLIMIT_FSIZE makes the kernel refuse every write past 1 MB (EFBIG, as a full
+    # disk refuses with ENOSPC): metrics.jsonl still fits, a 38 MB checkpoint does not
+    shutil.copytree(work / "good", tmp_path / "run")
+    before = digest(tmp_path / "run" / "ckpt.pt")
+    proc = run("train.py", "--init_from", "resume", "--out_dir", "run", "--max_iters", 30, "--data",
+               os.path.join(HERE, "input.txt"), cwd=tmp_path, limits=[(resource.RLIMIT_FSIZE, 1 << 20)])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert "error: could not save run/ckpt.pt at step 9 (File too large); stopped" in line
+    assert "The checkpoint of step 6, run/ckpt.pt, is intact" in line
+    assert "step 10 " not in proc.stdout  # no training past the failed save
+    assert digest(tmp_path / "run" / "ckpt.pt") == before
+    assert sorted(os.listdir(tmp_path / "run")) == ["ckpt.pt", "metrics.jsonl", "train.lock"]  # no .tmp left
+
+
+def test_second_run_refuses_and_a_killed_run_leaves_neither_lock_nor_torn_log(work, tmp_path):
+    pytest.importorskip("matplotlib")
+    shutil.copytree(work / "good", tmp_path / "run")
+    resume = ["--init_from", "resume", "--out_dir", "run", "--data", os.path.join(HERE, "input.txt")]
+    # the first run saves at step 9, slowly (SMOL_TEST_SLOW_SAVE): it holds the lock, idle
+    first = subprocess.Popen(command("train.py", *resume, "--max_iters", 10 ** 6), cwd=tmp_path,
+                             env={**os.environ, "SMOL_TEST_SLOW_SAVE": "60"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "run" / "metrics.jsonl"
+    try:
+        assert wait_for(lambda: (tmp_path / "run" / "ckpt.pt.tmp").exists())
+        second = run("train.py", *resume, "--max_iters", 20, cwd=tmp_path)
+        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+        assert f"run is in use by another train.py (pid {first.pid} on" in second.stderr
+    finally:
+        first.kill()  # SIGKILL: no handler runs, train.py never releases the lock itself
+        first.wait()
+    # as if it died in the middle of writing a line
+    with open(log, "a") as f:
+        f.write('{"step": 99, "lo')
+    third = run("train.py", *resume, "--max_iters", 7, "--sample_prompt", "", cwd=tmp_path)
+    assert third.returncode == 0, third.stderr
+    assert "sample: " in third.stdout  # an empty sample prompt is a fresh document, not a crash
+    lines = log.read_text().splitlines()
+    torn = lines.index('{"step": 99, "lo')  # left alone, on a line of its own
+    assert [json.loads(line)["step"] for line in lines[torn + 1:]] == [7, 7]
+    plot = run("plot.py", "--out_dir", "run", cwd=tmp_path)
+    assert plot.returncode == 0, plot.stderr
+    assert f"warning: skipped unreadable line {torn + 1} of run/metrics.jsonl" in plot.stderr
+    assert os.path.getsize(tmp_path / "run" / "loss.png") > 0
+
+
+def test_empty_prompt_samples(work):
+    # (a whitespace-only prompt encodes to ordinary tokens; the empty one to none at all)
+    proc = run("sample.py", "--out_dir", "good", "--start", "", "--max_new_tokens", 3, "--num_samples", 1, cwd=work)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
