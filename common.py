@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from smol import PRESETS, SmolConfig, SmolLM
+from smol import EOT_ID, IM_END_ID, PRESETS, SmolConfig, SmolLM
 
 DOC_SEPARATOR = "<|endoftext|>"  # a line of its own between documents in a text corpus
 
@@ -112,7 +112,17 @@ def load_checkpoint(path):
         raise UserError(f"{path} holds a config that is not a SmolConfig ({e}); it was not written by this "
                         f"train.py") from None
     check_state(ckpt["model"], config, path)
+    eos = ckpt.get("eos_token_ids", [EOT_ID])
+    if not (isinstance(eos, list) and eos and all(type(i) is int and 0 <= i < config.vocab_size for i in eos)):
+        raise UserError(f"{path}: eos_token_ids must be a non-empty list of token ids below {config.vocab_size}, "
+                        f"got {eos!r}")
     return ckpt
+
+
+def ckpt_eos_ids(ckpt):
+    """The ids that end a generation of this checkpoint's model (files from before they
+    were saved: <|endoftext|>, the only one this project's training writes)."""
+    return tuple(ckpt.get("eos_token_ids", [EOT_ID]))
 
 
 def shapes_look_like(state):
@@ -166,8 +176,68 @@ def load_model(init_from, out_dir):
         ckpt = load_checkpoint(ckpt_path)
         model = SmolLM(SmolConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
+        model.eos_token_ids = ckpt_eos_ids(ckpt)
         return model
     try:
         return SmolLM.from_pretrained(init_from)
     except ValueError as e:
         raise UserError(f"--init_from {init_from}: {e}")
+
+
+# -----------------------------------------------------------------------------
+# Talking to a model: the chat format of SmolLM2-Instruct, and token ids to text
+
+# SmolLM2-Instruct speaks ChatML: each turn is <|im_start|>ROLE\nTEXT<|im_end|>\n, and
+# the model's own turn ends with <|im_end|> (id 2). The official chat template (stored
+# with the instruct weights, e.g. as tokenizer.chat_template in their GGUF files) puts
+# this system message first when a conversation does not begin with one.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+ROLES = ("system", "user", "assistant")
+
+
+def render_chat(messages, add_generation_prompt=True):
+    """[{"role", "content"}, ...] -> prompt text, as the official template renders it;
+    add_generation_prompt opens the assistant's turn for the model to write."""
+    if messages and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}] + list(messages)
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def is_chat_model(model):
+    """Trained for chat: its turns end with <|im_end|> (the instruct checkpoints say so
+    in their eos_token_id; base models and this project's own say <|endoftext|>)."""
+    return IM_END_ID in model.eos_token_ids
+
+
+def fit_chat(messages, tokenizer, room):
+    """Encode a conversation for generation, dropping its oldest turns (never the
+    system message nor the last message) until the prompt fits in room tokens.
+    Returns (prompt ids, messages kept), or (None, messages) if even the last message
+    alone does not fit."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    # cut before a user turn, so that what is kept still opens with the user
+    starts = [i for i, m in enumerate(turns) if m["role"] == "user" or i == len(turns) - 1] or [0]
+    for start in starts:
+        ids = tokenizer.encode(render_chat(system + turns[start:])).ids
+        if len(ids) <= room:
+            return ids, system + turns[start:]
+    return None, messages
+
+
+class TextStream:
+    """Token ids in, text out as soon as it is whole. A character may take several
+    byte-level tokens (an emoji is four), and decoding only some of them gives U+FFFD:
+    such ids wait until the character is complete. Special tokens print as nothing."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.pending = tokenizer, []
+
+    def push(self, token_id):
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < 8:  # a character is at most 4 bytes; give up after 8
+            return ""
+        self.pending = []
+        return text

@@ -1,8 +1,8 @@
 """
 Export a training checkpoint (out_dir/ckpt.pt) as a Hugging Face checkpoint
-directory: config.json, model.safetensors and the tokenizer files. transformers,
-llama.cpp's converter, vLLM and the rest of that world read it as a
-LlamaForCausalLM.
+directory: config.json, generation_config.json, model.safetensors and the tokenizer
+files. transformers, llama.cpp's converter, vLLM and the rest of that world read
+it as a LlamaForCausalLM, and stop where this project's sampling stops.
 
     python export.py --out_dir out --to smol-hf
     python -c "from transformers import AutoModelForCausalLM as M; print(M.from_pretrained('smol-hf'))"
@@ -13,7 +13,7 @@ import sys
 import torch
 
 from smol import SmolConfig, SmolLM
-from common import Parser, UserError, fail, load_checkpoint
+from common import Parser, UserError, ckpt_eos_ids, fail, load_checkpoint
 
 
 def main(argv=None):
@@ -26,6 +26,7 @@ def main(argv=None):
     ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
     model = SmolLM(SmolConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
+    model.eos_token_ids = ckpt_eos_ids(ckpt)  # written to config.json and generation_config.json
     model.to(getattr(torch, args.dtype))
     try:
         model.save_pretrained(args.to)

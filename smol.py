@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EOT_ID = 0  # <|endoftext|>: separates documents
+EOT_ID = 0  # <|endoftext|>: separates documents; where base models stop
+IM_END_ID = 2  # <|im_end|>: ends a turn of a ChatML conversation; where instruct models stop
 
 
 @dataclass
@@ -253,6 +254,9 @@ class SmolLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
+        # the ids that end a generation: <|endoftext|> for models trained here; a Hugging Face
+        # checkpoint names its own (the instruct models end their turn with <|im_end|>)
+        self.eos_token_ids = (EOT_ID,)
         self._compiled = {}  # compiled decode step and its reusable cache, made on first use (stream)
 
     @classmethod
@@ -280,6 +284,7 @@ class SmolLM(nn.Module):
         model.lm_head.weight = model.model.embed_tokens.weight  # assign made two parameters: tie again
         cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
         model.rope_cos, model.rope_sin = cos, sin  # real tables in place of the meta placeholders
+        model.eos_token_ids = eos_ids_from_hf(path)
         return model
 
     def save_pretrained(self, out_dir):
@@ -291,8 +296,11 @@ class SmolLM(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k != "lm_head.weight"}
         dtype = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
         save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        eos = list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_ids[0]
         with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(config_to_hf(self.config, dtype), f, indent=2)
+            json.dump({**config_to_hf(self.config, dtype), "eos_token_id": eos}, f, indent=2)
+        with open(os.path.join(out_dir, "generation_config.json"), "w") as f:  # where generate() looks
+            json.dump({"bos_token_id": EOT_ID, "eos_token_id": eos}, f, indent=2)
         shutil.copy(os.path.join(HERE, "tokenizer.json"), out_dir)
         with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
             json.dump({"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
@@ -533,6 +541,21 @@ def config_to_hf(c, dtype="float32"):
             "bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "torch_dtype": dtype}
 
 
+def eos_ids_from_hf(path):
+    """The end-of-sequence ids a checkpoint directory declares: eos_token_id of config.json
+    and of generation_config.json, each an int or a list (SmolLM2-135M says 0,
+    SmolLM2-135M-Instruct 2); <|endoftext|> when neither names one."""
+    ids = []
+    for name in ("config.json", "generation_config.json"):
+        if os.path.exists(os.path.join(path, name)):
+            with open(os.path.join(path, name)) as f:
+                eos = json.load(f).get("eos_token_id")
+            ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {ids}")
+    return tuple(sorted(set(ids))) or (EOT_ID,)
+
+
 def _local_checkpoint_dir(name):
     if os.path.isdir(name):
         return name
@@ -545,7 +568,8 @@ def _local_checkpoint_dir(name):
         raise ValueError(f"{name} is not a local directory and huggingface_hub is not installed; "
                          f"pip install huggingface_hub, or {hint}") from None
     try:
-        return snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"])
+        return snapshot_download(name, allow_patterns=["config.json", "generation_config.json", "*.safetensors",
+                                                       "*.safetensors.index.json"])
     except Exception as e:  # offline, unknown repo, gated, ...
         raise ValueError(f"could not download {name} ({type(e).__name__}); {hint}") from None
 

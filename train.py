@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import DOC_SEPARATOR, Parser, UserError, cpu_has_native_bf16, fail, load_checkpoint, pick_device
+from common import (DOC_SEPARATOR, Parser, UserError, ckpt_eos_ids, cpu_has_native_bf16, fail, load_checkpoint,
+                    pick_device)
 from smol import EOT_ID, SmolConfig, SmolLM, load_tokenizer
 
 PREPARE_HINT = "rebuild it with `python prepare.py SOURCE --out {}`"
@@ -476,6 +477,7 @@ def main(argv=None):
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+        model.eos_token_ids = ckpt_eos_ids(ckpt)
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError, TypeError) as e:
@@ -570,6 +572,7 @@ def main(argv=None):
                     "model": raw_model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "config": asdict(mcfg),
+                    "eos_token_ids": list(raw_model.eos_token_ids),  # where sampling and serving stop
                     "train_config": asdict(cfg),
                     "iter_num": iter_num,
                     "best_val_loss": best_val_loss,

@@ -1,0 +1,319 @@
+"""
+Serve one model over HTTP: a chat page for people, an OpenAI-compatible API for programs.
+
+    python serve.py --init_from path/to/SmolLM2-135M-Instruct   # then open http://127.0.0.1:8000
+    python serve.py --out_dir out                                # a model trained here (out/ckpt.pt)
+
+    GET  /                       the page: chat (instruct models) or completion (base models)
+    POST /v1/chat/completions    messages -> reply, as OpenAI's API (stream: true for SSE)
+    POST /v1/completions         prompt -> continuation
+    GET  /v1/models, GET /health
+
+How requests share the model: one worker thread runs every model call, taking jobs
+from one first-in-first-out queue. A request's job is "its next token" (the first one
+also reads the prompt), and it queues the next job only once it has its token, so N
+requests take turns token by token, a long prompt holds the model for its own prefill
+and no longer, and a request whose client went away simply queues nothing more.
+Needs fastapi and uvicorn: pip install -r requirements-serve.txt
+"""
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Literal
+
+from common import (Parser, UserError, TextStream, fail, fit_chat, inference_dtype, is_chat_model, load_model,
+                    pick_device, render_chat, ROLES)
+
+try:
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException
+except ImportError as e:
+    fail(f"serve.py needs {e.name}: pip install -r requirements-serve.txt")
+
+import torch
+
+from smol import EOT_ID, IM_END_ID, load_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---- requests, as OpenAI's API defines them (the fields this server honours) ----
+# strict: "5" is not 5 and 0 is not false; a client sending those has a bug worth hearing about
+
+class Request_(BaseModel):
+    model_config = ConfigDict(strict=True)
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # not in OpenAI's API (0 = off); llama.cpp's server and the page use it
+    ignore_eos: bool = False  # not in OpenAI's API either (vLLM's): run to max_tokens, for benchmarks
+    stop: str | list[str] | None = Field(None, max_length=4)
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True)
+    role: Literal[ROLES]
+    content: str | list[TextPart]
+
+    def text(self):
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(Request_):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(Request_):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]  # one prompt: no batches
+
+
+class APIError(Exception):
+    """A request this server cannot serve: sent back as OpenAI sends its errors."""
+
+    def __init__(self, status, message, param=None, code=None, type="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# ---- the model, behind one worker thread ----
+
+class Engine:
+    def __init__(self, model, tokenizer, name, device):
+        self.model, self.tokenizer, self.name, self.device = model, tokenizer, name, device
+        self.context = model.config.max_position_embeddings
+        self.chat = is_chat_model(model)
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.active = 0  # requests generating now (GET /health)
+
+    def check(self, req):
+        if req.model is not None and req.model != self.name:
+            raise APIError(404, f"The model '{req.model}' does not exist; this server has '{self.name}' "
+                                f"(GET /v1/models)", param="model", code="model_not_found")
+
+    def budget(self, req, n_prompt):
+        """max_tokens, or all the room the context has left when none is asked for."""
+        room = self.context - n_prompt
+        if room < 1:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
+                                f"{n_prompt}", param="messages" if hasattr(req, "messages") else "prompt",
+                           code="context_length_exceeded")
+        wanted = req.max_completion_tokens or req.max_tokens
+        if wanted is not None and wanted > room:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
+                                f"{n_prompt} and max_tokens asks for {wanted} more (at most {room})",
+                           param="max_tokens", code="context_length_exceeded")
+        return wanted or room
+
+    async def generate(self, prompt_ids, req, stop_ids, request):
+        """Yield (text, None) pieces as they are decoded, then (text, finish_reason) with
+        finish_reason "stop" (a stop id or stop string) or "length". Also counts
+        self.completion_tokens for usage."""
+        max_tokens = self.budget(req, len(prompt_ids))
+        stops = [req.stop] if isinstance(req.stop, str) else [s for s in req.stop or [] if s]
+        generator = torch.Generator(self.device)
+        generator.manual_seed(req.seed) if req.seed is not None else generator.seed()
+        idx = torch.tensor([prompt_ids], device=self.device)  # (1, T)
+        tokens = self.model.stream(idx, max_tokens, temperature=req.temperature, top_k=req.top_k or None,
+                                   top_p=req.top_p, generator=generator, stop_ids=stop_ids)
+
+        def next_id():  # runs in the worker: the model call and the copy of the id to the host
+            token = next(tokens, None)
+            return None if token is None else token.item()
+
+        loop = asyncio.get_running_loop()
+        text, sent, finish = TextStream(self.tokenizer), 0, "length"
+        out = ""  # decoded text so far; out[:sent] has been yielded
+        self.active += 1
+        try:
+            for n in range(max_tokens):
+                if n % 8 == 7 and await request.is_disconnected():
+                    return
+                token = await loop.run_in_executor(self.worker, next_id)
+                if token is None:
+                    break
+                request.state.completion_tokens = n + 1
+                if token in stop_ids:
+                    finish = "stop"
+                    break
+                out += text.push(token)
+                cut = min((i for i in (out.find(s, max(0, sent - len(s))) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:  # a stop string: the text ends before it
+                    out, finish = out[:cut], "stop"
+                    break
+                # hold back a tail that could be the start of a stop string
+                hold = max((k for s in stops for k in range(1, len(s)) if out.endswith(s[:k])), default=0)
+                if len(out) - hold > sent:
+                    yield out[sent:len(out) - hold], None
+                    sent = len(out) - hold
+            yield out[sent:], finish
+        finally:
+            self.active -= 1
+            self.worker.submit(tokens.close)  # after any step still running; frees the KV cache
+
+
+def create_app(engine):
+    app = FastAPI(title="smol", docs_url=None, redoc_url=None, openapi_url=None)
+    with open(os.path.join(HERE, "serve.html"), encoding="utf-8") as f:
+        page = f.read()
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e):
+        return JSONResponse(e.body, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, e):
+        err = e.errors()[0]
+        loc = [str(x) for x in err["loc"] if x != "body"]
+        if err["type"] == "json_invalid":
+            message, param = f"The request body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})", None
+        elif err["type"] == "missing" and not loc:
+            message, param = "The request needs a JSON body", None
+        else:
+            param = ".".join(loc) or None
+            message = f"{param}: {err['msg']}" if param else err["msg"]
+        return JSONResponse(APIError(400, message, param=param).body, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e):
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body, status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e):  # a bug of ours: still an answer in the shape clients parse
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body,
+                            status_code=500)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": engine.name, "chat": engine.chat, "context_length": engine.context,
+                "active_requests": engine.active}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": engine.created,
+                                            "owned_by": "smol", "context_length": engine.context}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest, request: Request):
+        engine.check(req)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        prompt_ids = engine.tokenizer.encode(render_chat(messages)).ids
+        # a turn ends with <|im_end|> whatever the checkpoint declares; a base model too
+        stop_ids = set(engine.model.eos_token_ids) | {IM_END_ID, EOT_ID}
+        return await respond(req, request, prompt_ids, stop_ids, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        engine.check(req)
+        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+        prompt_ids = engine.tokenizer.encode(prompt).ids or [EOT_ID]  # nothing: start a fresh document
+        return await respond(req, request, prompt_ids, set(engine.model.eos_token_ids), chat=False)
+
+    async def respond(req, request, prompt_ids, stop_ids, chat):
+        engine.budget(req, len(prompt_ids))  # refuse before any streaming starts
+        request.state.completion_tokens = 0
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": engine.name}
+
+        def usage():
+            n = request.state.completion_tokens
+            return {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "total_tokens": len(prompt_ids) + n}
+
+        def choice(text, finish, delta):
+            if not chat:
+                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            body = {"content": text} if text or not delta else {}
+            return {"index": 0, ("delta" if delta else "message"): body if delta else {"role": "assistant", **body},
+                    "logprobs": None, "finish_reason": finish}
+
+        pieces = engine.generate(prompt_ids, req, set() if req.ignore_eos else stop_ids, request)
+        if not req.stream:
+            text, finish = "", "length"
+            async for piece, finish in pieces:
+                text += piece
+            return {**head, "choices": [choice(text, finish, delta=False)], "usage": usage()}
+
+        chunk = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+        async def events():
+            def event(body):
+                return f"data: {json.dumps(body)}\n\n"
+            if chat:  # the role comes first, as OpenAI sends it
+                yield event({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                   "logprobs": None, "finish_reason": None}]})
+            async for piece, finish in pieces:
+                if piece or finish:
+                    yield event({**chunk, "choices": [choice(piece, finish, delta=True)]})
+            if (req.stream_options or {}).get("include_usage"):
+                yield event({**chunk, "choices": [], "usage": usage()})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def main(argv=None):
+    p = Parser(prog="serve.py", description="Serve a model: a chat page and an OpenAI-compatible API.")
+    p.add_argument("--init_from", default="resume",
+                   help="resume: out_dir/ckpt.pt (default); or a Hugging Face checkpoint directory")
+    p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt (default out)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default=None, help="the model's id in the API (default: the checkpoint folder's name)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="weights while serving; auto: bfloat16 where the hardware computes it natively")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
+    device = pick_device(args.device)
+    model = load_model(args.init_from, args.out_dir)
+    model.to(device, inference_dtype(device, args.dtype)).eval()
+    folder = args.out_dir if args.init_from == "resume" else args.init_from
+    name = args.name or os.path.basename(os.path.normpath(folder))
+    engine = Engine(model, load_tokenizer(), name, device)
+    engine.created = int(time.time())
+    kind = "chat" if engine.chat else "base (completion; chat replies end at <|endoftext|> or <|im_end|>)"
+    print(f"serving {name} ({kind}, {model.num_params():,} parameters, {device}) on "
+          f"http://{args.host}:{args.port}", flush=True)
+    config = uvicorn.Config(create_app(engine), host=args.host, port=args.port, log_level="warning")
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror})")
+    if not server.started:  # uvicorn logs a bind failure and returns instead of raising
+        raise UserError(f"cannot listen on {args.host}:{args.port} (in use, or not an address of this machine)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        fail(str(e))

@@ -1,0 +1,94 @@
+"""Fixtures shared by the chat, server and page tests: a tiny model trained here, in
+seconds, on ChatML conversations, and a real serve.py process on a free port."""
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from common import render_chat
+from smol import HERE
+
+# a handful of questions with one-word answers: after 100 steps a 3M-parameter model
+# answers each one and ends its turn with <|im_end|>, as an instruct model does
+QA = [("What is the capital of France?", "Paris."), ("What is the capital of Italy?", "Rome."),
+      ("What color is the sky?", "Blue."), ("How many legs does a cat have?", "Four."),
+      ("Say hello.", "Hello!"), ("What is two plus two?", "Four.")]
+TINY_CHAT = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",
+             "--block_size", "64", "--batch_size", "8", "--max_iters", "100", "--eval_interval", "100",
+             "--eval_iters", "1", "--learning_rate", "1e-2", "--min_lr", "1e-3", "--warmup_iters", "5",
+             "--lr_decay_iters", "100", "--log_interval", "50", "--sample_tokens", "1"]
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory):
+    """{"out_dir": a training checkpoint (eos <|endoftext|>, as train.py writes it),
+        "hf": the same weights exported as a Hugging Face directory that declares
+              eos_token_id 2 (<|im_end|>) as the SmolLM2-Instruct directories do}"""
+    root = tmp_path_factory.mktemp("chat")
+    rng = random.Random(0)
+    docs = []
+    for _ in range(600):
+        messages = []
+        for question, answer in rng.sample(QA, rng.choice([1, 1, 2])):
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        docs.append(render_chat(messages, add_generation_prompt=False))
+    (root / "chat.txt").write_text("\n<|endoftext|>\n".join(docs))
+    for args in (["train.py", "--data", root / "chat.txt", "--out_dir", root / "out", *TINY_CHAT],
+                 ["export.py", "--out_dir", root / "out", "--to", root / "hf"]):
+        proc = subprocess.run([sys.executable, os.path.join(HERE, args[0]), *map(str, args[1:])], cwd=root,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("config.json", "generation_config.json"):
+        path = root / "hf" / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), "eos_token_id": 2}))
+    return {"out_dir": root / "out", "hf": root / "hf"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """serve.py as a subprocess on a free port of 127.0.0.1."""
+
+    def __init__(self, *args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), "--port", str(self.port),
+                                      *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     cwd=HERE)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve.py exited with {self.proc.returncode}:\n{self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.stop()
+        raise AssertionError("serve.py did not answer /health within 120 s")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            return self.proc.communicate(timeout=20)[0]
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.communicate()[0]
+
+
+@pytest.fixture(scope="session")
+def chat_server(chat_model):
+    """serve.py serving the chat model's Hugging Face directory (model id "hf")."""
+    server = Server("--init_from", chat_model["hf"])
+    yield server
+    server.stop()
