@@ -87,6 +87,9 @@ class CompletionRequest(Request_):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]  # one prompt: no batches
 
 
+UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 class APIError(Exception):
     """A request this server cannot serve: sent back as OpenAI sends its errors."""
 
@@ -183,9 +186,13 @@ def create_app(engine):
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, e):
         err = e.errors()[0]
-        loc = [str(x) for x in err["loc"] if x != "body"]
+        # the field's path, e.g. messages.0.content, less "body" and the union member that
+        # pydantic tried ("str", "list[TextPart]"), which is no field of the request
+        loc = [str(x) for x in err["loc"]
+               if x != "body" and not (isinstance(x, str) and (x in UNION_MEMBERS or "[" in x))]
         if err["type"] == "json_invalid":
-            message, param = f"The request body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})", None
+            reason = err.get("ctx", {}).get("error", "parse error")
+            message, param = f"The request body is not valid JSON ({reason})", None
         elif err["type"] == "missing" and not loc:
             message, param = "The request needs a JSON body", None
         else:

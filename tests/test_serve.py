@@ -1,0 +1,244 @@
+"""serve.py as a real process on a free port of 127.0.0.1, spoken to by real clients:
+the official openai package and httpx."""
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from common import render_chat
+from smol import SmolLM, load_tokenizer
+
+openai = pytest.importorskip("openai")
+
+QUESTIONS = {"What is the capital of France?": "Paris.", "What is the capital of Italy?": "Rome.",
+             "What color is the sky?": "Blue.", "Say hello.": "Hello!"}
+
+
+@pytest.fixture(scope="module")
+def client(chat_server):
+    return openai.OpenAI(base_url=chat_server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(chat_model):
+    """The same weights in this process: what greedy decoding must give, computed by
+    SmolLM.generate (itself checked against transformers in test_hf.py)."""
+    model, tok = SmolLM.from_pretrained(str(chat_model["hf"])).eval(), load_tokenizer()
+
+    def greedy(prompt_ids, n):
+        out = model.generate(torch.tensor([prompt_ids]), n, temperature=0)[0, len(prompt_ids):].tolist()
+        return tok.decode(out)
+    return greedy, tok
+
+
+def test_models_and_health(chat_server, client):
+    assert [m.id for m in client.models.list().data] == ["hf"]
+    health = httpx.get(chat_server.url + "/health").json()
+    assert health["status"] == "ok" and health["chat"] is True and health["context_length"] == 8192
+
+
+def test_chat_completion_with_the_openai_client(client, reference):
+    _, tok = reference
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    r = client.chat.completions.create(model="hf", messages=messages, temperature=0)
+    assert r.choices[0].message.content == "Paris." and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "stop" and r.object == "chat.completion" and r.model == "hf"
+    assert r.usage.prompt_tokens == len(tok.encode(render_chat(messages)).ids)
+    assert r.usage.completion_tokens == 3 and r.usage.total_tokens == r.usage.prompt_tokens + 3  # Paris . <|im_end|>
+
+
+def test_streamed_chat_completion_with_the_openai_client(client):
+    stream = client.chat.completions.create(model="hf", messages=[{"role": "user", "content": "Say hello."}],
+                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello!"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 2
+
+
+def test_completion_runs_to_max_tokens_as_generate_does(client, reference):
+    greedy, tok = reference
+    prompt = "<|im_start|>user\nWhat color"
+    expected = greedy(tok.encode(prompt).ids, 30)
+    r = client.completions.create(model="hf", prompt=prompt, max_tokens=30, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == expected and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 30
+    streamed = client.completions.create(model="hf", prompt=prompt, max_tokens=30, temperature=0, stream=True,
+                                         extra_body={"ignore_eos": True})
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_completion_stops_at_the_end_of_text_token(client):
+    r = client.completions.create(model="hf", prompt="<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n",
+                                  max_tokens=50, temperature=0)
+    assert r.choices[0].text == "Hello!" and r.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_end_the_text_before_them(client, stream):
+    r = client.chat.completions.create(model="hf", messages=[{"role": "user", "content": "Say hello."}],
+                                       temperature=0, stop=["lo!", "zzz"], stream=stream)
+    if stream:
+        chunks = [c for c in r if c.choices]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+    assert text == "Hel" and finish == "stop"  # nothing of the stop string is ever sent
+
+
+def test_a_seed_makes_sampling_repeatable(client):
+    # a prompt unlike anything the tiny model was trained on, at a high temperature: a
+    # wide distribution over next tokens (after "Once" it writes its system line at any seed)
+    def sample(seed):
+        return client.completions.create(model="hf", prompt="Story about", max_tokens=20, temperature=1.5, seed=seed,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+    first = sample(7)
+    assert sample(7) == first
+    assert any(sample(s) != first for s in (8, 9, 10))
+
+
+def error_of(response):
+    body = response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
+BAD = {  # request body -> (status, param, words the message must contain)
+    "malformed JSON": ('{"messages": [', 400, None, "not valid JSON"),
+    "no body": ("", 400, None, "JSON body"),
+    "missing messages": ({"temperature": 0}, 400, "messages", "Field required"),
+    "messages not a list": ({"messages": "Hi"}, 400, "messages", "valid list"),
+    "no messages": ({"messages": []}, 400, "messages", "at least 1"),
+    "unknown role": ({"messages": [{"role": "robot", "content": "Hi"}]}, 400, "messages.0.role", "'user'"),
+    "content a number": ({"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", "string"),
+    "max_tokens 0": ({**CHAT, "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    "max_tokens a string": ({**CHAT, "max_tokens": "5"}, 400, "max_tokens", "integer"),
+    "temperature too high": ({**CHAT, "temperature": 3}, 400, "temperature", "less than or equal to 2"),
+    "n 2": ({**CHAT, "n": 2}, 400, "n", "less than or equal to 1"),
+    "stream not a bool": ({**CHAT, "stream": "yes"}, 400, "stream", "boolean"),
+    "unknown model": ({**CHAT, "model": "gpt-4o"}, 404, "model", "does not exist"),
+    "prompt over the context": ({"messages": [{"role": "user", "content": "word " * 9000}]}, 400, "messages",
+                                "maximum context length is 8192"),
+    "max_tokens over the context": ({**CHAT, "max_tokens": 9000}, 400, "max_tokens", "maximum context length"),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_a_client_mistake_gets_an_openai_style_4xx(chat_server, name):
+    body, status, param, words = BAD[name]
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(chat_server.url + "/v1/chat/completions", content=content,
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == status, r.text
+    error = error_of(r)
+    assert error["param"] == param and words in error["message"] and error["type"] == "invalid_request_error"
+    assert httpx.get(chat_server.url + "/health").status_code == 200  # and the server goes on
+
+
+def test_completion_mistakes_and_wrong_paths(chat_server, client):
+    r = httpx.post(chat_server.url + "/v1/completions", json={"prompt": ["a", "b"]})
+    assert r.status_code == 400 and error_of(r)["param"] == "prompt"
+    r = httpx.get(chat_server.url + "/v1/chat/completions")
+    assert r.status_code == 405 and error_of(r)["message"]
+    r = httpx.get(chat_server.url + "/v1/nothing")
+    assert r.status_code == 404 and error_of(r)["message"]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=CHAT["messages"])
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="hf", prompt="x", max_tokens=0)
+
+
+def test_sixteen_clients_streaming_at_once_all_get_their_answers(chat_server, reference):
+    greedy, tok = reference
+    prompts = [f"Story {i}:" for i in range(8)]
+    expected = {p: greedy(tok.encode(p).ids, 40) for p in prompts}
+
+    async def chat(http, question):
+        text = ""
+        async with http.stream("POST", "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": question}], "temperature": 0, "stream": True}) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        return text
+
+    async def complete(http, prompt):
+        text = ""
+        async with http.stream("POST", "/v1/completions", json={
+                "prompt": prompt, "temperature": 0, "max_tokens": 40, "ignore_eos": True, "stream": True}) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        return text
+
+    async def everyone():
+        async with httpx.AsyncClient(base_url=chat_server.url, timeout=120,
+                                     limits=httpx.Limits(max_connections=32)) as http:
+            questions = list(QUESTIONS) * 2
+            return await asyncio.gather(*[chat(http, q) for q in questions], *[complete(http, p) for p in prompts])
+
+    results = asyncio.run(everyone())
+    assert results[:8] == list(QUESTIONS.values()) * 2
+    assert results[8:] == [expected[p] for p in prompts]  # interleaving changes nothing
+
+
+def active_requests(server):
+    return httpx.get(server.url + "/health").json()["active_requests"]
+
+
+def test_a_client_that_goes_away_stops_its_generation(chat_server):
+    with httpx.stream("POST", chat_server.url + "/v1/completions", timeout=60, json={
+            "prompt": "Once", "max_tokens": 8000, "ignore_eos": True, "stream": True}) as r:
+        lines = r.iter_lines()  # held: a loop broken out of would close the response here already
+        for _ in range(10):
+            next(lines)
+        assert active_requests(chat_server) == 1
+    # 8000 tokens would take tens of seconds; the server notices the closed connection at once
+    deadline = time.time() + 3
+    while active_requests(chat_server) and time.time() < deadline:
+        time.sleep(0.05)
+    assert active_requests(chat_server) == 0
+    r = httpx.post(chat_server.url + "/v1/completions", json={"prompt": "Once", "max_tokens": 3, "ignore_eos": True})
+    assert r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_whole_context_prompt_stalls_others_no_longer_than_its_prefill(chat_server):
+    gaps, started, done = [], threading.Event(), threading.Event()
+
+    def steady():  # a stream running before, during and after the long prompt
+        with httpx.stream("POST", chat_server.url + "/v1/completions", timeout=60, json={
+                "prompt": "Once", "max_tokens": 8000, "ignore_eos": True, "stream": True}) as r:
+            last = None
+            for line in r.iter_lines():
+                now = time.perf_counter()
+                if last is not None and started.is_set():
+                    gaps.append(now - last)
+                last = now
+                if done.is_set() and len(gaps) > 20:
+                    break
+
+    thread = threading.Thread(target=steady)
+    thread.start()
+    time.sleep(0.5)
+    started.set()
+    t0 = time.perf_counter()
+    prompt = "word" + " word" * 8189  # 8,190 tokens: room for one more in the 8,192 of context
+    r = httpx.post(chat_server.url + "/v1/completions", timeout=120,
+                   json={"prompt": prompt, "max_tokens": 1, "ignore_eos": True})
+    long_prompt = time.perf_counter() - t0  # its prefill, plus one turn of the steady stream
+    done.set()
+    thread.join(timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 8190
+    assert gaps and max(gaps) <= long_prompt + 0.25, (max(gaps), long_prompt)
