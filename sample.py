@@ -24,7 +24,8 @@ def parse_args(argv):
     p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt (default out)")
     p.add_argument("--start", default="Once upon a time", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=2)
-    p.add_argument("--max_new_tokens", type=int, default=None, help="default 200, and 512 per reply with --chat")
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="default 200, and 512 per reply with --chat (at most half of a smaller model's context)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
     p.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest tokens (0 = all)")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the top tokens up to this mass")
@@ -38,10 +39,7 @@ def parse_args(argv):
     p.add_argument("--chat", action="store_true",
                    help="talk to the model: read a message, stream the reply, keep the conversation (ChatML)")
     p.add_argument("--system", default=None, help="--chat: the system message (default: the model's own)")
-    args = p.parse_args(argv)
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 512 if args.chat else 200
-    return args
+    return p.parse_args(argv)
 
 
 def read_prompt(start):
@@ -60,8 +58,9 @@ def main(argv=None):
         raise UserError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0 or args.num_samples <= 0 or args.max_new_tokens <= 0:
+    if args.top_k < 0 or args.num_samples <= 0 or (args.max_new_tokens is not None and args.max_new_tokens <= 0):
         raise UserError("--top_k must be >= 0, --num_samples and --max_new_tokens positive")
+    prompt = None if args.chat else read_prompt(args.start)  # a missing prompt file is known before loading
     device = pick_device(args.device)
     model = load_model(args.init_from, args.out_dir)
     config = model.config
@@ -70,6 +69,8 @@ def main(argv=None):
     tokenizer = load_tokenizer()
     generator = torch.Generator(device=device).manual_seed(args.seed)
     use_compile = args.compile == "true" or (args.compile == "auto" and device.startswith("cuda"))
+    if args.max_new_tokens is None:  # not given: a default that leaves a small model half its context
+        args.max_new_tokens = min(512 if args.chat else 200, config.max_position_embeddings // 2)
     room = config.max_position_embeddings - args.max_new_tokens
     if room <= 0:
         raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room in the model's "
@@ -91,7 +92,7 @@ def main(argv=None):
 
     if args.chat:
         return chat(model, tokenizer, args, room, write)
-    prompt_ids = tokenizer.encode(read_prompt(args.start)).ids
+    prompt_ids = tokenizer.encode(prompt).ids
     if not prompt_ids:
         prompt_ids = [EOT_ID]  # an empty prompt starts a fresh document
     if len(prompt_ids) > room:

@@ -148,7 +148,17 @@ def test_chat_on_a_terminal(chat_model, leave):
         os.write(fd, b"/reset\r")
         assert "a new conversation" in read_until(fd, "> ")
         os.write(fd, leave.encode())
-        rest = read_until(fd, "\n", timeout=30)
+        try:
+            rest = read_until(fd, "\n", timeout=30 if leave == "\x04" else 5)
+        except AssertionError:
+            if leave != "\x03":
+                raise
+            # CPython's readline looks at signals only when its select() is interrupted, so
+            # a Ctrl-C that lands between printing the prompt and entering select() (a
+            # window a loaded machine can widen) waits for the next key: as a person would,
+            # press it again
+            os.write(fd, leave.encode())
+            rest = read_until(fd, "\n", timeout=30)
         _, status = os.waitpid(pid, 0)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
         assert "Traceback" not in rest

@@ -11,6 +11,7 @@ from smol import HERE
 TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",
         "--block_size", "32", "--batch_size", "2", "--eval_iters", "1", "--sample_tokens", "2", "--log_interval", "1",
         "--learning_rate", "3e-3", "--warmup_iters", "2", "--lr_decay_iters", "12", "--min_lr", "3e-4",
+        "--dtype", "float32",  # bf16 autocast (auto on CPUs with native bf16) rounds each process apart
         "--data", os.path.join(HERE, "input.txt")]
 
 
