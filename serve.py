@@ -26,7 +26,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal
 
-from common import (Parser, UserError, TextStream, fail, fit_chat, inference_dtype, is_chat_model, load_model,
+from common import (Parser, UserError, TextStream, fail, inference_dtype, is_chat_model, load_model,
                     pick_device, render_chat, ROLES)
 
 try:
