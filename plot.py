@@ -8,43 +8,11 @@ Turn the metrics train.py writes (out_dir/metrics.jsonl) into a PNG of the loss 
 A resumed run appends to the same file, so the curve simply continues; a step
 logged twice (after an interruption) is drawn once, from its latest line.
 """
-import json
 import os
 import sys
 
 from common import Parser, UserError, fail
-
-
-def read_metrics(path):
-    """(train rows, eval rows), each {step: row}, later lines winning."""
-    if not os.path.isfile(path):
-        raise UserError(f"no metrics at {path}; train.py writes them into its --out_dir")
-    train, evals, skipped = {}, {}, []
-    with open(path, errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            # a line torn by a crash in the middle of a write is skipped, not fatal:
-            # everything before and after it is still good
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and (
-                    {"train_loss", "val_loss"} <= row.keys() or {"loss", "lr"} <= row.keys()):
-                (evals if "val_loss" in row else train)[row["step"]] = row
-            else:
-                skipped.append(n)
-    if not train and not evals:
-        if skipped:
-            raise UserError(f"{path} holds no line train.py writes (line {skipped[0]} is not one); "
-                            f"is it a metrics.jsonl from train.py?")
-        raise UserError(f"{path} holds no metrics yet")
-    if skipped:
-        shown = ", ".join(map(str, skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        print(f"warning: skipped unreadable {'lines' if len(skipped) > 1 else 'line'} {shown} of {path} (torn by "
-              f"a crash, or not from train.py); plotting the rest", file=sys.stderr)
-    return train, evals
+from metrics import read_metrics
 
 
 def main(argv=None):

@@ -8,10 +8,10 @@ in-memory --data file.
     python prepare.py HuggingFaceTB/smollm-corpus --subset cosmopedia-v2   # streamed; pip install datasets
 
 Sources: a text file (any extension) is split into documents at <|endoftext|> exactly as
-train.py's load_tokens splits it (pieces stripped, empty ones dropped); a .jsonl or .parquet
-file gives one document per record, the text in --text_column taken as is (empty ones
-dropped); a folder gives all of those under it, in sorted path order; any other owner/name
-is streamed from the Hugging Face hub with the `datasets` package.
+data.py's load_tokens splits train.py's --data (pieces stripped, empty ones dropped); a
+.jsonl or .parquet file gives one document per record, the text in --text_column taken as
+is (empty ones dropped); a folder gives all of those under it, in sorted path order; any
+other owner/name is streamed from the Hugging Face hub with the `datasets` package.
 
 Output: train.bin and val.bin are uint16 token ids (49,152 < 65,536), every document
 followed by <|endoftext|> (id 0): the token stream of load_tokens. Read them with
@@ -32,8 +32,9 @@ from fractions import Fraction
 
 import numpy as np
 
-from smol import EOT_ID, load_tokenizer
-from common import DOC_SEPARATOR, Parser, UserError, fail
+from common import Parser, UserError, fail
+from data import DOC_SEPARATOR, load_tokenizer
+from smol import EOT_ID
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet")  # what a folder is searched for
 NOT_TEXT = (".json", ".csv", ".tsv", ".gz", ".zst", ".bz2", ".xz", ".zip", ".tar", ".arrow", ".bin", ".npy", ".pt")
@@ -48,7 +49,7 @@ def is_val(i, frac):
 
 def text_documents(path):
     carry = ""
-    with open(path, encoding="utf-8") as f:  # text mode as in train.py: \r\n reads as \n
+    with open(path, encoding="utf-8") as f:  # text mode as in data.py: \r\n reads as \n
         while chunk := f.read(CHUNK_CHARS):
             # the separator cannot overlap itself, so splitting chunk by chunk finds the same
             # separators as splitting the whole text; the last piece may be cut short (even

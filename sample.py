@@ -12,16 +12,16 @@ import sys
 
 import torch
 
-from common import (Parser, TextStream, UserError, fail, fit_chat, inference_dtype, is_chat_model, load_model,
-                    pick_device)
-from smol import EOT_ID, IM_END_ID, load_tokenizer
+from chat import TextStream, chat_stop_ids, fit_chat, is_chat_model
+from common import Parser, UserError, add_model_flags, fail, inference_dtype, pick_device, use_compile
+from data import load_tokenizer
+from engine import Decoder, load_model
+from smol import EOT_ID
 
 
 def parse_args(argv):
     p = Parser(prog="sample.py", description="Generate text from a SmolLM checkpoint.")
-    p.add_argument("--init_from", default="resume",
-                   help="resume: out_dir/ckpt.pt (default); or a Hugging Face checkpoint directory or hub id")
-    p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt (default out)")
+    add_model_flags(p, "sampling")
     p.add_argument("--start", default="Once upon a time", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=2)
     p.add_argument("--max_new_tokens", type=int, default=None,
@@ -30,9 +30,6 @@ def parse_args(argv):
     p.add_argument("--top_k", type=int, default=200, help="sample among the k likeliest tokens (0 = all)")
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the top tokens up to this mass")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="weights while sampling; auto: bfloat16 where the hardware computes it natively")
     p.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
                    help="compile the decode step once (CUDA graphs on CUDA); auto: on CUDA only, where it pays "
                         "for its compile time (bench/NOTES.md)")
@@ -68,7 +65,7 @@ def main(argv=None):
 
     tokenizer = load_tokenizer()
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    use_compile = args.compile == "true" or (args.compile == "auto" and device.startswith("cuda"))
+    decoder = Decoder(model, compile=use_compile(args.compile, device))
     if args.max_new_tokens is None:  # not given: a default that leaves a small model half its context
         args.max_new_tokens = min(512 if args.chat else 200, config.max_position_embeddings // 2)
     room = config.max_position_embeddings - args.max_new_tokens
@@ -80,8 +77,8 @@ def main(argv=None):
         """Stream one continuation of prompt_ids to stdout; return its text."""
         idx = torch.tensor([prompt_ids], device=device)  # (1, T)
         text, out = TextStream(tokenizer), ""
-        for token in model.stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                                  top_p=args.top_p, generator=generator, stop_ids=stop_ids, compile=use_compile):
+        for token in decoder.stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                                    top_p=args.top_p, generator=generator, stop_ids=stop_ids):
             if token.item() in stop_ids:  # the model ended its text (or its turn)
                 break
             piece = text.push(token.item())
@@ -124,7 +121,7 @@ def chat(model, tokenizer, args, room, write):
         print("chat: type a message and press Enter; /reset starts over; Ctrl-D or Ctrl-C leaves", file=sys.stderr)
     start = [{"role": "system", "content": args.system}] if args.system is not None else []
     messages = list(start)
-    stop_ids = set(model.eos_token_ids) | {IM_END_ID, EOT_ID}  # a turn ends at <|im_end|>
+    stop_ids = chat_stop_ids(model)
     try:
         while True:
             try:

@@ -26,8 +26,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal
 
-from common import (Parser, UserError, TextStream, fail, inference_dtype, is_chat_model, load_model,
-                    pick_device, render_chat, ROLES)
+from chat import ROLES, TextStream, chat_stop_ids, is_chat_model, render_chat
+from common import HERE, Parser, UserError, add_model_flags, fail, inference_dtype, pick_device
 
 try:
     import uvicorn
@@ -41,9 +41,9 @@ except ImportError as e:
 
 import torch
 
-from smol import EOT_ID, IM_END_ID, load_tokenizer
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from data import load_tokenizer
+from engine import Decoder, load_model
+from smol import EOT_ID
 
 
 # ---- requests, as OpenAI's API defines them (the fields this server honours) ----
@@ -101,9 +101,12 @@ class APIError(Exception):
 
 # ---- the model, behind one worker thread ----
 
-class Engine:
+class ServedModel:
+    """The model, its tokenizer and its name, behind one worker thread."""
+
     def __init__(self, model, tokenizer, name, device):
         self.model, self.tokenizer, self.name, self.device = model, tokenizer, name, device
+        self.decoder = Decoder(model)  # eager: every request gets a cache of its own
         self.context = model.config.max_position_embeddings
         self.chat = is_chat_model(model)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -137,7 +140,7 @@ class Engine:
         generator = torch.Generator(self.device)
         generator.manual_seed(req.seed) if req.seed is not None else generator.seed()
         idx = torch.tensor([prompt_ids], device=self.device)  # (1, T)
-        tokens = self.model.stream(idx, max_tokens, temperature=req.temperature, top_k=req.top_k or None,
+        tokens = self.decoder.stream(idx, max_tokens, temperature=req.temperature, top_k=req.top_k or None,
                                    top_p=req.top_p, generator=generator, stop_ids=stop_ids)
 
         def next_id():  # runs in the worker: the model call and the copy of the id to the host
@@ -175,7 +178,7 @@ class Engine:
             self.worker.submit(tokens.close)  # after any step still running; frees the KV cache
 
 
-def create_app(engine):
+def create_app(served):
     app = FastAPI(title="smol", docs_url=None, redoc_url=None, openapi_url=None)
     with open(os.path.join(HERE, "serve.html"), encoding="utf-8") as f:
         page = f.read()
@@ -216,36 +219,34 @@ def create_app(engine):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.name, "chat": engine.chat, "context_length": engine.context,
-                "active_requests": engine.active}
+        return {"status": "ok", "model": served.name, "chat": served.chat, "context_length": served.context,
+                "active_requests": served.active}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": engine.created,
-                                            "owned_by": "smol", "context_length": engine.context}]}
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
+                                            "owned_by": "smol", "context_length": served.context}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
-        engine.check(req)
+        served.check(req)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        prompt_ids = engine.tokenizer.encode(render_chat(messages)).ids
-        # a turn ends with <|im_end|> whatever the checkpoint declares; a base model too
-        stop_ids = set(engine.model.eos_token_ids) | {IM_END_ID, EOT_ID}
-        return await respond(req, request, prompt_ids, stop_ids, chat=True)
+        prompt_ids = served.tokenizer.encode(render_chat(messages)).ids
+        return await respond(req, request, prompt_ids, chat_stop_ids(served.model), chat=True)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        engine.check(req)
+        served.check(req)
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        prompt_ids = engine.tokenizer.encode(prompt).ids or [EOT_ID]  # nothing: start a fresh document
-        return await respond(req, request, prompt_ids, set(engine.model.eos_token_ids), chat=False)
+        prompt_ids = served.tokenizer.encode(prompt).ids or [EOT_ID]  # nothing: start a fresh document
+        return await respond(req, request, prompt_ids, set(served.model.eos_token_ids), chat=False)
 
     async def respond(req, request, prompt_ids, stop_ids, chat):
-        engine.budget(req, len(prompt_ids))  # refuse before any streaming starts
+        served.budget(req, len(prompt_ids))  # refuse before any streaming starts
         request.state.completion_tokens = 0
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": engine.name}
+                "model": served.name}
 
         def usage():
             n = request.state.completion_tokens
@@ -258,7 +259,7 @@ def create_app(engine):
             return {"index": 0, ("delta" if delta else "message"): body if delta else {"role": "assistant", **body},
                     "logprobs": None, "finish_reason": finish}
 
-        pieces = engine.generate(prompt_ids, req, set() if req.ignore_eos else stop_ids, request)
+        pieces = served.generate(prompt_ids, req, set() if req.ignore_eos else stop_ids, request)
         if not req.stream:
             text, finish = "", "length"
             async for piece, finish in pieces:
@@ -288,15 +289,10 @@ def create_app(engine):
 
 def main(argv=None):
     p = Parser(prog="serve.py", description="Serve a model: a chat page and an OpenAI-compatible API.")
-    p.add_argument("--init_from", default="resume",
-                   help="resume: out_dir/ckpt.pt (default); or a Hugging Face checkpoint directory")
-    p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt (default out)")
+    add_model_flags(p, "serving")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", default=None, help="the model's id in the API (default: the checkpoint folder's name)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="weights while serving; auto: bfloat16 where the hardware computes it natively")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
@@ -306,13 +302,13 @@ def main(argv=None):
     model.to(device, inference_dtype(device, args.dtype)).eval()
     folder = args.out_dir if args.init_from == "resume" else args.init_from
     name = args.name or os.path.basename(os.path.normpath(folder))
-    engine = Engine(model, load_tokenizer(), name, device)
-    engine.created = int(time.time())
+    served = ServedModel(model, load_tokenizer(), name, device)
+    served.created = int(time.time())
     host, port = sock.getsockname()[:2]
-    kind = "chat" if engine.chat else "base (completion; chat replies end at <|endoftext|> or <|im_end|>)"
+    kind = "chat" if served.chat else "base (completion; chat replies end at <|endoftext|> or <|im_end|>)"
     print(f"serving {name} ({kind}, {model.num_params():,} parameters, {device}) on "
           f"http://{f'[{host}]' if ':' in host else host}:{port}", flush=True)
-    uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning")).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning")).run(sockets=[sock])
 
 
 def listen(host, port):

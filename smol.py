@@ -16,10 +16,10 @@ References:
     SmolLM2: https://arxiv.org/abs/2502.02737
 Shape letters: B batch, T time (sequence), C channels (n_embd), V vocab,
 nh query heads, nkv key/value heads, hd head_dim.
+
+This file is the model and nothing else: train.py trains it, engine.py decodes it
+fast, hf.py moves its weights to and from the official checkpoints.
 """
-import json
-import os
-import shutil
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +27,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 EOT_ID = 0  # <|endoftext|>: separates documents; where base models stop
 IM_END_ID = 2  # <|im_end|>: ends a turn of a ChatML conversation; where instruct models stop
 
@@ -69,6 +68,15 @@ class SmolConfig:
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("rope_theta, norm_eps and init_std must be positive")
         return self
+
+
+PRESETS = {  # the three SmolLM2 sizes, from their config.json files
+    "SmolLM2-135M": SmolConfig(),
+    "SmolLM2-360M": SmolConfig(n_layer=32, n_head=15, n_kv_head=5, n_embd=960, intermediate_size=2560,
+                               init_std=0.02),
+    "SmolLM2-1.7B": SmolConfig(n_layer=24, n_head=32, n_kv_head=32, n_embd=2048, intermediate_size=8192,
+                               rope_theta=130000.0, init_std=0.02),
+}
 
 
 class RMSNorm(nn.Module):
@@ -127,9 +135,6 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
         self.pos_t = torch.zeros((), dtype=torch.long, device=device)
-        if self.k.is_cuda:  # a CUDA graph replays fixed addresses: tell the compiler these never move
-            for t in (self.k, self.v, self.pos_t):
-                torch._dynamo.mark_static_address(t)
 
     def update(self, layer, k, v):
         # k, v: (B, nkv, T, hd) for the new positions; returns all positions so far
@@ -257,55 +262,6 @@ class SmolLM(nn.Module):
         # the ids that end a generation: <|endoftext|> for models trained here; a Hugging Face
         # checkpoint names its own (the instruct models end their turn with <|im_end|>)
         self.eos_token_ids = (EOT_ID,)
-        self._compiled = {}  # compiled decode step and its reusable cache, made on first use (stream)
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir, dtype=torch.float32):
-        """Load a Hugging Face checkpoint: a directory with config.json and
-        model.safetensors (or shards plus model.safetensors.index.json), or a hub
-        id such as "HuggingFaceTB/SmolLM2-135M" when huggingface_hub can download it."""
-        path = _local_checkpoint_dir(name_or_dir)
-        with open(os.path.join(path, "config.json")) as f:
-            config = config_from_hf(json.load(f))
-        state = {k: v.to(dtype) for k, v in _load_safetensors(path).items()
-                 if not k.endswith("rotary_emb.inv_freq")}  # old files stored the RoPE frequencies
-        state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))  # tied: stored once
-        with torch.device("meta"):  # shapes only: no memory, no random init to throw away
-            model = cls(config)
-        expected = model.state_dict()
-        missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
-        misshaped = [f"{k} {tuple(state[k].shape)} (config.json: {tuple(v.shape)})" for k, v in expected.items()
-                     if k in state and state[k].shape != v.shape]
-        wrong = [f"{what} {names[:3]}" for what, names in
-                 (("missing", sorted(missing)), ("unexpected", sorted(unexpected)), ("misshaped", misshaped)) if names]
-        if wrong:
-            raise ValueError(f"{path}: tensors do not match config.json ({', '.join(wrong)})")
-        model.load_state_dict(state, assign=True)  # adopt the loaded tensors as the parameters
-        model.lm_head.weight = model.model.embed_tokens.weight  # assign made two parameters: tie again
-        cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
-        model.rope_cos, model.rope_sin = cos, sin  # real tables in place of the meta placeholders
-        model.eos_token_ids = eos_ids_from_hf(path)
-        return model
-
-    def save_pretrained(self, out_dir):
-        """Write a Hugging Face checkpoint directory (config.json, model.safetensors,
-        tokenizer files) that transformers' AutoModelForCausalLM loads as is."""
-        from safetensors.torch import save_file
-        os.makedirs(out_dir, exist_ok=True)
-        # lm_head.weight is the embedding: left out, as in the official files
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k != "lm_head.weight"}
-        dtype = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
-        save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-        eos = list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_ids[0]
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump({**config_to_hf(self.config, dtype), "eos_token_id": eos}, f, indent=2)
-        with open(os.path.join(out_dir, "generation_config.json"), "w") as f:  # where generate() looks
-            json.dump({"bos_token_id": EOT_ID, "eos_token_id": eos}, f, indent=2)
-        shutil.copy(os.path.join(HERE, "tokenizer.json"), out_dir)
-        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-                       "unk_token": "<|endoftext|>", "add_prefix_space": False,
-                       "model_max_length": self.config.max_position_embeddings}, f, indent=2)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -346,8 +302,8 @@ class SmolLM(nn.Module):
     def decode_step(self, token, kv_cache):
         """Logits (B, V) after one new token (B, 1) at position kv_cache.pos_t. Every
         step has the same shapes whatever the position, so this is the function that
-        torch.compile compiles once (and captures as a CUDA graph on CUDA). The
-        caller advances the cache."""
+        engine.py compiles once (and captures as a CUDA graph on CUDA). The caller
+        advances the cache."""
         pos = kv_cache.pos_t.view(1)  # (1,)
         x = self.model.embed_tokens(token)  # (B, 1, C)
         cos = self.rope_cos.index_select(0, pos).to(x.dtype)  # (1, hd)
@@ -380,77 +336,31 @@ class SmolLM(nn.Module):
         """Model FLOPs utilisation: achieved FLOP/s over the device's peak."""
         return self.flops_per_token(T) * tokens_per_sec / peak_flops
 
-    def _decoder(self, B, slots, device, dtype, compile):
-        """(decode step function, KV cache) for stream. Compiled: one torch.compile of
-        decode_step (with CUDA graphs on CUDA: one launch per token instead of about 400)
-        and a cache kept for the next call, because a CUDA graph replays fixed addresses;
-        so one compiled stream at a time per model. Eager: a fresh cache each call."""
-        if not compile:
-            return self.decode_step, KVCache(self.config, B, slots, device, dtype)
-        mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
-        if mode not in self._compiled:
-            self._compiled[mode] = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
-        cache = self._compiled.get("cache")
-        if cache is None or cache.k.shape[1::2] != (B, slots) or cache.k.dtype != dtype or \
-                cache.k.device != torch.device(device):
-            self._compiled["cache"] = cache = None  # free the old one first
-            self._compiled["cache"] = cache = KVCache(self.config, B, slots, device, dtype)
-        cache.pos = 0
-        cache.pos_t.zero_()
-        return self._compiled[mode], cache
-
-    @torch.inference_mode()  # like no_grad, and also skips autograd's version bookkeeping: faster small ops
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=(),
-               compile=False):
-        """Yield (B, 1) new tokens one at a time. The prompt idx (B, T) is
-        processed once into a KV cache (prefill, eager); each later step feeds one
-        token through decode_step, compiled when compile=True.
-        A row that samples one of stop_ids is finished: it yields that id, then
-        repeats it while other rows go on; the stream ends when all rows are done."""
+    @torch.inference_mode()  # like no_grad, and also skips autograd's version bookkeeping
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=()):
+        """Return idx (B, T) extended by sampled tokens: (B, T + new), new <= max_new_tokens.
+        The plain loop, to read: the prompt goes through once into a KV cache (prefill),
+        then each new token alone, attending to the cached keys and values. A row that
+        samples one of stop_ids is finished and is padded with that id while the other
+        rows go on; the loop ends early when every row is done. temperature 0 is greedy.
+        engine.py runs the same loop faster (a fixed-shape step, compiled once)."""
         B, T = idx.size()
-        total = T + max_new_tokens
-        if total > self.config.max_position_embeddings:
+        if T + max_new_tokens > self.config.max_position_embeddings:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_position_embeddings ({self.config.max_position_embeddings})")
-        # cache slots: a power of two, at least 256, so that prompts of different lengths
-        # share one cache shape and one compiled step (unused slots are masked out)
-        slots = min(max(256, 1 << (total - 1).bit_length()), self.config.max_position_embeddings)
-        step, cache = self._decoder(B, slots, idx.device, self.model.embed_tokens.weight.dtype, compile)
-        # bf16 on a CPU at batch 1: each step is a matrix-vector product per weight, where
-        # PyTorch's own kernel reads the weights about twice as fast as oneDNN's; the prompt
-        # and bigger batches are matrix products, faster in oneDNN (bench/NOTES.md)
-        own_gemv = B == 1 and idx.device.type == "cpu" and cache.k.dtype == torch.bfloat16
+        cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.model.embed_tokens.weight.dtype)
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=idx.device)  # (S,)
         done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)  # rows that have stopped
-        logits = self(idx, kv_cache=cache)[0][:, -1]  # (B, V)
+        logits = self(idx, kv_cache=cache)[0][:, -1]  # (B, V): the prompt's last position
         for i in range(max_new_tokens):
-            next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
-            if len(stop_ids):
-                next_token = torch.where(done, prev_token, next_token) if i else next_token
-                done = done | torch.isin(next_token, stop)
-            yield next_token
-            if i == max_new_tokens - 1 or (len(stop_ids) and bool(done.all())):
+            token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            token = torch.where(done, idx[:, -1:], token)  # a finished row repeats its stop id
+            done = done | torch.isin(token, stop)
+            idx = torch.cat([idx, token], dim=1)
+            if i == max_new_tokens - 1 or bool(done.all()):
                 break  # the last token needs no logits of its own
-            prev_token = next_token
-            onednn = torch.backends.mkldnn.enabled
-            torch.backends.mkldnn.enabled = onednn and not own_gemv
-            try:
-                if compile and idx.is_cuda:
-                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are done with
-                logits = step(next_token, cache)
-            finally:
-                torch.backends.mkldnn.enabled = onednn
-            cache.advance(1)
-
-    @torch.inference_mode()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=(),
-                 compile=False):
-        """Return idx (B, T) extended by the sampled tokens: (B, T + new), new <= max_new_tokens
-        (fewer when every row stopped early; finished rows are padded with their stop id).
-        temperature 0 means greedy decoding."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, stop_ids, compile))
-        return torch.cat([idx] + new, dim=1)
-
+            logits = self(token, kv_cache=cache)[0][:, -1]  # (B, V)
+        return idx
 
 def chunked_cross_entropy(x, weight, targets, n_chunks=8):
     """Mean cross-entropy of the logits x @ weight.T against targets (-1 = ignore),
@@ -488,116 +398,3 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-# -----------------------------------------------------------------------------
-# Hugging Face checkpoints: config.json <-> SmolConfig, and where the files are
-
-PRESETS = {  # the three SmolLM2 sizes, from their config.json files
-    "SmolLM2-135M": SmolConfig(),
-    "SmolLM2-360M": SmolConfig(n_layer=32, n_head=15, n_kv_head=5, n_embd=960, intermediate_size=2560,
-                               init_std=0.02),
-    "SmolLM2-1.7B": SmolConfig(n_layer=24, n_head=32, n_kv_head=32, n_embd=2048, intermediate_size=8192,
-                               rope_theta=130000.0, init_std=0.02),
-}
-
-
-def config_from_hf(hf):
-    """SmolConfig from a config.json dict; ValueError for what SmolLM cannot represent."""
-    arch = hf.get("architectures") or [hf.get("model_type")]
-    if "LlamaForCausalLM" not in arch:
-        raise ValueError(f"architecture {arch} is not supported: smol implements LlamaForCausalLM only")
-    # transformers 5 moved rope_theta into "rope_parameters"; older files keep it at the top
-    rope = hf.get("rope_parameters") or {}
-    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        raise ValueError(f"rope scaling {hf.get('rope_scaling') or rope} is not supported: smol uses plain RoPE")
-    if hf.get("rope_interleaved"):
-        raise ValueError("interleaved RoPE is not supported: smol uses the rotate_half layout")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError("attention or MLP biases are not supported: SmolLM has none")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported: SmolLM uses silu")
-    if not hf.get("tie_word_embeddings", False):
-        raise ValueError("untied input and output embeddings are not supported: SmolLM ties them")
-    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim", n_embd // n_head) != n_embd // n_head:
-        raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
-    max_pos = hf.get("max_position_embeddings", 2048)
-    return SmolConfig(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
-                      n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
-                      intermediate_size=hf["intermediate_size"], block_size=min(2048, max_pos),
-                      max_position_embeddings=max_pos,
-                      rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta", 10000.0)),
-                      norm_eps=hf.get("rms_norm_eps", 1e-6), init_std=hf.get("initializer_range", 0.02)).validate()
-
-
-def config_to_hf(c, dtype="float32"):
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
-            "hidden_size": c.n_embd, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-            "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "intermediate_size": c.intermediate_size,
-            "hidden_act": "silu", "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "rope_scaling": None,
-            "max_position_embeddings": c.max_position_embeddings, "tie_word_embeddings": True,
-            "attention_bias": False, "mlp_bias": False, "initializer_range": c.init_std,
-            "bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "torch_dtype": dtype}
-
-
-def eos_ids_from_hf(path):
-    """The end-of-sequence ids a checkpoint directory declares: eos_token_id of config.json
-    and of generation_config.json, each an int or a list (SmolLM2-135M says 0,
-    SmolLM2-135M-Instruct 2); <|endoftext|> when neither names one."""
-    ids = []
-    for name in ("config.json", "generation_config.json"):
-        if os.path.exists(os.path.join(path, name)):
-            with open(os.path.join(path, name)) as f:
-                eos = json.load(f).get("eos_token_id")
-            ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {ids}")
-    return tuple(sorted(set(ids))) or (EOT_ID,)
-
-
-def _local_checkpoint_dir(name):
-    if os.path.isdir(name):
-        return name
-    hint = "pass a local directory holding config.json and model.safetensors"
-    if os.path.exists(name) or name.count("/") != 1:
-        raise ValueError(f"{name} is not a checkpoint directory nor a hub id like HuggingFaceTB/SmolLM2-135M; {hint}")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ValueError(f"{name} is not a local directory and huggingface_hub is not installed; "
-                         f"pip install huggingface_hub, or {hint}") from None
-    try:
-        return snapshot_download(name, allow_patterns=["config.json", "generation_config.json", "*.safetensors",
-                                                       "*.safetensors.index.json"])
-    except Exception as e:  # offline, unknown repo, gated, ...
-        raise ValueError(f"could not download {name} ({type(e).__name__}); {hint}") from None
-
-
-def _load_safetensors(path):
-    from safetensors.torch import load_file
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):  # sharded: the index maps each tensor to its file
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise ValueError(f"no model.safetensors (or model.safetensors.index.json) in {path}")
-    state = {}
-    for name in files:
-        if not os.path.isfile(os.path.join(path, name)):
-            raise ValueError(f"{os.path.join(path, name)} is missing")
-        try:
-            state.update(load_file(os.path.join(path, name)))
-        except Exception as e:  # safetensors' own error type: a file cut short, or not safetensors at all
-            raise ValueError(f"{os.path.join(path, name)} is truncated or corrupt ({e})") from None
-    return state
-
-
-def load_tokenizer(path=os.path.join(HERE, "tokenizer.json")):
-    """The cosmo2 tokenizer (49,152 byte-level BPE tokens) as a tokenizers.Tokenizer.
-    tokenizer.json is committed; build_tokenizer.py rebuilds it offline."""
-    from tokenizers import Tokenizer
-    return Tokenizer.from_file(path)
-

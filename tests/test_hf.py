@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from smol import PRESETS, SmolConfig, SmolLM, config_from_hf, config_to_hf
+from hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained
+from smol import PRESETS, SmolConfig, SmolLM
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,10 +73,10 @@ def test_training_loss_equals_transformers_loss():
 
 def test_export_round_trip(tmp_path):
     model = random_smol(SmolConfig(**SMALL))
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(tmp_path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    back = SmolLM.from_pretrained(tmp_path)
+    back = from_pretrained(tmp_path)
     idx = torch.randint(0, 1000, (2, 40))
     with torch.no_grad():
         ours = model(idx)[0]
@@ -102,7 +103,7 @@ def test_loads_sharded_bf16_checkpoint_with_rope_parameters(tmp_path):
     hf = config_to_hf(model.config, "bfloat16")
     hf["rope_parameters"] = {"rope_theta": hf.pop("rope_theta"), "rope_type": "default"}
     json.dump(hf, open(tmp_path / "config.json", "w"))
-    loaded = SmolLM.from_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path)
     assert loaded.config == dataclasses.replace(model.config, block_size=2048)  # block_size: not in config.json
     for k, v in loaded.state_dict().items():
         assert v.dtype == torch.float32 and torch.equal(v, model.state_dict()[k].to(torch.bfloat16).float()), k
@@ -123,15 +124,15 @@ def test_refuses_what_it_cannot_represent(change, message):
 
 def test_missing_directory_or_offline_hub_id_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not a checkpoint directory"):
-        SmolLM.from_pretrained(str(tmp_path / "nowhere" / "deeper" / "still"))
+        from_pretrained(str(tmp_path / "nowhere" / "deeper" / "still"))
     with pytest.raises(ValueError, match="no model.safetensors"):
         json.dump(config_to_hf(SmolConfig(**SMALL)), open(tmp_path / "config.json", "w"))
-        SmolLM.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     # offline mode makes the hub client fail at once instead of reaching the network
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
     with pytest.raises(ValueError, match="pass a local directory"):
-        SmolLM.from_pretrained("HuggingFaceTB/SmolLM2-135M")
+        from_pretrained("HuggingFaceTB/SmolLM2-135M")
 
 
 @pytest.mark.parametrize("name, count", [("SmolLM2-135M", 134_515_008), ("SmolLM2-360M", 361_821_120),

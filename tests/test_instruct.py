@@ -10,9 +10,12 @@ import sys
 import httpx
 import pytest
 
-from common import render_chat
+from chat import render_chat
+from common import HERE
 from conftest import need_module
-from smol import HERE, IM_END_ID, SmolLM, load_tokenizer
+from data import load_tokenizer
+from hf import from_pretrained
+from smol import IM_END_ID
 
 FRANCE = "What is the capital of France?"
 
@@ -21,7 +24,7 @@ def test_export_from_gguf_writes_the_instruct_model(instruct_dir):
     config = json.loads((instruct_dir / "config.json").read_text())
     assert config["eos_token_id"] == IM_END_ID  # 2, <|im_end|>: the instruct models end a turn with it
     assert json.loads((instruct_dir / "generation_config.json").read_text())["eos_token_id"] == IM_END_ID
-    model = SmolLM.from_pretrained(str(instruct_dir))
+    model = from_pretrained(str(instruct_dir))
     assert model.num_params() == 134_515_008  # SmolLM2-135M's count (SMOLLM2.md)
     assert (config["num_hidden_layers"], config["hidden_size"], config["rms_norm_eps"]) == (30, 576, 1e-5)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine import Decoder
 from smol import KVCache, SmolConfig, SmolLM, apply_rope, rope_tables, sample_next
 
 TINY = dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128, block_size=64)
@@ -126,7 +127,7 @@ def test_each_row_stops_at_its_own_stop_id():
         assert (got[row, end:] == stop).all()  # then padded with the stop id
         ends.append(end)
     assert ends[0] != ends[1] and got.size(1) == max(ends)  # rows end apart; the stream ends with the last
-    tokens = list(m.stream(prompt[:1], 12, temperature=0, stop_ids=[stop]))
+    tokens = list(Decoder(m).stream(prompt[:1], 12, temperature=0, stop_ids=[stop]))
     assert len(tokens) == ends[0] and tokens[-1].item() == stop  # batch 1: the stop id is the last token
 
 
@@ -159,6 +160,27 @@ def test_too_long_generation_is_refused():
     m = tiny(max_position_embeddings=64)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         m.generate(torch.zeros(1, 60, dtype=torch.long), 10)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        Decoder(m).generate(torch.zeros(1, 60, dtype=torch.long), 10)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.9, top_k=50, top_p=0.9)],
+                         ids=["greedy", "seeded"])
+def test_plain_generate_and_the_fast_decoder_give_the_same_tokens(sampling):
+    # smol.py's generate (a forward pass per token over a growing cache) and engine.py's
+    # Decoder (a fixed-shape step over a pre-allocated, masked cache) are one algorithm:
+    # same tokens, same stops, from the same seed
+    m = tiny()
+    prompt = torch.randint(0, 512, (2, 6))
+    free = m.generate(prompt, 20, generator=torch.Generator().manual_seed(5), **sampling)
+    stop = free[0, 10].item()  # a token row 0 writes, so at least one row stops early
+    for stop_ids in ((), {stop}):
+        plain = m.generate(prompt, 20, generator=torch.Generator().manual_seed(5), stop_ids=stop_ids, **sampling)
+        fast = Decoder(m).generate(prompt, 20, generator=torch.Generator().manual_seed(5), stop_ids=stop_ids,
+                                   **sampling)
+        assert torch.equal(plain, fast), stop_ids
+    first = (plain[0, 6:] == stop).nonzero()[0].item()  # row 0 stopped, and was padded from there
+    assert (plain[0, 6 + first:] == stop).all()
 
 
 @pytest.mark.parametrize("bad, msg", [(dict(n_head=5), "divisible by n_head"), (dict(n_kv_head=3), "n_kv_head"),
@@ -194,16 +216,17 @@ def test_compiled_decoding_equals_eager_and_compiles_once():
     from torch._dynamo.utils import counters
     m = tiny(max_position_embeddings=256)
     prompts = [torch.randint(0, 512, (1, 5)), torch.randint(0, 512, (1, 17))]
-    eager = [m.generate(p, 64, temperature=0) for p in prompts]
+    eager = [Decoder(m).generate(p, 64, temperature=0) for p in prompts]
     torch._dynamo.reset()
     counters.clear()
-    warm = m.generate(prompts[0], 2, temperature=0, compile=True)  # compiles here
+    compiled = Decoder(m, compile=True)
+    warm = compiled.generate(prompts[0], 2, temperature=0)  # compiles here
     assert torch.equal(warm, eager[0][:, :5 + 2])
     compiled_frames = counters["stats"]["unique_graphs"]
     assert compiled_frames == 1
     with torch._dynamo.config.patch(error_on_recompile=True):  # any recompilation now raises
         for p, e in zip(prompts, eager):
-            assert torch.equal(m.generate(p, 64, temperature=0, compile=True), e)
+            assert torch.equal(compiled.generate(p, 64, temperature=0), e)
     assert counters["stats"]["unique_graphs"] == compiled_frames
 
 

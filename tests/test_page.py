@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from conftest import Server, missing
-from smol import HERE
+from common import HERE
 
 try:
     from selenium import webdriver

@@ -13,8 +13,9 @@ import pytest
 
 import prepare
 from prepare import UserError, is_val
-from smol import EOT_ID, HERE, load_tokenizer
-from train import load_tokens
+from common import HERE
+from data import load_tokenizer, load_tokens
+from smol import EOT_ID
 
 # documents with what tends to break tokenization: digits, code, accents, CJK, emoji,
 # inner blank lines, and leading/trailing whitespace that the text format strips

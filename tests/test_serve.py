@@ -12,9 +12,11 @@ import httpx
 import pytest
 import torch
 
-from common import render_chat
+from chat import render_chat
+from common import HERE
 from conftest import need_module
-from smol import HERE, SmolLM, load_tokenizer
+from data import load_tokenizer
+from hf import from_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def client(chat_server, openai):
 def reference(chat_model):
     """The same weights in this process: what greedy decoding must give, computed by
     SmolLM.generate (itself checked against transformers in test_hf.py)."""
-    model, tok = SmolLM.from_pretrained(str(chat_model["hf"])).eval(), load_tokenizer()
+    model, tok = from_pretrained(str(chat_model["hf"])).eval(), load_tokenizer()
 
     def greedy(prompt_ids, n):
         out = model.generate(torch.tensor([prompt_ids]), n, temperature=0)[0, len(prompt_ids):].tolist()

@@ -7,7 +7,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from reference_bpe import ReferenceBPE  # noqa: E402
 
-from smol import HERE, load_tokenizer  # noqa: E402
+from common import HERE  # noqa: E402
+from data import load_tokenizer  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>", "<file_sep>",
             "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>", "<issue_closed>",

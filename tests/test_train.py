@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from smol import HERE
+from common import HERE
 
 ROOT = HERE
 TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",

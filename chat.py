@@ -1,0 +1,66 @@
+"""
+Talking to a model: the chat format of SmolLM2-Instruct (ChatML), fitting a
+conversation into the context, and token ids to text as it streams.
+"""
+from smol import EOT_ID, IM_END_ID
+
+# SmolLM2-Instruct speaks ChatML: each turn is <|im_start|>ROLE\nTEXT<|im_end|>\n, and
+# the model's own turn ends with <|im_end|> (id 2). The official chat template (stored
+# with the instruct weights, e.g. as tokenizer.chat_template in their GGUF files) puts
+# this system message first when a conversation does not begin with one.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+ROLES = ("system", "user", "assistant")
+
+
+def render_chat(messages, add_generation_prompt=True):
+    """[{"role", "content"}, ...] -> prompt text, as the official template renders it;
+    add_generation_prompt opens the assistant's turn for the model to write."""
+    if messages and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}] + list(messages)
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def is_chat_model(model):
+    """Trained for chat: its turns end with <|im_end|> (the instruct checkpoints say so
+    in their eos_token_id; base models and this project's own say <|endoftext|>)."""
+    return IM_END_ID in model.eos_token_ids
+
+
+def chat_stop_ids(model):
+    """Where a reply ends: a turn ends at <|im_end|> whatever the checkpoint declares,
+    and a base model's text at <|endoftext|>."""
+    return set(model.eos_token_ids) | {IM_END_ID, EOT_ID}
+
+
+def fit_chat(messages, tokenizer, room):
+    """Encode a conversation for generation, dropping its oldest turns (never the
+    system message nor the last message) until the prompt fits in room tokens.
+    Returns (prompt ids, messages kept), or (None, messages) if even the last message
+    alone does not fit."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    # cut before a user turn, so that what is kept still opens with the user
+    starts = [i for i, m in enumerate(turns) if m["role"] == "user" or i == len(turns) - 1] or [0]
+    for start in starts:
+        ids = tokenizer.encode(render_chat(system + turns[start:])).ids
+        if len(ids) <= room:
+            return ids, system + turns[start:]
+    return None, messages
+
+
+class TextStream:
+    """Token ids in, text out as soon as it is whole. A character may take several
+    byte-level tokens (an emoji is four), and decoding only some of them gives U+FFFD:
+    such ids wait until the character is complete. Special tokens print as nothing."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.pending = tokenizer, []
+
+    def push(self, token_id):
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < 8:  # a character is at most 4 bytes; give up after 8
+            return ""
+        self.pending = []
+        return text

@@ -1,0 +1,206 @@
+"""
+What keeps a training run from wasting hours or losing a checkpoint: the checks made
+before the first step (so a mistake costs seconds, not eval_interval steps), the lock
+that keeps two runs out of one out_dir, SIGINT and SIGTERM turned into a save and a
+clean exit, and one line, naming the checkpoint that is intact, for running out of
+memory, a loss that is no longer finite and a failed save. The fault-injection hooks
+of tests/test_errors.py are named here and nowhere else.
+"""
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from checkpoint import save_checkpoint
+from common import UserError
+from smol import EOT_ID, SmolLM
+
+# ---- fault injection, for the tests only ----
+# SMOL_TEST_SLOW_SAVE=seconds: a pause between a checkpoint's fsync and its rename, the
+#   window in which a test kills the writer
+# SMOL_TEST_OOM_AT_EVAL=bytes: evaluate() raises the error the CPU allocator raises
+
+
+def slow_save():
+    time.sleep(float(os.environ.get("SMOL_TEST_SLOW_SAVE", 0)))
+
+
+def oom_at_eval():
+    if os.environ.get("SMOL_TEST_OOM_AT_EVAL"):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                           f"{os.environ['SMOL_TEST_OOM_AT_EVAL']} bytes. Error code 12 (Cannot allocate memory)")
+
+
+# ---- before the first step ----
+
+def memory_needed(mcfg, batch_size):
+    """A lower bound on the bytes a training run needs, to refuse absurd sizes before
+    allocating anything: fp32 weights, gradients and two AdamW moments (16 bytes a
+    parameter), the RoPE tables, and each layer's input kept for backward (the real
+    activation memory is several times this). Returns (parameters, bytes)."""
+    with torch.device("meta"):  # shapes only: the count costs no memory
+        params = SmolLM(mcfg).num_params()
+    rope = 2 * 4 * mcfg.max_position_embeddings * mcfg.head_dim
+    activations = 4 * batch_size * mcfg.block_size * mcfg.n_embd * (mcfg.n_layer + 1)
+    return params, 16 * params + rope + activations
+
+
+def device_memory(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # CPU (and MPS: unified memory)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def before_first_step(cfg, mcfg, device, master, resuming):
+    """Refuse a run that cannot fit the device, write its out_dir or save a checkpoint
+    there. Returns (parameter count, the out_dir lock: keep it open until the end)."""
+    n_params, needed = memory_needed(mcfg, cfg.batch_size)
+    have = device_memory(device)
+    if have and needed > have:
+        raise UserError(f"this run needs at least {needed / 2**30:,.1f} GiB ({n_params:,} parameters at 16 bytes "
+                        f"for weights, gradients and AdamW moments, plus activations of batch_size "
+                        f"{cfg.batch_size} x block_size {mcfg.block_size}) but {device} has {have / 2**30:,.1f} GiB; "
+                        f"choose a smaller model, --batch_size or --block_size")
+    lock, ckpt_path = None, os.path.join(cfg.out_dir, "ckpt.pt")
+    if master:
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            lock = lock_out_dir(cfg.out_dir)
+        except OSError as e:
+            raise UserError(f"cannot write to out_dir {cfg.out_dir} ({e.strerror}); pass a writable --out_dir")
+    if not resuming and os.path.exists(ckpt_path):
+        raise UserError(f"{ckpt_path} already exists and a new run would overwrite it; continue it with "
+                        f"--init_from resume, or pass another --out_dir (or delete the file)")
+    # a checkpoint holds fp32 weights and two AdamW moments; the .tmp beside the old one needs that much free
+    ckpt_bytes = 12 * n_params
+    if master and shutil.disk_usage(cfg.out_dir).free < ckpt_bytes:
+        raise UserError(f"{cfg.out_dir} has {shutil.disk_usage(cfg.out_dir).free / 2**30:.2f} GiB free but a checkpoint "
+                        f"takes about {ckpt_bytes / 2**30:.2f} GiB; free some space or pass another --out_dir")
+    return n_params, lock
+
+
+def sample_prompt_ids(tokenizer, cfg, mcfg):
+    """The ids of the sample printed at every evaluation, checked now rather than after
+    the first eval_interval steps."""
+    ids = tokenizer.encode(cfg.sample_prompt).ids or [EOT_ID]  # an empty prompt starts a fresh document
+    if max(ids) >= mcfg.vocab_size:
+        raise UserError(f"--sample_prompt encodes to id {max(ids)}, not below vocab_size {mcfg.vocab_size}")
+    if len(ids) + cfg.sample_tokens > mcfg.max_position_embeddings:
+        raise UserError(f"--sample_prompt ({len(ids)} tokens) + --sample_tokens {cfg.sample_tokens} exceed "
+                        f"max_position_embeddings {mcfg.max_position_embeddings}; shorten one of them")
+    return ids
+
+
+def lock_out_dir(out_dir):
+    """Hold out_dir/train.lock for the whole run, so that a second run on the same
+    out_dir refuses instead of overwriting the first one's checkpoints. flock is
+    released by the OS when the holder dies, however it dies: a killed run never
+    blocks the next. Returns the open file, which must stay open."""
+    f = open(os.path.join(out_dir, "train.lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{out_dir} is in use by another train.py ({holder}); wait for it to finish, or pass "
+                        f"another --out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
+# ---- while training ----
+
+def is_out_of_memory(e):
+    # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError with one of these phrases
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(m in str(e) for m in ("not enough memory", "DefaultCPUAllocator",
+                                                                  "can't allocate memory")))
+
+
+class Guard:
+    """A running job's failures as one line each, saying which checkpoint is intact
+    (it saves them, so it knows), and SIGINT / SIGTERM as a request to stop."""
+
+    def __init__(self, cfg, mcfg, device, n_params, ddp, master, saved_step):
+        self.cfg, self.mcfg, self.device, self.n_params, self.ddp, self.master = cfg, mcfg, device, n_params, ddp, master
+        self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+        self.saved_step = saved_step  # the step of the checkpoint on disk; None before the first save
+        self.signals = []
+
+    def last_saved(self):
+        if self.saved_step is None:
+            return "No checkpoint was saved yet"
+        return (f"The checkpoint of step {self.saved_step}, {self.ckpt_path}, is intact: continue with python "
+                f"train.py --init_from resume --out_dir {self.cfg.out_dir}")
+
+    def out_of_memory(self, e, where):
+        if not is_out_of_memory(e):
+            raise e
+        cfg = self.cfg
+        return UserError(f"out of memory on {self.device} at {where} with batch_size {cfg.batch_size} x block_size "
+                         f"{self.mcfg.block_size} = {cfg.batch_size * self.mcfg.block_size:,} tokens per micro step "
+                         f"({self.n_params:,} parameters); lower --batch_size or --block_size (raise "
+                         f"--gradient_accumulation_steps, now {cfg.gradient_accumulation_steps}, to keep the tokens "
+                         f"per step). {self.last_saved()}")
+
+    @contextmanager
+    def step(self, step):
+        try:
+            yield
+        except FloatingPointError as e:  # train_step refused to apply a non-finite loss
+            raise UserError(f"loss is {e} at step {step}; stopping. The last good checkpoint {self.ckpt_path} "
+                            f"is untouched: resume from it with a lower --learning_rate") from None
+        except RuntimeError as e:
+            raise self.out_of_memory(e, f"step {step}") from None
+
+    @contextmanager
+    def evaluation(self, step):
+        try:
+            yield
+        except RuntimeError as e:
+            raise self.out_of_memory(e, f"the evaluation of step {step}") from None
+
+    def save(self, ckpt):
+        if not self.master:  # one writer
+            return
+        try:
+            save_checkpoint(ckpt, self.ckpt_path, before_rename=slow_save)
+        except OSError as e:  # disk full, out_dir removed or read-only: stop rather than train on unsaved
+            raise UserError(f"could not save {self.ckpt_path} at step {ckpt['iter_num']} ({e.strerror or e}); "
+                            f"stopped. {self.last_saved()}") from None
+        self.saved_step = ckpt["iter_num"]
+
+    def catch_signals(self):
+        # SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) only raise a flag; the
+        # loop finishes the step it is in, saves a checkpoint and exits
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+
+    def stop_requested(self):
+        flag = torch.tensor([self.signals[0] if self.signals else 0], device=self.device)
+        if self.ddp:  # all processes stop after the same step, whichever got the signal
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def exit_stopped(self, signum, step):
+        if self.ddp:
+            dist.barrier()  # nobody exits (and gets the others killed) before the checkpoint is on disk
+        if self.master:
+            print(f"{signal.Signals(signum).name}: stopped after step {step}; saved {self.ckpt_path}. Continue with: "
+                  f"python train.py --init_from resume --out_dir {self.cfg.out_dir} --max_iters {self.cfg.max_iters}",
+                  file=sys.stderr)
+        sys.exit(128 + signum)

@@ -1,0 +1,130 @@
+"""
+What a training run reports, and plot.py reads back: one line per logged step (loss,
+learning rate, time per step, tokens/s, MFU on known GPUs, ETA), one per evaluation,
+a note when a CPU run would take hours, and the same numbers as JSON lines in
+out_dir/metrics.jsonl: {step, loss, lr, tok_s} per logged step and {step, train_loss,
+val_loss} per evaluation. A resumed run appends to the file, so the curve continues.
+"""
+import json
+import os
+import sys
+import time
+
+from common import UserError
+
+# the laptop run of docs/training.md: 7M parameters, 1,500 steps in about 16 minutes on 2 CPU cores
+SMALL_CPU_RUN = ("--n_layer 4 --n_embd 128 --n_head 4 --n_kv_head 2 --intermediate_size 384 --block_size 128 "
+                 "--batch_size 8 --max_iters 1500 --lr_decay_iters 1500 --learning_rate 2e-3 --min_lr 2e-4 "
+                 "--warmup_iters 100 --eval_interval 250 --log_interval 50 --out_dir out-cpu")
+
+
+def fmt_time(seconds):
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    d, h = divmod(h, 24)
+    return f"{d}d{h:02d}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class TrainingLog:
+    """The lines and metrics.jsonl rows of rank 0 (the other processes keep time only).
+    mfu: tokens/s -> fraction of the device's peak, or None where the peak is unknown;
+    last_saved: the sentence about the intact checkpoint, for a failed write."""
+
+    def __init__(self, cfg, master, resumed, first_step, tokens_per_step, mfu, on_cpu, last_saved):
+        self.cfg, self.master, self.first_step, self.tokens_per_step = cfg, master, first_step, tokens_per_step
+        self.mfu, self.on_cpu, self.last_saved = mfu, on_cpu, last_saved
+        self.file = None
+        if master:
+            path = os.path.join(cfg.out_dir, "metrics.jsonl")
+            torn = False
+            if resumed and os.path.exists(path) and os.path.getsize(path):
+                with open(path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    torn = f.read(1) != b"\n"  # a crash in the middle of a line: ours start on a line of their own
+            self.file = open(path, "a" if resumed else "w")  # a new run starts the file afresh
+            if torn:
+                self.file.write("\n")
+        self.t_last, self.steps_since_log, self.dt_ema, self.logs_done = time.time(), 0, None, 0
+
+    def log(self, line):
+        if self.master:
+            print(line, flush=True)
+
+    def write(self, row):
+        if self.file is None:
+            return
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise UserError(f"cannot write {self.file.name} ({e.strerror}); stopped at step {row['step']}. "
+                            f"{self.last_saved()}") from None
+
+    def step(self, step, loss, lr):
+        """After every step; logs the first of this run (also after a resume), every
+        log_interval-th and the last."""
+        self.steps_since_log += 1
+        if not (step == self.first_step or step % self.cfg.log_interval == 0 or step == self.cfg.max_iters):
+            return
+        dt = (time.time() - self.t_last) / self.steps_since_log
+        self.t_last, self.steps_since_log = time.time(), 0
+        # the first step includes compilation and warm-up: its time gives the first
+        # ETA, the next interval replaces it, and only then does the average start
+        self.dt_ema = dt if self.logs_done < 2 else 0.9 * self.dt_ema + 0.1 * dt
+        self.logs_done += 1
+        tok_s, left = self.tokens_per_step / dt, self.cfg.max_iters - step
+        mfu = f" | mfu {100 * self.mfu(tok_s):.1f}%" if self.mfu else ""
+        self.log(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s"
+                 f"{mfu} | eta {fmt_time(left * self.dt_ema)}")
+        if step == self.first_step and self.on_cpu and left * dt > 3600:
+            self.log(f"note: at {dt:.1f} s per step, the {left:,} steps left take about {fmt_time(left * dt)} on "
+                     f"this CPU. A small model trains on input.txt in minutes (docs/training.md, 'Small on a laptop "
+                     f"CPU'): python train.py {SMALL_CPU_RUN}")
+        self.write({"step": step, "loss": loss, "lr": lr, "tok_s": tok_s})
+
+    def eval(self, step, losses, best_val_loss, sample):
+        self.log(f"eval step {step} | train {losses['train']:.4f} | val {losses['val']:.4f} "
+                 f"| best val {best_val_loss:.4f}")
+        if sample is not None:
+            self.log(f"sample: {sample!r}")
+        self.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
+
+    def saved(self, path, step):
+        self.log(f"saved {path} at step {step}")
+        self.t_last = time.time()  # evaluating and saving is not training time
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def read_metrics(path):
+    """(train rows, eval rows), each {step: row}, later lines winning."""
+    if not os.path.isfile(path):
+        raise UserError(f"no metrics at {path}; train.py writes them into its --out_dir")
+    train, evals, skipped = {}, {}, []
+    with open(path, errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            # a line torn by a crash in the middle of a write is skipped, not fatal:
+            # everything before and after it is still good
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and (
+                    {"train_loss", "val_loss"} <= row.keys() or {"loss", "lr"} <= row.keys()):
+                (evals if "val_loss" in row else train)[row["step"]] = row
+            else:
+                skipped.append(n)
+    if not train and not evals:
+        if skipped:
+            raise UserError(f"{path} holds no line train.py writes (line {skipped[0]} is not one); "
+                            f"is it a metrics.jsonl from train.py?")
+        raise UserError(f"{path} holds no metrics yet")
+    if skipped:
+        shown = ", ".join(map(str, skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        print(f"warning: skipped unreadable {'lines' if len(skipped) > 1 else 'line'} {shown} of {path} (torn by "
+              f"a crash, or not from train.py); plotting the rest", file=sys.stderr)
+    return train, evals
