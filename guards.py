@@ -7,6 +7,7 @@ memory, a loss that is no longer finite and a failed save. The fault-injection h
 of tests/test_errors.py are named here and nowhere else.
 """
 import fcntl
+import math
 import os
 import shutil
 import signal
@@ -165,6 +166,9 @@ class Guard:
             raise UserError(f"loss is {e} at step {step}; stopping. The last good checkpoint {self.ckpt_path} "
                             f"is untouched: resume from it with a lower --learning_rate") from None
         except RuntimeError as e:
+            if "without overflow" in str(e):  # AdamW's step size beyond float32's range
+                raise UserError(f"--learning_rate {self.cfg.learning_rate} overflows float32 in AdamW's update at "
+                                f"step {step}; use a smaller one. {self.last_saved()}") from None
             raise self.out_of_memory(e, f"step {step}") from None
 
     @contextmanager
@@ -174,9 +178,27 @@ class Guard:
         except RuntimeError as e:
             raise self.out_of_memory(e, f"the evaluation of step {step}") from None
 
-    def save(self, ckpt):
+    def refuse_diverged(self, ckpt, losses=None):
+        """Refuse to save weights that diverged: an evaluation loss, a weight or an AdamW
+        moment that is inf or NaN. An update can diverge while the loss before it was still
+        finite, and saving it would replace the last good checkpoint with a broken one."""
+        tensors = {f"model {k}": v for k, v in ckpt["model"].items()}
+        tensors.update({f"AdamW {k} of parameter {i}": v for i, state in ckpt["optimizer"]["state"].items()
+                        for k, v in state.items() if k != "step"})
+        finite = torch.stack([t.isfinite().all() for t in tensors.values()])  # one device sync, below
+        bad = [f"the {split} loss is {loss}" for split, loss in (losses or {}).items() if not math.isfinite(loss)]
+        if not bool(finite.all()):
+            bad.append(f"{list(tensors)[int((~finite).nonzero()[0])]} holds inf or nan")
+        if bad:
+            raise UserError(f"the weights diverged at step {ckpt['iter_num']} ({bad[0]}); stopping without saving. "
+                            + (f"The last good checkpoint {self.ckpt_path} (step {self.saved_step}) is untouched: "
+                               f"resume from it with a lower --learning_rate" if self.saved_step is not None else
+                               "No checkpoint was saved yet: train again with a lower --learning_rate"))
+
+    def save(self, ckpt, losses=None):
         if not self.master:  # one writer
             return
+        self.refuse_diverged(ckpt, losses)
         try:
             save_checkpoint(ckpt, self.ckpt_path, before_rename=slow_save)
         except OSError as e:  # disk full, out_dir removed or read-only: stop rather than train on unsaved

@@ -12,6 +12,7 @@ import time
 
 from common import UserError
 
+EVAL_NOTE_S = 5  # an evaluation expected to take longer than this many seconds is announced
 # the laptop run of docs/training.md: 7M parameters, 1,500 steps in about 16 minutes on 2 CPU cores
 SMALL_CPU_RUN = ("--n_layer 4 --n_embd 128 --n_head 4 --n_kv_head 2 --intermediate_size 384 --block_size 128 "
                  "--batch_size 8 --max_iters 1500 --lr_decay_iters 1500 --learning_rate 2e-3 --min_lr 2e-4 "
@@ -30,9 +31,13 @@ class TrainingLog:
     mfu: tokens/s -> fraction of the device's peak, or None where the peak is unknown;
     last_saved: the sentence about the intact checkpoint, for a failed write."""
 
-    def __init__(self, cfg, master, resumed, first_step, tokens_per_step, mfu, on_cpu, last_saved):
+    def __init__(self, cfg, master, resumed, first_step, tokens_per_step, mfu, on_cpu, last_saved, micro_steps=1):
         self.cfg, self.master, self.first_step, self.tokens_per_step = cfg, master, first_step, tokens_per_step
         self.mfu, self.on_cpu, self.last_saved = mfu, on_cpu, last_saved
+        # an evaluation runs 2 x eval_iters forward passes; a step runs micro_steps forward and
+        # backward passes, about three forwards each: the guess until an evaluation is timed
+        self.eval_per_step = 2 * cfg.eval_iters / (3 * micro_steps)
+        self.eval_s, self.eval_t0 = None, None  # the last evaluation's measured seconds
         self.file = None
         if master:
             path = os.path.join(cfg.out_dir, "metrics.jsonl")
@@ -74,13 +79,35 @@ class TrainingLog:
         self.logs_done += 1
         tok_s, left = self.tokens_per_step / dt, self.cfg.max_iters - step
         mfu = f" | mfu {100 * self.mfu(tok_s):.1f}%" if self.mfu else ""
+        eta = left * self.dt_ema + self.evals_left(step) * self.eval_seconds()
         self.log(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s"
-                 f"{mfu} | eta {fmt_time(left * self.dt_ema)}")
-        if step == self.first_step and self.on_cpu and left * dt > 3600:
-            self.log(f"note: at {dt:.1f} s per step, the {left:,} steps left take about {fmt_time(left * dt)} on "
+                 f"{mfu} | eta {fmt_time(eta)}")
+        if step == self.first_step and self.on_cpu and eta > 3600:
+            self.log(f"note: at {dt:.1f} s per step, the {left:,} steps left take about {fmt_time(eta)} on "
                      f"this CPU. A small model trains on input.txt in minutes (docs/training.md, 'Small on a laptop "
                      f"CPU'): python train.py {SMALL_CPU_RUN}")
         self.write({"step": step, "loss": loss, "lr": lr, "tok_s": tok_s})
+
+    def evals_left(self, step):
+        """Evaluations from `step` on (its own, logged after its step line, included):
+        every eval_interval-th step, and the last step."""
+        cfg = self.cfg
+        return cfg.max_iters // cfg.eval_interval - (step - 1) // cfg.eval_interval + \
+            (cfg.max_iters % cfg.eval_interval != 0)
+
+    def eval_seconds(self):
+        """How long an evaluation takes (with its sample and save): the last one measured,
+        else a guess from the step time."""
+        return self.eval_s if self.eval_s is not None else self.eval_per_step * (self.dt_ema or 0.0)
+
+    def eval_started(self, step):
+        """An evaluation that will take more than a few seconds says so when it starts,
+        rather than leaving the log silent for minutes."""
+        self.eval_t0 = time.time()
+        guess = self.eval_seconds()
+        if guess > EVAL_NOTE_S:
+            self.log(f"evaluating at step {step}: 2 x {self.cfg.eval_iters} batches of {self.cfg.batch_size} "
+                     f"sequences, about {fmt_time(guess)}")
 
     def eval(self, step, losses, best_val_loss, sample):
         self.log(f"eval step {step} | train {losses['train']:.4f} | val {losses['val']:.4f} "
@@ -91,6 +118,8 @@ class TrainingLog:
 
     def saved(self, path, step):
         self.log(f"saved {path} at step {step}")
+        if self.eval_t0 is not None:
+            self.eval_s = time.time() - self.eval_t0
         self.t_last = time.time()  # evaluating and saving is not training time
 
     def close(self):

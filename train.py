@@ -269,7 +269,7 @@ def main(argv=None):
     guard = guards.Guard(cfg, mcfg, device, n_params, ddp, master, saved_step=iter_num if resumed else None)
     mfu = (lambda tok_s: raw_model.estimate_mfu(tok_s / world, mcfg.block_size, peak)) if peak else None
     report = TrainingLog(cfg, master, resumed, iter_num + 1, tokens_per_step, mfu, device_type == "cpu",
-                         guard.last_saved)
+                         guard.last_saved, micro_steps=accum)
     guard.catch_signals()
 
     # ---- the loop: one iteration = one optimizer step ----
@@ -286,12 +286,16 @@ def main(argv=None):
 
         stop = guard.stop_requested()  # the signal's number, 0 for none
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+            report.eval_started(iter_num)
             with guard.evaluation(iter_num):
                 losses = evaluate(model, sampler, cfg.eval_iters, ctx)
             best_val_loss = min(best_val_loss, losses["val"])  # only an improvement replaces it, never a NaN
-            sample = sample_text(raw_model, tokenizer, sample_ids, cfg, device, ctx) if master else None
+            # weights that diverged give no sample, and the save below refuses them
+            diverged = not all(map(math.isfinite, losses.values()))
+            sample = sample_text(raw_model, tokenizer, sample_ids, cfg, device, ctx) if master and not diverged else None
             report.eval(iter_num, losses, best_val_loss, sample)
-            guard.save(training_checkpoint(raw_model, optimizer, cfg, iter_num, best_val_loss, sampler.generator))
+            guard.save(training_checkpoint(raw_model, optimizer, cfg, iter_num, best_val_loss, sampler.generator),
+                       losses)
             report.saved(ckpt_path, iter_num)
         elif stop:
             guard.save(training_checkpoint(raw_model, optimizer, cfg, iter_num, best_val_loss, sampler.generator))

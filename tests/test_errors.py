@@ -237,6 +237,34 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert digest(tmp_path / "run" / "ckpt.pt") == good
 
 
+def test_divergence_on_an_evaluation_step_never_reaches_the_checkpoint(tmp_path):
+    # the loss is checked before each update, so an update that breaks the weights is
+    # first seen by the evaluation right after it: that evaluation's save must refuse
+    assert run("train.py", *TINY, "--max_iters", 4, "--eval_interval", 4, "--out_dir", "run",
+               cwd=tmp_path).returncode == 0
+    shutil.copytree(tmp_path / "run", tmp_path / "twin")
+    wild = ["--learning_rate", 1e30, "--min_lr", 1e30, "--warmup_iters", 0, "--grad_clip", 0, "--eval_interval", 1]
+    proc = run("train.py", "--init_from", "resume", "--out_dir", "run", "--max_iters", 50, *wild, cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: the weights diverged at step 6 (the train loss is nan); stopping without "
+                                  "saving. The last good checkpoint run/ckpt.pt (step 5) is untouched"), proc.stderr
+    assert "eval step 6 | train nan | val nan" in proc.stdout
+    # what is on disk is exactly the state of step 5: the same run stopped there by itself
+    assert run("train.py", "--init_from", "resume", "--out_dir", "twin", "--max_iters", 5, *wild,
+               cwd=tmp_path).returncode == 0
+    kept, twin = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("run", "twin"))
+    assert kept["iter_num"] == twin["iter_num"] == 5
+    for k, v in twin["model"].items():
+        assert torch.equal(kept["model"][k], v) and v.isfinite().all(), k
+
+
+def test_a_learning_rate_beyond_float32_is_one_line(tmp_path):
+    proc = run("train.py", *TINY, "--max_iters", 2, "--learning_rate", 1e39, "--warmup_iters", 0, "--out_dir", "run",
+               cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.startswith(
+        "error: --learning_rate 1e+39 overflows float32 in AdamW's update at step 1; use a smaller one."), proc.stderr
+
+
 def test_out_of_memory_at_the_first_step_is_one_line(work):
     # a real allocator failure, not a simulated one: the address space is capped at
     # 2.5 GB (enough for the tiny model at batch 2) and a batch of 50,000 rows asks
