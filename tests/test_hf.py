@@ -8,10 +8,11 @@ import os
 import pytest
 import torch
 
+from conftest import need_module
 from hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained
 from smol import PRESETS, SmolConfig, SmolLM
 
-transformers = pytest.importorskip("transformers")
+transformers = need_module("transformers", "pip install transformers")
 
 SMALL = dict(vocab_size=1000, n_layer=3, n_head=6, n_kv_head=2, n_embd=96, intermediate_size=160, block_size=64)
 
@@ -85,6 +86,21 @@ def test_export_round_trip(tmp_path):
     assert back.lm_head.weight is back.model.embed_tokens.weight and back.num_params() == model.num_params()
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert tok("Hello world!").input_ids == [19556, 905, 17]
+
+
+def test_export_py_command_line_round_trip(chat_model):
+    # train.py then `python export.py --out_dir OUT --to DIR` (the chat_model fixture runs
+    # both command lines): transformers loads DIR and gives the checkpoint's logits, and
+    # from_pretrained reads back the same tensors
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    model = model_from_checkpoint(load_checkpoint(chat_model["out_dir"] / "ckpt.pt")).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(chat_model["hf"]).eval()
+    back = from_pretrained(str(chat_model["hf"]))
+    idx = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(idx)[0]
+        assert (hf(idx).logits - ours).abs().max().item() <= 1e-4
+        assert torch.equal(back(idx)[0], ours)
 
 
 def test_loads_sharded_bf16_checkpoint_with_rope_parameters(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 import prepare
 from prepare import UserError, is_val
 from common import HERE
+from conftest import need_module
 from data import load_tokenizer, load_tokens
 from smol import EOT_ID
 
@@ -95,7 +96,7 @@ def test_jsonl(tmp_path, tok):
 
 
 def test_parquet(tmp_path, tok):
-    pa = pytest.importorskip("pyarrow")
+    pa = need_module("pyarrow", "pip install pyarrow")
     import pyarrow.parquet as pq
     path = tmp_path / "data.parquet"
     pq.write_table(pa.table({"id": list(range(len(DOCS))), "text": DOCS}), path, row_group_size=50)
@@ -113,13 +114,10 @@ def test_folder(tmp_path, tok):
     write_text(src / "b" / "deeper" / "d.txt", DOCS[120:])
     (src / "notes.md").write_text("not read: a folder gives only .txt, .jsonl and .parquet files")
     docs = STRIPPED[:50] + DOCS[50:120] + STRIPPED[120:]  # sorted: a.txt, b/c.jsonl, b/deeper/d.txt
-    try:  # and b/e.parquet last, where pyarrow is installed
-        import pyarrow
-        import pyarrow.parquet
-        pyarrow.parquet.write_table(pyarrow.table({"text": DOCS[:20]}), src / "b" / "e.parquet")
-        docs += DOCS[:20]
-    except ImportError:
-        pass
+    pyarrow = need_module("pyarrow", "pip install pyarrow")  # and b/e.parquet last
+    import pyarrow.parquet
+    pyarrow.parquet.write_table(pyarrow.table({"text": DOCS[:20]}), src / "b" / "e.parquet")
+    docs += DOCS[:20]
     run_prepare(src, "--out", tmp_path / "out", "--val_fraction", 0.05)
     assert read(tmp_path / "out") == expected(tok, docs, 0.05)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from common import HERE
+from conftest import need_module
 
 ROOT = HERE
 TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",
@@ -106,7 +107,7 @@ def test_unknown_flag_suggests_the_closest(tmp_path):
 
 
 def test_plot_turns_metrics_into_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
+    need_module("matplotlib", "pip install matplotlib")
     run("train.py", *TINY, "--max_iters", 6, "--eval_interval", 3, "--log_interval", 1, "--out_dir", tmp_path)
     run("train.py", "--init_from", "resume", "--max_iters", 9, "--out_dir", tmp_path)  # the curve continues
     run("plot.py", "--out_dir", tmp_path, "--to", tmp_path / "curve.png")
