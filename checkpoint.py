@@ -120,31 +120,38 @@ def check_state(state, config, path):
 
 class RecordingWriter:
     """A file for torch.save that keeps the OSError of a failed write: torch.save
-    itself reports a full disk only as a RuntimeError about stream positions."""
+    itself reports a full disk only as a RuntimeError about stream positions.
+    after_first_write: called once, with the first bytes on disk (the tests' window)."""
 
-    def __init__(self, f):
-        self.f, self.error = f, None
+    def __init__(self, f, after_first_write=None):
+        self.f, self.error, self.after_first_write = f, None, after_first_write
 
     def write(self, data):
         try:
-            return self.f.write(data)
+            n = self.f.write(data)
         except OSError as e:
             self.error = e
             raise
+        if self.after_first_write is not None:
+            hook, self.after_first_write = self.after_first_write, None
+            self.f.flush()
+            hook()
+        return n
 
     def flush(self):
         return self.f.flush()
 
 
-def save_checkpoint(ckpt, path, before_rename=None):
+def save_checkpoint(ckpt, path, during_write=None):
     """Write a temporary file in the same folder, fsync it, then rename it over the old
     checkpoint: a crash mid-write leaves the previous checkpoint intact. A failed write
     (disk full, out_dir gone) removes the partial file and raises OSError.
-    before_rename: called between the two (the tests' window to kill the writer)."""
+    during_write: called once the first bytes are written (the tests' window to kill
+    the writer in the middle of the file)."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
-            writer = RecordingWriter(f)
+            writer = RecordingWriter(f, during_write)
             try:
                 torch.save(ckpt, writer)
             except RuntimeError:
@@ -153,8 +160,6 @@ def save_checkpoint(ckpt, path, before_rename=None):
                 raise writer.error from None
             f.flush()
             os.fsync(f.fileno())
-            if before_rename is not None:
-                before_rename()
         os.replace(tmp, path)
         dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:

@@ -24,13 +24,15 @@ from common import UserError
 from smol import EOT_ID, SmolLM
 
 # ---- fault injection, for the tests only ----
-# SMOL_TEST_SLOW_SAVE=seconds: a pause between a checkpoint's fsync and its rename, the
-#   window in which a test kills the writer
+# SMOL_TEST_SLOW_SAVE=seconds: a pause once the first bytes of a checkpoint's temporary
+#   file are written, the window in which a test kills the writer mid-file
 # SMOL_TEST_OOM_AT_EVAL=bytes: evaluate() raises the error the CPU allocator raises
 
 
 def slow_save():
-    time.sleep(float(os.environ.get("SMOL_TEST_SLOW_SAVE", 0)))
+    """The pause as a hook for checkpoint.save_checkpoint, or None outside the tests."""
+    seconds = float(os.environ.get("SMOL_TEST_SLOW_SAVE", 0))
+    return (lambda: time.sleep(seconds)) if seconds else None
 
 
 def oom_at_eval():
@@ -200,7 +202,7 @@ class Guard:
             return
         self.refuse_diverged(ckpt, losses)
         try:
-            save_checkpoint(ckpt, self.ckpt_path, before_rename=slow_save)
+            save_checkpoint(ckpt, self.ckpt_path, during_write=slow_save())
         except OSError as e:  # disk full, out_dir removed or read-only: stop rather than train on unsaved
             raise UserError(f"could not save {self.ckpt_path} at step {ckpt['iter_num']} ({e.strerror or e}); "
                             f"stopped. {self.last_saved()}") from None
