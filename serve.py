@@ -7,7 +7,10 @@ Serve one model over HTTP: a chat page for people, an OpenAI-compatible API for 
     GET  /                       the page: chat (instruct models) or completion (base models)
     POST /v1/chat/completions    messages -> reply, as OpenAI's API (stream: true for SSE)
     POST /v1/completions         prompt -> continuation
-    GET  /v1/models, GET /health
+    GET  /v1/models
+    GET  /health                 {"status": "ok", "model", "chat", "context_length", "active_requests": the
+                                 requests generating now, "tokens_generated": every token the model has
+                                 generated since the server started, for all requests together}
 
 How requests share the model: one worker thread runs every model call, taking jobs
 from one first-in-first-out queue. A request's job is "its next token" (the first one
@@ -111,6 +114,7 @@ class ServedModel:
         self.chat = is_chat_model(model)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.active = 0  # requests generating now (GET /health)
+        self.generated = 0  # tokens the model has generated since start, for every request (GET /health)
 
     def check(self, req):
         if req.model is not None and req.model != self.name:
@@ -145,7 +149,10 @@ class ServedModel:
 
         def next_id():  # runs in the worker: the model call and the copy of the id to the host
             token = next(tokens, None)
-            return None if token is None else token.item()
+            if token is None:
+                return None
+            self.generated += 1  # only this thread writes it
+            return token.item()
 
         loop = asyncio.get_running_loop()
         text, sent, finish = TextStream(self.tokenizer), 0, "length"
@@ -220,7 +227,7 @@ def create_app(served):
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": served.name, "chat": served.chat, "context_length": served.context,
-                "active_requests": served.active}
+                "active_requests": served.active, "tokens_generated": served.generated}
 
     @app.get("/v1/models")
     async def models():

@@ -5,7 +5,6 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -16,6 +15,7 @@ from chat import render_chat
 from common import HERE
 from conftest import need_module
 from data import load_tokenizer
+from engine import load_model
 from hf import from_pretrained
 
 
@@ -46,8 +46,9 @@ def reference(chat_model):
 
 def test_models_and_health(chat_server, client):
     assert [m.id for m in client.models.list().data] == ["hf"]
-    health = httpx.get(chat_server.url + "/health").json()
-    assert health["status"] == "ok" and health["chat"] is True and health["context_length"] == 8192
+    h = health(chat_server)
+    assert h["status"] == "ok" and h["chat"] is True and h["context_length"] == 8192
+    assert h["active_requests"] == 0 and isinstance(h["tokens_generated"], int)
 
 
 def test_chat_completion_with_the_openai_client(client, reference):
@@ -203,54 +204,174 @@ def test_sixteen_clients_streaming_at_once_all_get_their_answers(chat_server, re
     assert results[8:] == [expected[p] for p in prompts]  # interleaving changes nothing
 
 
+def health(server):
+    return httpx.get(server.url + "/health").json()
+
+
 def active_requests(server):
-    return httpx.get(server.url + "/health").json()["active_requests"]
+    return health(server)["active_requests"]
+
+
+def tokens_generated(server):
+    return health(server)["tokens_generated"]
+
+
+def wait_for(condition, what, limit=60):
+    """Poll until condition() holds; the limit only turns a hang into a failure."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} (still so after {limit} s)"
+        time.sleep(0.05)
 
 
 def test_a_client_that_goes_away_stops_its_generation(chat_server):
+    before = tokens_generated(chat_server)
     with httpx.stream("POST", chat_server.url + "/v1/completions", timeout=60, json={
             "prompt": "Once", "max_tokens": 8000, "ignore_eos": True, "stream": True}) as r:
         lines = r.iter_lines()  # held: a loop broken out of would close the response here already
         for _ in range(10):
             next(lines)
         assert active_requests(chat_server) == 1
-    # 8000 tokens would take tens of seconds; the server notices the closed connection at once
-    deadline = time.time() + 3
-    while active_requests(chat_server) and time.time() < deadline:
-        time.sleep(0.05)
-    assert active_requests(chat_server) == 0
-    r = httpx.post(chat_server.url + "/v1/completions", json={"prompt": "Once", "max_tokens": 3, "ignore_eos": True})
+    wait_for(lambda: active_requests(chat_server) == 0, "the request of a client that went away is still active")
+    # a request after it takes the worker after any step of the stopped one still queued there
+    three = {"prompt": "Once", "max_tokens": 3, "ignore_eos": True}
+    r = httpx.post(chat_server.url + "/v1/completions", json=three, timeout=60)
     assert r.json()["usage"]["completion_tokens"] == 3
+    stopped = tokens_generated(chat_server) - before - 3
+    assert 0 < stopped < 8000, stopped  # it ended long before its max_tokens
+    # and none of it comes later: the next request moves the counter by its own 3 tokens only
+    after = tokens_generated(chat_server)
+    r = httpx.post(chat_server.url + "/v1/completions", json=three, timeout=60)
+    assert r.json()["usage"]["completion_tokens"] == 3
+    assert tokens_generated(chat_server) == after + 3
+    assert active_requests(chat_server) == 0
 
 
-def test_a_whole_context_prompt_stalls_others_no_longer_than_its_prefill(chat_server):
-    gaps, started, done = [], threading.Event(), threading.Event()
+def sse(line):
+    """One line of a stream: None (not an event), "done", "usage", a finish_reason, or "text"."""
+    if not line.startswith("data: "):
+        return None
+    if line == "data: [DONE]":
+        return "done"
+    chunk = json.loads(line[6:])
+    return "usage" if not chunk["choices"] else chunk["choices"][0]["finish_reason"] or "text"
 
-    def steady():  # a stream running before, during and after the long prompt
-        with httpx.stream("POST", chat_server.url + "/v1/completions", timeout=60, json={
-                "prompt": "Once", "max_tokens": 8000, "ignore_eos": True, "stream": True}) as r:
-            last = None
-            for line in r.iter_lines():
-                now = time.perf_counter()
-                if last is not None and started.is_set():
-                    gaps.append(now - last)
-                last = now
-                if done.is_set() and len(gaps) > 20:
+
+def test_a_whole_context_prompt_is_answered_while_an_earlier_stream_goes_on(chat_server):
+    """Requests are served side by side, not one after another: a whole-context prompt
+    sent while an 8,000-token stream runs is answered before that stream ends, and the
+    stream goes on after it. One event loop reads both streams and records what arrives
+    in order."""
+    arrivals = []  # ("steady" or "long", what sse() says), in the order they arrive
+    usage = {}
+    prompt = "word" + " word" * 8189  # 8,190 tokens: the whole context of 8,192 with its 2 new ones
+
+    async def both():
+        started, answered = asyncio.Event(), asyncio.Event()
+
+        async def steady(http):  # a stream running before, during and after the long prompt
+            async with http.stream("POST", "/v1/completions", json={
+                    "prompt": "Once", "max_tokens": 8000, "ignore_eos": True, "stream": True}) as r:
+                async for line in r.aiter_lines():
+                    if what := sse(line):
+                        arrivals.append(("steady", what))
+                    if len(arrivals) >= 10:
+                        started.set()
+                    if answered.is_set() and len(arrivals) - arrivals.index(("long", "done")) > 20:
+                        return  # 20 more after the long prompt's answer: enough (closing stops it)
+
+        async def long(http):
+            await started.wait()
+            async with http.stream("POST", "/v1/completions", json={
+                    "prompt": prompt, "max_tokens": 2, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if what := sse(line):
+                        arrivals.append(("long", what))
+                    if what == "usage":
+                        usage.update(json.loads(line[6:])["usage"])
+            answered.set()
+
+        async with httpx.AsyncClient(base_url=chat_server.url, timeout=120) as http:
+            await asyncio.gather(steady(http), long(http))
+
+    asyncio.run(both())
+    assert usage["prompt_tokens"] == 8190 and usage["completion_tokens"] == 2
+    assert [what for who, what in arrivals if who == "long"][-3:] == ["length", "usage", "done"]
+    answer = arrivals.index(("long", "done"))
+    steady = [what for who, what in arrivals if who == "steady"]
+    before = [what for who, what in arrivals[:answer] if who == "steady"]
+    assert len(before) >= 10 and set(before) == {"text"}, "the stream ended before the long prompt's answer"
+    after = steady[len(before):]
+    assert len(after) >= 20 and set(after) == {"text"}, "the stream did not go on after the long prompt's answer"
+    wait_for(lambda: active_requests(chat_server) == 0, "the closed stream is still active")
+
+
+class Client:
+    """What ServedModel.generate uses of a request: is_disconnected(), and a state whose
+    completion_tokens it sets as each token comes from the worker. Here that setting
+    appends this client's name to a log that several clients share: the order in which
+    the worker served them, token by token."""
+
+    def __init__(self, name, log):
+        self.state = self.Tokens()
+        self.state.__dict__.update(name=name, log=log)
+
+    class Tokens:
+        def __setattr__(self, key, value):
+            self.log.append(self.name)
+
+    async def is_disconnected(self):
+        return False
+
+
+@pytest.fixture(scope="module")
+def served(chat_model):
+    """serve.py's ServedModel in this process (its one worker and its queue, no HTTP): the chat model."""
+    for name in ("fastapi", "uvicorn"):
+        need_module(name, "pip install -r requirements-serve.txt")
+    import serve
+    served = serve.ServedModel(load_model(str(chat_model["hf"]), None).eval(), load_tokenizer(), "hf", "cpu")
+    yield served
+    served.worker.shutdown()
+
+
+def test_a_whole_context_prompt_holds_the_others_up_for_its_prefill_and_no_longer(served):
+    """A stream runs; a whole-context prompt comes: its first job is its prefill and first
+    token, and the stream's next token comes right after that, before the long prompt's
+    second token; then the stream goes on. The log of who got each token shows it."""
+    from serve import CompletionRequest
+    log = []
+    tok = served.tokenizer
+    long_prompt = tok.encode("word" + " word" * 8189).ids
+    assert len(long_prompt) == 8190
+
+    async def both():
+        steady = served.generate(tok.encode("Once").ids, CompletionRequest(prompt="Once", max_tokens=8000),
+                                 set(), Client("steady", log))
+
+        async def long():
+            async for _ in served.generate(long_prompt, CompletionRequest(prompt="", max_tokens=2), set(),
+                                           Client("long", log)):
+                pass
+        answer = None
+        try:
+            async for _ in steady:
+                if answer is None and len(log) >= 10:
+                    answer = asyncio.create_task(long())
+                if answer is not None and answer.done() and "long" in log and log[::-1].index("long") >= 20:
                     break
+        finally:
+            await steady.aclose()
+        await answer
 
-    thread = threading.Thread(target=steady)
-    thread.start()
-    time.sleep(0.5)
-    started.set()
-    t0 = time.perf_counter()
-    prompt = "word" + " word" * 8189  # 8,190 tokens: room for one more in the 8,192 of context
-    r = httpx.post(chat_server.url + "/v1/completions", timeout=120,
-                   json={"prompt": prompt, "max_tokens": 1, "ignore_eos": True})
-    long_prompt = time.perf_counter() - t0  # its prefill, plus one turn of the steady stream
-    done.set()
-    thread.join(timeout=60)
-    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 8190
-    assert gaps and max(gaps) <= long_prompt + 0.25, (max(gaps), long_prompt)
+    asyncio.run(both())
+    first = log.index("long")
+    assert first >= 10 and log.count("long") == 2, log.count("long")
+    assert log[first:first + 3] == ["long", "steady", "long"], "the stream had no turn between the long prompt's tokens"
+    assert log[first + 3:] == ["steady"] * (len(log) - first - 3) and len(log) - first - 3 >= 20
+    assert served.active == 0
 
 
 def run_serve(*args, prelude="pass"):
