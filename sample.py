@@ -8,6 +8,7 @@ Sample from a trained model, streaming tokens as they come.
     echo "What is the capital of France?" | python sample.py --init_from DIR --chat --temperature 0
 """
 import os
+import signal
 import sys
 
 import torch
@@ -105,6 +106,24 @@ def main(argv=None):
         print()
 
 
+def read_line(prompt):
+    """input(prompt), where one Ctrl-C always interrupts the wait for a line.
+
+    input() waits for a key in select() (readline) or read(), and acts on a signal only
+    when that call is interrupted by one. A Ctrl-C that lands after the prompt is written
+    but before the wait begins (microseconds, which a busy machine stretches) only marks
+    SIGINT pending, and the wait goes on until the next key. A no-op SIGALRM every 0.1 s
+    interrupts each wait, so a pending Ctrl-C raises KeyboardInterrupt within 0.1 s."""
+    if not hasattr(signal, "setitimer"):  # Windows: no SIGALRM (nor this select() loop)
+        return input(prompt)
+    signal.signal(signal.SIGALRM, lambda signum, frame: None)  # stays: a tick after the timer stops is harmless
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1, 0.1)
+        return input(prompt)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 def chat(model, tokenizer, args, room, write):
     """A conversation in the terminal. From a terminal: a prompt, /reset, Ctrl-D or
     Ctrl-C to leave. From a pipe or file: each line is a user message, each reply one
@@ -125,7 +144,7 @@ def chat(model, tokenizer, args, room, write):
     try:
         while True:
             try:
-                line = input("> " if interactive else "")
+                line = read_line("> " if interactive else "")
             except EOFError:
                 break
             if line.strip() == "/reset":

@@ -1,9 +1,11 @@
 """Talking to a model: where generation stops, the chat template, and sample.py --chat
 through its real command line (piped and on a terminal)."""
+import contextlib
 import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ import torch
 
 from chat import DEFAULT_SYSTEM_PROMPT, fit_chat, render_chat
 from common import HERE
+from conftest import need_module
 from data import load_tokenizer
 from hf import eos_ids_from_hf, from_pretrained, save_pretrained
 from smol import SmolConfig, SmolLM
@@ -37,7 +40,7 @@ CONVERSATIONS = {"one turn": [U1], "two turns": [U1, A1, U2], "three turns": [U1
 @pytest.mark.parametrize("name", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_template_renders_as_the_official_one(name, with_system, add_generation_prompt):
-    jinja2 = pytest.importorskip("jinja2")
+    jinja2 = need_module("jinja2", "pip install jinja2")
     messages = ([SYSTEM] if with_system else []) + CONVERSATIONS[name]
     official = jinja2.Template(OFFICIAL_TEMPLATE).render(messages=messages, add_generation_prompt=add_generation_prompt)
     assert render_chat(messages, add_generation_prompt) == official
@@ -77,7 +80,7 @@ def test_save_pretrained_writes_the_eos_ids_and_from_pretrained_reads_them(tmp_p
     save_pretrained(model, tmp_path)
     assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == 2
     assert from_pretrained(str(tmp_path)).eos_token_ids == (2,)
-    transformers = pytest.importorskip("transformers")
+    transformers = need_module("transformers", "pip install transformers")
     assert transformers.GenerationConfig.from_pretrained(tmp_path).eos_token_id == 2  # what generate() stops at
 
 
@@ -123,47 +126,81 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(chat_model):
     assert "that message does not fit in the context" in proc.stderr  # the 50-word one: not sent, no crash
 
 
-def read_until(fd, text, timeout=60):
+HANG = 120  # s: a bound on a hang, never a pass criterion (a loaded machine may be slow)
+
+
+def read_until(fd, text, timeout=HANG):
+    """Read the terminal until text appears, or to its end (text None: until sample.py exits)."""
     out, deadline = b"", time.time() + timeout
-    while text.encode() not in out:
+    while text is None or text.encode() not in out:
         ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.time()))
         if not ready:
-            raise AssertionError(f"waited {timeout} s for {text!r}; got {out!r}")
+            raise AssertionError(f"waited {timeout} s for {repr(text) if text else 'sample.py to exit'}; got {out!r}")
         try:
             chunk = os.read(fd, 4096)
         except OSError:  # the child closed the terminal
             break
+        if not chunk:
+            break
         out += chunk
-    return out.decode()
+    return out.decode(errors="replace")  # a Ctrl-C may cut the output inside a character
 
 
-@pytest.mark.parametrize("leave", ["\x04", "\x03"], ids=["ctrl-d", "ctrl-c"])
-def test_chat_on_a_terminal(chat_model, leave):
+@contextlib.contextmanager
+def terminal_chat(chat_model, *args):
+    """sample.py --chat with a pseudo-terminal as its stdin, stdout and stderr. Yields the
+    terminal and finish(), which reads the terminal to its end and returns (that text,
+    sample.py's exit status)."""
     pid, fd = pty.fork()
-    if pid == 0:  # the child: sample.py with the pseudo-terminal as stdin, stdout and stderr
+    if pid == 0:  # the child
         os.chdir(HERE)
         os.execv(sys.executable, [sys.executable, "sample.py", "--init_from", str(chat_model["hf"]), "--chat",
-                                  "--temperature", "0"])
+                                  *args])
+    statuses = []
+
+    def finish():
+        rest = read_until(fd, None)
+        statuses.append(os.waitpid(pid, 0)[1])
+        return rest, statuses[0]
+
     try:
+        yield fd, finish
+    finally:
+        if not statuses:  # failed before sample.py exited: do not leave it behind
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+
+
+# after the key, only the line ends chat() prints (the terminal does not echo: readline
+# turned echo off); Ctrl-D: stderr's; Ctrl-C: stdout's, then stderr's
+@pytest.mark.parametrize("leave, end", [("\x04", "\r\n"), ("\x03", "\r\n\r\n")], ids=["ctrl-d", "ctrl-c"])
+def test_chat_on_a_terminal(chat_model, leave, end):
+    with terminal_chat(chat_model, "--temperature", "0") as (fd, finish):
         assert "/reset" in read_until(fd, "> ")  # the banner says how to start over and leave
         os.write(fd, b"What is the capital of France?\r")
         assert "Paris." in read_until(fd, "> ")
         os.write(fd, b"/reset\r")
         assert "a new conversation" in read_until(fd, "> ")
+        # the prompt is on the screen: one press leaves, even one that lands before input()
+        # waits for a key (sample.read_line)
         os.write(fd, leave.encode())
-        try:
-            rest = read_until(fd, "\n", timeout=30 if leave == "\x04" else 5)
-        except AssertionError:
-            if leave != "\x03":
-                raise
-            # CPython's readline looks at signals only when its select() is interrupted, so
-            # a Ctrl-C that lands between printing the prompt and entering select() (a
-            # window a loaded machine can widen) waits for the next key: as a person would,
-            # press it again
-            os.write(fd, leave.encode())
-            rest = read_until(fd, "\n", timeout=30)
-        _, status = os.waitpid(pid, 0)
+        rest, status = finish()
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
         assert "Traceback" not in rest
-    finally:
-        os.close(fd)
+        assert rest == end, rest
+
+
+def test_one_ctrl_c_while_a_reply_streams_leaves_the_chat(chat_model):
+    # temperature 50 over the whole vocabulary: a reply of random tokens, thousands of them,
+    # so the key lands while it streams
+    with terminal_chat(chat_model, "--temperature", "50", "--top_k", "0", "--max_new_tokens", "8000") as (fd, finish):
+        read_until(fd, "> ")
+        os.write(fd, b"Tell me a story.\r")
+        read_until(fd, "story.\r\n")  # the line, echoed
+        read_until(fd, " ")  # the reply has begun
+        os.write(fd, b"\x03")
+        rest, status = finish()
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        assert "Traceback" not in rest
+        assert rest.endswith("\r\n\r\n"), rest[-200:]  # stdout's line end, then stderr's
