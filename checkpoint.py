@@ -61,12 +61,11 @@ def eos_ids(declared, vocab_size=None, want_list=False):
     """The end-of-sequence ids a checkpoint declares, as a sorted tuple: a token id or a
     list of them (Hugging Face files say either; ckpt.pt a list); <|endoftext|> when none
     is declared. ValueError, completing "eos_token_ids ...", for anything else."""
-    ids = declared if isinstance(declared, list) else [] if declared is None or want_list else [declared]
-    below = f" below {vocab_size}" if vocab_size else ""
-    if not all(type(i) is int and 0 <= i < (vocab_size or float("inf")) for i in ids) or \
-            (want_list and not (isinstance(declared, list) and declared)):
+    ids = declared if isinstance(declared, list) else [] if declared is None else [declared]
+    valid = all(type(i) is int and i >= 0 and (vocab_size is None or i < vocab_size) for i in ids)
+    if not valid or (want_list and not (isinstance(declared, list) and declared)):
         what = "a non-empty list of token ids" if want_list else "a token id or a list of them"
-        raise ValueError(f"must be {what}{below}, got {declared!r}")
+        raise ValueError(f"must be {what}{f' below {vocab_size}' if vocab_size else ''}, got {declared!r}")
     return tuple(sorted(set(ids))) or (EOT_ID,)
 
 

@@ -18,7 +18,7 @@ import os
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from common import UserError
+from common import UserError, inference_dtype, pick_device
 from hf import from_pretrained
 from smol import KVCache, sample_next
 
@@ -37,6 +37,15 @@ def load_model(init_from, out_dir):
         return from_pretrained(init_from)
     except ValueError as e:
         raise UserError(f"--init_from {init_from}: {e}")
+
+
+def load_from_flags(args):
+    """(model, device) for common.add_model_flags' flags: the model on its device, in the
+    dtype --dtype asks for (auto: bf16 where the hardware computes it), in eval mode. The
+    device is checked before the model is read."""
+    device = pick_device(args.device)
+    model = load_model(args.init_from, args.out_dir)
+    return model.to(device, inference_dtype(device, args.dtype)).eval(), device
 
 
 class Decoder:

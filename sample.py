@@ -14,9 +14,9 @@ import sys
 import torch
 
 from chat import TextStream, chat_stop_ids, fit_chat, is_chat_model
-from common import Parser, UserError, add_model_flags, fail, inference_dtype, pick_device, use_compile
+from common import Parser, UserError, add_model_flags, fail, use_compile
 from data import load_tokenizer
-from engine import Decoder, load_model
+from engine import Decoder, load_from_flags
 from smol import EOT_ID
 
 
@@ -59,10 +59,8 @@ def main(argv=None):
     if args.top_k < 0 or args.num_samples <= 0 or (args.max_new_tokens is not None and args.max_new_tokens <= 0):
         raise UserError("--top_k must be >= 0, --num_samples and --max_new_tokens positive")
     prompt = None if args.chat else read_prompt(args.start)  # a missing prompt file is known before loading
-    device = pick_device(args.device)
-    model = load_model(args.init_from, args.out_dir)
+    model, device = load_from_flags(args)
     config = model.config
-    model.to(device, inference_dtype(device, args.dtype)).eval()
 
     tokenizer = load_tokenizer()
     generator = torch.Generator(device=device).manual_seed(args.seed)

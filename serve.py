@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal
 
 from chat import ROLES, TextStream, chat_stop_ids, is_chat_model, render_chat
-from common import HERE, Parser, UserError, add_model_flags, fail, inference_dtype, pick_device
+from common import HERE, Parser, UserError, add_model_flags, fail
 
 try:
     import uvicorn
@@ -45,7 +45,7 @@ except ImportError as e:
 import torch
 
 from data import load_tokenizer
-from engine import Decoder, load_model
+from engine import Decoder, load_from_flags
 from smol import EOT_ID
 
 
@@ -304,9 +304,7 @@ def main(argv=None):
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     sock = listen(args.host, args.port)  # first: a port in use is known before a model is loaded
-    device = pick_device(args.device)
-    model = load_model(args.init_from, args.out_dir)
-    model.to(device, inference_dtype(device, args.dtype)).eval()
+    model, device = load_from_flags(args)
     folder = args.out_dir if args.init_from == "resume" else args.init_from
     name = args.name or os.path.basename(os.path.normpath(folder))
     served = ServedModel(model, load_tokenizer(), name, device)
