@@ -3,7 +3,8 @@ What a training run reports, and plot.py reads back: one line per logged step (l
 learning rate, time per step, tokens/s, MFU on known GPUs, ETA), one per evaluation,
 a note when a CPU run would take hours, and the same numbers as JSON lines in
 out_dir/metrics.jsonl: {step, loss, lr, tok_s} per logged step and {step, train_loss,
-val_loss} per evaluation. A resumed run appends to the file, so the curve continues.
+val_loss} per evaluation. A resumed run appends to the file, so the curve continues, after
+one {step, resumed: true} row naming the checkpoint's step it continues from.
 """
 import json
 import os
@@ -49,6 +50,8 @@ class TrainingLog:
             self.file = open(path, "a" if resumed else "w")  # a new run starts the file afresh
             if torn:
                 self.file.write("\n")
+            if resumed:
+                self.write({"step": first_step - 1, "resumed": True})  # plot.py marks where the run went on
         self.t_last, self.steps_since_log, self.dt_ema, self.logs_done = time.time(), 0, None, 0
 
     def log(self, line):
@@ -128,10 +131,10 @@ class TrainingLog:
 
 
 def read_metrics(path):
-    """(train rows, eval rows), each {step: row}, later lines winning."""
+    """(train rows, eval rows, resumed-at steps): rows as {step: row}, later lines winning."""
     if not os.path.isfile(path):
         raise UserError(f"no metrics at {path}; train.py writes them into its --out_dir")
-    train, evals, skipped = {}, {}, []
+    train, evals, resumes, skipped = {}, {}, set(), []
     with open(path, errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -142,7 +145,9 @@ def read_metrics(path):
                 row = None
             # a line torn by a crash in the middle of a write is skipped, not fatal:
             # everything before and after it is still good
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and (
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row.get("resumed") is True:
+                resumes.add(row["step"])
+            elif isinstance(row, dict) and isinstance(row.get("step"), int) and (
                     {"train_loss", "val_loss"} <= row.keys() or {"loss", "lr"} <= row.keys()):
                 (evals if "val_loss" in row else train)[row["step"]] = row
             else:
@@ -156,4 +161,4 @@ def read_metrics(path):
         shown = ", ".join(map(str, skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         print(f"warning: skipped unreadable {'lines' if len(skipped) > 1 else 'line'} {shown} of {path} (torn by "
               f"a crash, or not from train.py); plotting the rest", file=sys.stderr)
-    return train, evals
+    return train, evals, sorted(resumes)

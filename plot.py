@@ -5,8 +5,9 @@ Turn the metrics train.py writes (out_dir/metrics.jsonl) into a PNG of the loss 
     python plot.py                       # out/metrics.jsonl -> out/loss.png
     python plot.py --out_dir out-cpu --to assets/loss.png
 
-A resumed run appends to the same file, so the curve simply continues; a step
-logged twice (after an interruption) is drawn once, from its latest line.
+A resumed run appends to the same file, so the curve simply continues; a dashed
+line marks each step a run was resumed from, and a step logged twice (after an
+interruption) is drawn once, from its latest line.
 """
 import os
 import sys
@@ -21,7 +22,7 @@ def main(argv=None):
     p.add_argument("--to", default=None, help="PNG to write (default OUT_DIR/loss.png)")
     p.add_argument("--title", default=None)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    train, evals = read_metrics(os.path.join(args.out_dir, "metrics.jsonl"))
+    train, evals, resumes = read_metrics(os.path.join(args.out_dir, "metrics.jsonl"))
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display needed
@@ -35,6 +36,9 @@ def main(argv=None):
     e = sorted(evals)
     ax.plot(e, [evals[s]["train_loss"] for s in e], "o-", ms=3, label="train loss (evaluation)")
     ax.plot(e, [evals[s]["val_loss"] for s in e], "o-", ms=3, label="validation loss")
+    for n, step in enumerate(resumes):
+        for a in (ax, ax_lr):
+            a.axvline(step, color="black", ls="--", lw=0.8, label=None if n or a is ax_lr else "resumed from checkpoint")
     ax.set_ylabel("cross-entropy (nats)")
     ax.grid(alpha=0.3)
     ax.legend()

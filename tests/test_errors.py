@@ -357,7 +357,8 @@ def test_second_run_refuses_and_a_killed_run_leaves_neither_lock_nor_torn_log(wo
     assert "sample: " in third.stdout  # an empty sample prompt is a fresh document, not a crash
     lines = log.read_text().splitlines()
     torn = lines.index('{"step": 99, "lo')  # left alone, on a line of its own
-    assert [json.loads(line)["step"] for line in lines[torn + 1:]] == [7, 7]
+    # the resume row (from the step-6 checkpoint), then step 7's step and evaluation rows
+    assert [json.loads(line)["step"] for line in lines[torn + 1:]] == [6, 7, 7]
     plot = run("plot.py", "--out_dir", "run", cwd=tmp_path)
     assert plot.returncode == 0, plot.stderr
     assert f"warning: skipped unreadable line {torn + 1} of run/metrics.jsonl" in plot.stderr

@@ -114,6 +114,14 @@ def test_plot_turns_metrics_into_a_png(tmp_path):
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
     assert steps == list(range(1, 10))
+    assert {"step": 6, "resumed": True} in [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    # the resume point is drawn: the same metrics without their resume row give another picture
+    kept = [line for line in open(tmp_path / "metrics.jsonl") if '"resumed"' not in line]
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "metrics.jsonl").write_text("".join(kept))
+    run("plot.py", "--out_dir", tmp_path / "plain", "--to", tmp_path / "plain.png", "--title", "t")
+    run("plot.py", "--out_dir", tmp_path, "--to", tmp_path / "marked.png", "--title", "t")
+    assert (tmp_path / "plain.png").read_bytes() != (tmp_path / "marked.png").read_bytes()
     missing = run("plot.py", "--out_dir", tmp_path / "nothing", check=False)
     assert missing.returncode == 1 and "no metrics at" in missing.stderr
 
