@@ -110,7 +110,7 @@ def rope_tables(head_dim, max_len, theta):
 
 
 def apply_rope(x, cos, sin):
-    # x: (B, n, T, hd); cos, sin: (T, hd)
+    # x: (B, n, T, hd); cos, sin: (T, hd), or (B, 1, 1, hd) for one token per row at its own position
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)  # "rotate_half"
     return x * cos + rotated * sin
@@ -123,10 +123,12 @@ class KVCache:
 
     The count of filled positions is kept twice: `pos`, a Python int, for the
     prompt and any chunk of tokens (their shapes depend on it anyway), and
-    `pos_t`, the same count as a tensor on the device, for the one-token decode
-    step. That step reads its position from a tensor and attends over all max_len
-    slots under a mask, so every step has identical shapes and no Python constant
-    changes: it is compiled once, and on CUDA captured once as a CUDA graph."""
+    `pos_t`, a (B,) tensor on the device with each row's own count, for the
+    one-token decode step. That step reads its positions from the tensor and
+    attends over all max_len slots under a mask, so every step has identical
+    shapes and no Python constant changes: it is compiled once, and on CUDA
+    captured once as a CUDA graph. Rows may stand at different positions: a
+    server decodes requests of different lengths as one batch (engine.py)."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
@@ -134,7 +136,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
-        self.pos_t = torch.zeros((), dtype=torch.long, device=device)
+        self.pos_t = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
 
     def update(self, layer, k, v):
         # k, v: (B, nkv, T, hd) for the new positions; returns all positions so far
@@ -144,14 +146,24 @@ class KVCache:
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
 
     def write_at_pos(self, layer, k, v):
-        # k, v: (B, nkv, 1, hd) for position pos_t; returns every slot, (B, nkv, max_len, hd)
-        self.k[layer].index_copy_(2, self.pos_t.view(1), k.to(self.k.dtype))  # (autocast may give bf16)
-        self.v[layer].index_copy_(2, self.pos_t.view(1), v.to(self.v.dtype))
+        # k, v: (B, nkv, 1, hd), row b for its position pos_t[b]; returns every slot, (B, nkv, max_len, hd)
+        rows = torch.arange(k.size(0), device=k.device)
+        self.k[layer, rows, :, self.pos_t] = k[:, :, 0].to(self.k.dtype)  # (autocast may give bf16)
+        self.v[layer, rows, :, self.pos_t] = v[:, :, 0].to(self.v.dtype)
         return self.k[layer], self.v[layer]
 
     def advance(self, n):
         self.pos += n
         self.pos_t.fill_(self.pos)
+
+    def view(self, rows, length, pos=0):
+        """The rows (a slice) and first `length` slots of this cache, sharing its memory:
+        a server reads a prompt into one row of its batch, and decodes the batch over
+        the filled slots only rather than all max_len. pos: where the view's int count starts."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, rows, :, :length], self.v[:, rows, :, :length]
+        view.max_len, view.pos, view.pos_t = length, pos, self.pos_t[rows]
+        return view
 
 
 class Attention(nn.Module):
@@ -175,7 +187,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if decode_mask is not None:  # the fixed-shape decode step: one token, every cache slot
             k, v = kv_cache.write_at_pos(self.layer_idx, k, v)  # (B, nkv, max_len, hd)
-            mask, is_causal = decode_mask, False  # (1, 1, 1, max_len): the slots filled so far
+            mask, is_causal = decode_mask, False  # (B, 1, 1, max_len): each row's filled slots
         else:
             if kv_cache is not None:
                 k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, Tk, hd), Tk = cached + T
@@ -277,10 +289,12 @@ class SmolLM(nn.Module):
         return (f"parameters: embedding {emb:,} (tied with lm_head) + {self.config.n_layer} layers x "
                 f"{layer:,} + final norm {self.model.norm.weight.numel():,} = {self.num_params():,}")
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, last_only=False):
         # idx: (B, T) token ids; targets: (B, T) next-token ids, -1 = ignore.
         # Returns (logits (B, T, V), None), or with targets (None, loss): training
-        # never needs all the logits at once, and they are the largest tensors of a step
+        # never needs all the logits at once, and they are the largest tensors of a step.
+        # last_only: logits (B, 1, V) of the last position, all a prompt needs before
+        # generating (an 8,190-token prompt's logits would be 1.6 GB in fp32)
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.max_position_embeddings:
@@ -297,19 +311,19 @@ class SmolLM(nn.Module):
         x = self.model.norm(x)
         if targets is not None:
             return None, chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
-        return self.lm_head(x), None  # (B, T, V)
+        return self.lm_head(x[:, -1:] if last_only else x), None  # (B, T, V) or (B, 1, V)
 
     def decode_step(self, token, kv_cache):
-        """Logits (B, V) after one new token (B, 1) at position kv_cache.pos_t. Every
-        step has the same shapes whatever the position, so this is the function that
-        engine.py compiles once (and captures as a CUDA graph on CUDA). The caller
-        advances the cache."""
-        pos = kv_cache.pos_t.view(1)  # (1,)
+        """Logits (B, V) after one new token per row (B, 1), row b at position
+        kv_cache.pos_t[b]. Every step has the same shapes whatever the positions, so
+        this is the function that engine.py compiles once (and captures as a CUDA
+        graph on CUDA). The caller advances the cache."""
+        B, pos = token.size(0), kv_cache.pos_t  # (B,)
         x = self.model.embed_tokens(token)  # (B, 1, C)
-        cos = self.rope_cos.index_select(0, pos).to(x.dtype)  # (1, hd)
-        sin = self.rope_sin.index_select(0, pos).to(x.dtype)
-        # the new token sees its own slot and every earlier one; later slots hold stale values
-        mask = (torch.arange(kv_cache.max_len, device=token.device) <= pos).view(1, 1, 1, -1)
+        cos = self.rope_cos.index_select(0, pos).to(x.dtype).view(B, 1, 1, -1)  # (B, 1, 1, hd)
+        sin = self.rope_sin.index_select(0, pos).to(x.dtype).view(B, 1, 1, -1)
+        # each row's token sees its own slot and every earlier one; later slots hold stale values
+        mask = (torch.arange(kv_cache.max_len, device=token.device) <= pos.view(B, 1)).view(B, 1, 1, -1)
         for block in self.model.layers:
             x = block(x, cos, sin, kv_cache, decode_mask=mask)
         return self.lm_head(self.model.norm(x))[:, -1]  # (B, V)
@@ -351,7 +365,7 @@ class SmolLM(nn.Module):
         cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.model.embed_tokens.weight.dtype)
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=idx.device)  # (S,)
         done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)  # rows that have stopped
-        logits = self(idx, kv_cache=cache)[0][:, -1]  # (B, V): the prompt's last position
+        logits = self(idx, kv_cache=cache, last_only=True)[0][:, -1]  # (B, V): the prompt's last position
         for i in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             token = torch.where(done, idx[:, -1:], token)  # a finished row repeats its stop id

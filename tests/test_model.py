@@ -140,6 +140,34 @@ def test_chunk_after_cached_prefix_uses_the_right_mask():
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_rows_at_different_positions_decode_in_one_step_as_if_alone():
+    # continuous batching: one decode_step over rows that stand at different positions
+    # (each its own RoPE angle, mask and cache slot) gives each row the logits it has alone
+    m = tiny()
+    prompts = [torch.randint(0, 512, (1, n)) for n in (3, 9, 5)]
+    nxt = torch.randint(0, 512, (3, 1))
+    batch = KVCache(m.config, 3, 16, "cpu", torch.float32)
+    for row, p in enumerate(prompts):  # each prompt read on its own, into its row of the batch
+        m(p, kv_cache=batch.view(slice(row, row + 1), 16))
+    assert batch.pos_t.tolist() == [3, 9, 5]
+    alone = torch.cat([m(torch.cat([p, nxt[row:row + 1]], 1))[0][:, -1] for row, p in enumerate(prompts)])
+    stepped = m.decode_step(nxt, batch)  # (3, V): over all 16 slots under a per-row mask
+    torch.testing.assert_close(stepped, alone, atol=1e-5, rtol=1e-5)
+    # the same over a view of the filled slots only, which writes into the same memory
+    again = m.decode_step(nxt, batch.view(slice(0, 3), 10))
+    torch.testing.assert_close(again, alone, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(stepped, m.decode_step(nxt.flip(0), batch))  # each row reads its own token
+
+
+def test_prefill_can_return_the_last_position_only():
+    m = tiny()
+    seq = torch.randint(0, 512, (2, 12))
+    full, _ = m(seq)
+    last, _ = m(seq, kv_cache=KVCache(m.config, 2, 12, "cpu", torch.float32), last_only=True)
+    assert last.shape == (2, 1, 512)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+
+
 def test_sampling_filters_and_seed():
     logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
     assert sample_next(logits, temperature=0).item() == 1
