@@ -14,6 +14,11 @@ bf16 at batch 1. Same tokens as generate, given the same seed.
         ...
 """
 import os
+import sys
+import threading
+import traceback
+from collections import deque
+from contextlib import contextmanager
 
 import torch
 
@@ -46,6 +51,20 @@ def load_from_flags(args):
     device = pick_device(args.device)
     model = load_model(args.init_from, args.out_dir)
     return model.to(device, inference_dtype(device, args.dtype)).eval(), device
+
+
+@contextmanager
+def step_kernels(batch_size, cache):
+    """bf16 on a CPU at batch 1: each step is a matrix-vector product per weight, where
+    PyTorch's own kernel reads the weights about twice as fast as oneDNN's; the prompt
+    and bigger batches are matrix products, faster in oneDNN (bench/NOTES.md)."""
+    onednn = torch.backends.mkldnn.enabled
+    own_gemv = batch_size == 1 and cache.k.device.type == "cpu" and cache.k.dtype == torch.bfloat16
+    torch.backends.mkldnn.enabled = onednn and not own_gemv
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = onednn
 
 
 class Decoder:
@@ -92,13 +111,9 @@ class Decoder:
         # share one cache shape and one compiled step (unused slots are masked out)
         slots = min(max(256, 1 << (total - 1).bit_length()), model.config.max_position_embeddings)
         step, cache = self._step_and_cache(B, slots, idx.device, model.model.embed_tokens.weight.dtype)
-        # bf16 on a CPU at batch 1: each step is a matrix-vector product per weight, where
-        # PyTorch's own kernel reads the weights about twice as fast as oneDNN's; the prompt
-        # and bigger batches are matrix products, faster in oneDNN (bench/NOTES.md)
-        own_gemv = B == 1 and idx.device.type == "cpu" and cache.k.dtype == torch.bfloat16
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=idx.device)  # (S,)
         done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)  # rows that have stopped
-        logits = model(idx, kv_cache=cache)[0][:, -1]  # (B, V)
+        logits = model(idx, kv_cache=cache, last_only=True)[0][:, -1]  # (B, V)
         for i in range(max_new_tokens):
             next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if len(stop_ids):
@@ -108,14 +123,10 @@ class Decoder:
             if i == max_new_tokens - 1 or (len(stop_ids) and bool(done.all())):
                 break  # the last token needs no logits of its own
             prev_token = next_token
-            onednn = torch.backends.mkldnn.enabled
-            torch.backends.mkldnn.enabled = onednn and not own_gemv
-            try:
+            with step_kernels(B, cache):
                 if self.compile and idx.is_cuda:
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are done with
                 logits = step(next_token, cache)
-            finally:
-                torch.backends.mkldnn.enabled = onednn
             cache.advance(1)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=()):
@@ -123,3 +134,175 @@ class Decoder:
         (fewer when every row stopped early; finished rows are padded with their stop id)."""
         new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, stop_ids))
         return torch.cat([idx] + new, dim=1)
+
+
+class Busy(Exception):
+    """Every row of the batch and every place in the waiting line is taken: try again later."""
+
+
+class Sequence:
+    """One request's generation inside a Batcher: prompt ids, at most max_new_tokens
+    new ones, its own sampling settings and seed. The worker thread calls
+    on_token(id) for each new token and on_token(None) once at the end (or an
+    Exception, if the model failed). Set `cancelled` (a client went away, a stop
+    string was seen) and it leaves the batch before the next step."""
+
+    def __init__(self, prompt_ids, max_new_tokens, on_token, temperature=1.0, top_k=None, top_p=None,
+                 seed=None, stop_ids=()):
+        self.prompt, self.max_new_tokens, self.on_token = list(prompt_ids), max_new_tokens, on_token
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.seed, self.stop_ids = seed, frozenset(stop_ids)
+        self.slots = len(self.prompt) + max_new_tokens  # the cache positions it can ever fill
+        self.cancelled = self.finished = False
+        self.pos = self.made = 0  # positions in its cache row; tokens made
+        self.last, self.generator = None, None
+
+
+def _pow2(n):
+    return 1 << max(0, n - 1).bit_length()
+
+
+class Batcher:
+    """Continuous batching: every request being generated is one row of a shared KV
+    cache, and one worker thread advances all rows together, one batched decode_step
+    per token, each row at its own position. A new request joins at the next step,
+    after its prompt is read into its row (prefill, the last position's logits only);
+    one that finishes or is cancelled leaves at once and its row is reused.
+
+    Memory is bounded by design. The cache is one (rows, slots) block: rows a power of
+    two up to max_batch, slots a power of two covering the longest request's prompt +
+    max_new_tokens. A request is admitted only if the block it needs, plus the current
+    one while it is copied over, fits in cache_bytes; otherwise it waits in line (in
+    order), and past max_waiting waiting requests, submit raises Busy. The block is
+    freed whenever the batch empties. Eager only: each step attends over the filled
+    slots of the longest row, not the whole block."""
+
+    def __init__(self, model, max_batch=16, cache_bytes=1 << 30, max_waiting=64):
+        cfg, weight = model.config, model.model.embed_tokens.weight
+        self.model, self.max_batch, self.cache_bytes, self.max_waiting = model, max_batch, cache_bytes, max_waiting
+        self.device, self.dtype, self.context = weight.device, weight.dtype, cfg.max_position_embeddings
+        self.slot_bytes = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * weight.element_size()  # k and v
+        self.cache, self.rows, self.waiting = None, [], deque()  # rows[i] decodes in cache row i
+        self.lock = threading.Condition()
+        self.steps = self.generated = self.last_batch = 0  # counters for /health and the tests
+        threading.Thread(target=self._run, name="batcher", daemon=True).start()
+
+    def _shape(self, n_rows, slots):
+        return min(_pow2(n_rows), self.max_batch), min(max(64, _pow2(slots)), self.context)
+
+    def cache_size(self, shape=None):
+        rows, slots = shape or (tuple(self.cache.k.shape[1::2]) if self.cache is not None else (0, 0))
+        return rows * slots * self.slot_bytes
+
+    def submit(self, seq):
+        """Queue seq; ValueError if it could never fit in the cache budget, Busy if the line is full."""
+        alone = self.cache_size(self._shape(1, seq.slots))
+        if alone > self.cache_bytes:
+            most = self.cache_bytes // self.slot_bytes
+            raise ValueError(f"{seq.slots} tokens (prompt + max_tokens) need {alone / 2**20:.0f} MiB of KV cache; "
+                             f"this server's cache budget is {self.cache_bytes / 2**20:.0f} MiB (at most about "
+                             f"{most} tokens in one request)")
+        with self.lock:
+            if len(self.waiting) >= self.max_waiting:
+                raise Busy(f"{len(self.rows)} requests are generating and {len(self.waiting)} are waiting")
+            self.waiting.append(seq)
+            self.lock.notify()
+
+    @property
+    def active(self):
+        return len(self.rows) + len(self.waiting)
+
+    def _run(self):
+        while True:
+            with self.lock:
+                while not self.rows and not self.waiting:
+                    self.cache = None  # idle: give the memory back
+                    self.lock.wait()
+            try:
+                with torch.inference_mode():
+                    while (seq := self._admit()) is not None:
+                        self._prefill(seq)
+                    self._leave()
+                    if self.rows:
+                        self._step()
+                        self._leave()
+            except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving
+                print(f"error: the model failed while generating: {type(e).__name__}: {e}", file=sys.stderr)
+                traceback.print_exc()
+                for seq in self.rows:
+                    seq.on_token(e)
+                self.rows, self.cache = [], None
+
+    def _admit(self):
+        """The next waiting request that fits, its row reserved (the block grown if it
+        must be); None if none can join now."""
+        with self.lock:
+            while self.waiting and self.waiting[0].cancelled:
+                self.waiting.popleft().on_token(None)
+            if not self.waiting or len(self.rows) >= self.max_batch:
+                return None
+            seq = self.waiting[0]
+            shape = self._shape(len(self.rows) + 1, max([seq.slots] + [r.slots for r in self.rows]))
+            if self.cache is not None:
+                shape = tuple(max(a, b) for a, b in zip(shape, self.cache.k.shape[1::2]))
+            grow = self.cache is None or shape != tuple(self.cache.k.shape[1::2])
+            if grow and self.cache_size() + self.cache_size(shape) > self.cache_bytes:
+                return None  # waits for rows to leave (when the batch empties, the block goes)
+            self.waiting.popleft()
+        if grow:
+            old, self.cache = self.cache, KVCache(self.model.config, *shape, self.device, self.dtype)
+            if old is not None:
+                n, slots = len(self.rows), old.k.size(3)
+                self.cache.k[:, :n, :, :slots], self.cache.v[:, :n, :, :slots] = old.k[:, :n], old.v[:, :n]
+                self.cache.pos_t[:n] = old.pos_t[:n]
+                del old
+        return seq
+
+    def _prefill(self, seq):
+        row = len(self.rows)
+        self.rows.append(seq)
+        seq.generator = torch.Generator(self.device)
+        seq.generator.manual_seed(seq.seed) if seq.seed is not None else seq.generator.seed()
+        idx = torch.tensor([seq.prompt], device=self.device)  # (1, T)
+        view = self.cache.view(slice(row, row + 1), self.cache.max_len)
+        logits = self.model(idx, kv_cache=view, last_only=True)[0][:, -1]  # (1, V)
+        seq.pos = len(seq.prompt)
+        self._emit(seq, logits)
+
+    def _step(self):
+        n = len(self.rows)
+        self.steps, self.last_batch = self.steps + 1, n
+        tokens = torch.tensor([[seq.last] for seq in self.rows], device=self.device)  # (n, 1)
+        view = self.cache.view(slice(0, n), max(seq.pos for seq in self.rows) + 1)  # the filled slots only
+        with step_kernels(n, view):
+            logits = self.model.decode_step(tokens, view)  # (n, V)
+        view.pos_t += 1
+        for i, seq in enumerate(self.rows):
+            seq.pos += 1
+            self._emit(seq, logits[i:i + 1])
+
+    def _emit(self, seq, logits):
+        token = sample_next(logits, generator=seq.generator, **seq.sampling).item()
+        seq.last, seq.made = token, seq.made + 1
+        self.generated += 1
+        seq.finished = token in seq.stop_ids or seq.made == seq.max_new_tokens
+        seq.on_token(token)
+
+    def _leave(self):
+        """Drop finished and cancelled rows; the others move down to fill the gaps
+        (only their filled slots are copied)."""
+        if not any(seq.finished or seq.cancelled for seq in self.rows):
+            return
+        kept = []
+        for old_row, seq in enumerate(self.rows):
+            if seq.finished or seq.cancelled:
+                seq.on_token(None)
+                continue
+            row = len(kept)
+            if row != old_row:
+                for t in (self.cache.k, self.cache.v):
+                    t[:, row, :, :seq.pos] = t[:, old_row, :, :seq.pos]
+                self.cache.pos_t[row] = seq.pos
+            kept.append(seq)
+        with self.lock:
+            self.rows = kept

@@ -1,0 +1,168 @@
+"""engine.Batcher, in this process: continuous batching of many requests over one
+model. Every observation is an order or a counter (the batch size of each step, the
+cache's size at each token), never a clock."""
+import threading
+
+import pytest
+import torch
+
+from engine import Batcher, Busy, Sequence
+from smol import SmolConfig, SmolLM
+
+CONFIG = dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128, block_size=64,
+              max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return SmolLM(SmolConfig(**CONFIG)).eval()
+
+
+class Run:
+    """Requests submitted to a batcher; what each received, and a log of (name, token)
+    in the order the worker delivered them. on_each(batcher) runs at every token."""
+
+    def __init__(self, batcher, on_each=None):
+        self.batcher, self.on_each = batcher, on_each
+        self.log, self.tokens, self.ended = [], {}, {}
+
+    def submit(self, name, prompt, n, **sampling):
+        self.tokens[name], self.ended[name] = [], threading.Event()
+
+        def on_token(token):
+            if token is None or isinstance(token, Exception):
+                self.ended[name].set()
+                return
+            self.tokens[name].append(token)
+            self.log.append((name, token))
+            if self.on_each:
+                self.on_each(self.batcher)
+        seq = Sequence(prompt, n, on_token, **sampling)
+        self.batcher.submit(seq)
+        return seq
+
+    def wait(self, *names):
+        for name in names or list(self.ended):
+            assert self.ended[name].wait(120), f"{name} never ended"
+
+
+def prompts(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 512, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+SAMPLING = [dict(temperature=0), dict(temperature=1.0, seed=7), dict(temperature=0.8, top_k=20, seed=8),
+            dict(temperature=1.2, top_p=0.9, seed=9)]
+
+
+def test_sixteen_requests_together_give_what_each_gives_alone(model):
+    requests = [(p, 40, SAMPLING[i % 4]) for i, p in enumerate(prompts(16))]
+    alone = []
+    for p, n, sampling in requests:
+        run = Run(Batcher(model, max_batch=16))
+        run.submit("a", p, n, **sampling)
+        run.wait()
+        alone.append(run.tokens["a"])
+    batcher = Batcher(model, max_batch=16)
+    together = Run(batcher)
+    for i, (p, n, sampling) in enumerate(requests):
+        together.submit(i, p, n, **sampling)
+    together.wait()
+    assert [together.tokens[i] for i in range(16)] == alone
+    assert batcher.last_batch > 1 and batcher.steps < 16 * 39  # they did share steps
+    # and the plain loop of smol.py agrees for the greedy ones
+    for i in range(0, 16, 4):
+        p = requests[i][0]
+        assert model.generate(torch.tensor([p]), 40, temperature=0)[0, len(p):].tolist() == alone[i]
+
+
+def test_a_request_joins_a_running_batch_and_gets_its_own_text(model):
+    first, joiner = prompts(2, seed=3)
+    alone = Run(Batcher(model))
+    alone.submit("joiner", joiner, 30, temperature=1.0, seed=5)
+    alone.wait()
+    batcher = Batcher(model)
+    joined = {}
+
+    def join_at_tenth(b):  # runs in the worker, at each token: the joiner comes mid-stream
+        if len(run.tokens["first"]) == 10 and not joined:
+            joined["seq"] = run.submit("joiner", joiner, 30, temperature=1.0, seed=5)
+    run = Run(batcher, on_each=join_at_tenth)
+    run.submit("first", first, 60, temperature=0)
+    run.wait()
+    assert run.tokens["joiner"] == alone.tokens["joiner"]
+    names = [name for name, _ in run.log]
+    assert names[:10] == ["first"] * 10 and names.index("joiner") >= 10
+    assert names[-1] == "first"  # the first one went on while the joiner ran, and after
+
+
+def test_a_cancelled_request_leaves_the_batch_at_the_next_step(model):
+    batcher = Batcher(model, max_batch=4)
+    sizes = []  # the batch size of the step that made each token of "stays" (its first: the prefill)
+    seqs = {}
+
+    def watch(b):
+        if run.log[-1][0] == "stays":
+            sizes.append(b.last_batch)
+        if len(run.tokens["goes"]) == 5:
+            seqs["goes"].cancelled = True  # as serve.py does when a client goes away
+    run = Run(batcher, on_each=watch)
+    seqs["goes"] = run.submit("goes", prompts(1)[0], 500, temperature=0)
+    run.submit("stays", prompts(1, seed=2)[0], 30, temperature=0)
+    run.wait()
+    assert len(run.tokens["goes"]) < 10  # it stopped long before its 500 tokens
+    steps = sizes[1:]
+    assert steps[0] == 2 and steps[-1] == 1 and steps == sorted(steps, reverse=True)
+
+
+def test_the_cache_stays_in_its_budget_and_the_line_is_bounded(model):
+    slot = Batcher(model, max_batch=1).slot_bytes  # k and v of one position, all layers
+    # a request that could never fit is refused at once, with the reason
+    with pytest.raises(ValueError, match="need .* MiB of KV cache; this server's cache budget is"):
+        Batcher(model, cache_bytes=100 * slot).submit(Sequence([1] * 50, 974, lambda t: None))
+    # each request below needs 24 + 1000 = 1024 slots. Growing the block from 2 to 4 rows
+    # needs both blocks at once for the copy: 6 x 1024 slots, the budget; 8 rows do not fit
+    budget = 6 * 1024 * slot
+    batcher = Batcher(model, max_batch=16, cache_bytes=budget, max_waiting=6)
+    gate, seen = threading.Event(), []
+
+    def watch(b):  # at every token: the block's size; the worker waits at the gate once 4 run
+        seen.append((b.cache_size(), b.last_batch))
+        if not gate.is_set() and all(run.tokens[i] for i in range(4)):
+            gate.wait(60)
+    run = Run(batcher, on_each=watch)
+    for i in range(4):
+        run.submit(i, [1 + i] * 24, 1000, temperature=0)
+    while not all(run.tokens[i] for i in range(4)):  # the worker is now held at the gate
+        run.ended[0].wait(0.01)
+    for i in range(4, 10):
+        run.submit(i, [1 + i] * 24, 1000, temperature=0)  # in line: 4 rows are all the budget allows
+    with pytest.raises(Busy, match="4 requests are generating and 6 are waiting"):
+        run.submit(10, [1] * 24, 1000, temperature=0)
+    gate.set()
+    run.wait(*range(10))
+    assert all(len(run.tokens[i]) == 1000 for i in range(10))  # every accepted request completes
+    assert max(size for size, _ in seen) <= budget
+    assert max(rows for _, rows in seen) == 4
+
+
+def test_a_long_prompt_holds_the_batch_up_for_its_prefill_and_no_longer(model):
+    """A stream runs; a whole-context prompt comes: its prefill makes its first token,
+    the next step serves both rows, and the stream goes on after the long one ends."""
+    batcher = Batcher(model)
+    joined = {}
+
+    def join_at_tenth(b):
+        if len(run.tokens["steady"]) == 10 and not joined:
+            joined["seq"] = run.submit("long", [7] * 1020, 3, temperature=0)  # 1,020 + 3 of 1,024 positions
+    run = Run(batcher, on_each=join_at_tenth)
+    run.submit("steady", [1, 2, 3], 40, temperature=0)
+    run.wait()
+    names = [name for name, _ in run.log]
+    first = names.index("long")
+    assert first == 10 and names.count("long") == 3
+    # prefill: "long" alone; then each step one token for each row, in row order
+    assert names[first:first + 5] == ["long", "steady", "long", "steady", "long"]
+    assert names[first + 5:] == ["steady"] * (40 - 12)
