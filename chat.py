@@ -64,3 +64,46 @@ class TextStream:
             return ""
         self.pending = []
         return text
+
+
+class StopStrings:
+    """Finds the first of some stop strings in text that arrives in pieces, in time
+    linear in the text: each string keeps how much of it the text ends with (the
+    Knuth-Morris-Pratt automaton), so no piece is ever searched twice.
+    push(piece) -> (text safe to send, stopped): text that might still begin a stop
+    string is held back until the next piece settles it; when a stop string
+    completes, everything before it is returned and stopped is True. The text stops at
+    the first character where a stop string ends, as a stream must."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.fail = [self._failure(s) for s in self.stops]  # fail[j]: the longest proper border of s[:j+1]
+        self.matched = [0] * len(self.stops)  # how many characters of each stop string the text ends with
+        self.held = ""  # text not yet returned: at most the longest stop string
+        self.fallbacks = 0  # automaton steps back, all strings: never more than the characters pushed, per string
+
+    @staticmethod
+    def _failure(s):
+        fail, k = [0] * len(s), 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = fail[k - 1]
+            k += s[i] == s[k]
+            fail[i] = k
+        return fail
+
+    def push(self, piece):
+        for n, ch in enumerate(piece):
+            for i, s in enumerate(self.stops):
+                k = self.matched[i]
+                while k and (k == len(s) or ch != s[k]):
+                    k = self.fail[i][k - 1]
+                    self.fallbacks += 1
+                self.matched[i] = k + (ch == s[k])
+            ended = [len(s) for s, k in zip(self.stops, self.matched) if k == len(s)]
+            if ended:  # a stop string ends at this character (the longest, if several): cut before it
+                return (self.held + piece[:n + 1])[:-max(ended)], True
+        text = self.held + piece
+        keep = max(self.matched, default=0)  # the tail that may begin a stop string
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep], False

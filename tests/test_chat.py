@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import pty
+import random
 import select
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import time
 import pytest
 import torch
 
-from chat import DEFAULT_SYSTEM_PROMPT, fit_chat, render_chat
+from chat import DEFAULT_SYSTEM_PROMPT, StopStrings, fit_chat, render_chat
 from common import HERE
 from conftest import need_module
 from data import load_tokenizer
@@ -204,3 +205,43 @@ def test_one_ctrl_c_while_a_reply_streams_leaves_the_chat(chat_model):
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
         assert "Traceback" not in rest
         assert rest.endswith("\r\n\r\n"), rest[-200:]  # stdout's line end, then stderr's
+
+
+def reference_cut(text, stops):
+    """Where a stream must stop: the first end of a stop string (the longest ending there)."""
+    for end in range(1, len(text) + 1):
+        ended = [s for s in stops if text[:end].endswith(s)]
+        if ended:
+            return text[:end - max(map(len, ended))]
+    return None
+
+
+def test_stop_strings_in_pieces_match_a_plain_search():
+    rng = random.Random(0)
+    for _ in range(3000):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4))]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 25)))
+        matcher, out, stopped, i = StopStrings(stops), "", False, 0
+        while i < len(text) and not stopped:  # pieces of 1 to 4 characters, as tokens come
+            step = rng.randint(1, 4)
+            piece, stopped = matcher.push(text[i:i + step])
+            out, i = out + piece, i + step
+        expected = reference_cut(text, stops)
+        if expected is not None:
+            assert stopped and out == expected, (stops, text)
+        else:  # nothing stops it: all but a tail that may start a stop string has been sent
+            assert not stopped and text.startswith(out) and text == out + matcher.held
+
+
+def test_stop_strings_cost_linear_time_in_the_text():
+    # the worst case of a naive matcher: long stop strings of one repeated letter that the
+    # text almost matches again and again; the automaton falls back at most once per character
+    stops = ["a" * 1000 + "b", "a" * 999 + "c", "ab" * 500, "a" * 1024]
+    matcher, pushed = StopStrings(stops[:3]), 0
+    for _ in range(3000):
+        piece, stopped = matcher.push("aaa")
+        pushed += 3
+        assert not stopped and len(matcher.held) <= 1024
+    assert matcher.fallbacks <= 3 * pushed
+    piece, stopped = StopStrings(stops).push("a" * 1100)
+    assert stopped and piece == ""
