@@ -8,15 +8,19 @@ Serve one model over HTTP: a chat page for people, an OpenAI-compatible API for 
     POST /v1/chat/completions    messages -> reply, as OpenAI's API (stream: true for SSE)
     POST /v1/completions         prompt -> continuation
     GET  /v1/models
-    GET  /health                 {"status": "ok", "model", "chat", "context_length", "active_requests": the
-                                 requests generating now, "tokens_generated": every token the model has
-                                 generated since the server started, for all requests together}
+    GET  /health                 {"status": "ok", "model", "chat", "context_length", "active_requests":
+                                 generating or waiting, "decoding": rows in the batch, "waiting",
+                                 "decode_steps" and "last_batch": batched steps so far and the rows
+                                 of the last one, "tokens_generated": every token generated since
+                                 the server started, for all requests together}
 
-How requests share the model: one worker thread runs every model call, taking jobs
-from one first-in-first-out queue. A request's job is "its next token" (the first one
-also reads the prompt), and it queues the next job only once it has its token, so N
-requests take turns token by token, a long prompt holds the model for its own prefill
-and no longer, and a request whose client went away simply queues nothing more.
+How requests share the model: continuous batching (engine.Batcher). Every request
+being generated is one row of one batch, advanced by one batched decode step per
+token; a new request joins after its prompt is read, a finished or abandoned one
+leaves at once. --max_batch rows at most, --max_waiting requests in line behind them
+(past that: 429), and one KV-cache budget for all rows together (--cache_mb). Who may
+call, and how big a body may be, is access.py's job. docs/chat-and-serve.md has the
+memory model and measured throughput.
 Needs fastapi and uvicorn: pip install -r requirements-serve.txt
 """
 import asyncio
@@ -25,11 +29,12 @@ import os
 import socket
 import sys
 import time
+import traceback
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Literal
 
-from chat import ROLES, TextStream, chat_stop_ids, is_chat_model, render_chat
+from access import Access, host_names
+from chat import ROLES, StopStrings, TextStream, chat_stop_ids, is_chat_model, render_chat
 from common import HERE, Parser, UserError, add_model_flags, fail
 
 try:
@@ -45,8 +50,13 @@ except ImportError as e:
 import torch
 
 from data import load_tokenizer
-from engine import Decoder, load_from_flags
+from engine import Batcher, Busy, Sequence, load_from_flags
 from smol import EOT_ID
+
+# what one request may ask for: every bound answers a client's mistake with a 400, not a 500
+MAX_BODY = 1 << 20  # bytes of JSON (413 past it): a whole context of text fits many times over
+MAX_MESSAGES = 1024
+MAX_STOPS, MAX_STOP_CHARS = 4, 1024  # OpenAI's API allows 4 stop strings
 
 
 # ---- requests, as OpenAI's API defines them (the fields this server honours) ----
@@ -55,14 +65,14 @@ from smol import EOT_ID
 class Request_(BaseModel):
     model_config = ConfigDict(strict=True)
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # not in OpenAI's API (0 = off); llama.cpp's server and the page use it
+    max_tokens: int | None = Field(None, ge=1, lt=1 << 31)
+    max_completion_tokens: int | None = Field(None, ge=1, lt=1 << 31)  # the newer name of max_tokens
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: int = Field(0, ge=0, le=1 << 20)  # not in OpenAI's API (0 = off); llama.cpp's server and the page use it
     ignore_eos: bool = False  # not in OpenAI's API either (vLLM's): run to max_tokens, for benchmarks
-    stop: str | list[str] | None = Field(None, max_length=4)
-    seed: int | None = None
+    stop: str | list[str] | None = None  # one string or up to MAX_STOPS (checked by stop_strings)
+    seed: int | None = Field(None, ge=0, lt=1 << 64)  # what torch's generator takes
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
@@ -84,7 +94,7 @@ class Message(BaseModel):
 
 
 class ChatRequest(Request_):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
 
 
 class CompletionRequest(Request_):
@@ -97,29 +107,46 @@ UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "none"}
 class APIError(Exception):
     """A request this server cannot serve: sent back as OpenAI sends its errors."""
 
-    def __init__(self, status, message, param=None, code=None, type="invalid_request_error"):
+    def __init__(self, status, message, param=None, code=None, type="invalid_request_error", headers=None):
         super().__init__(message)
         self.status, self.body = status, {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.headers = headers
 
 
-# ---- the model, behind one worker thread ----
+def stop_strings(req):
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    if len(stops) > MAX_STOPS:
+        raise APIError(400, f"stop: at most {MAX_STOPS} stop strings, got {len(stops)}", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"stop: a stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
+    return stops
+
+
+# ---- the model, behind the batcher ----
 
 class ServedModel:
-    """The model, its tokenizer and its name, behind one worker thread."""
+    """The model, its tokenizer and its name, behind one Batcher."""
 
-    def __init__(self, model, tokenizer, name, device):
+    def __init__(self, model, tokenizer, name, device, max_batch, cache_bytes, max_waiting):
         self.model, self.tokenizer, self.name, self.device = model, tokenizer, name, device
-        self.decoder = Decoder(model)  # eager: every request gets a cache of its own
+        self.batcher = Batcher(model, max_batch=max_batch, cache_bytes=cache_bytes, max_waiting=max_waiting)
         self.context = model.config.max_position_embeddings
         self.chat = is_chat_model(model)
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.active = 0  # requests generating now (GET /health)
-        self.generated = 0  # tokens the model has generated since start, for every request (GET /health)
+        # no prompt longer than this many characters can fit: checked before tokenizing
+        self.max_chars = self.context * max(len(t) for t in tokenizer.get_vocab())
 
     def check(self, req):
         if req.model is not None and req.model != self.name:
             raise APIError(404, f"The model '{req.model}' does not exist; this server has '{self.name}' "
                                 f"(GET /v1/models)", param="model", code="model_not_found")
+
+    async def encode(self, text, param):
+        if len(text) > self.max_chars:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens; the {param} has "
+                                f"{len(text):,} characters, more than that many tokens can hold",
+                           param=param, code="context_length_exceeded")
+        # off the event loop: a long prompt must not hold up the other clients
+        return (await asyncio.to_thread(self.tokenizer.encode, text)).ids
 
     def budget(self, req, n_prompt):
         """max_tokens, or all the room the context has left when none is asked for."""
@@ -135,54 +162,58 @@ class ServedModel:
                            param="max_tokens", code="context_length_exceeded")
         return wanted or room
 
-    async def generate(self, prompt_ids, req, stop_ids, request):
-        """Yield (text, None) pieces as they are decoded, then (text, finish_reason) with
-        finish_reason "stop" (a stop id or stop string) or "length". Also counts
-        self.completion_tokens for usage."""
-        max_tokens = self.budget(req, len(prompt_ids))
-        stops = [req.stop] if isinstance(req.stop, str) else [s for s in req.stop or [] if s]
-        generator = torch.Generator(self.device)
-        generator.manual_seed(req.seed) if req.seed is not None else generator.seed()
-        idx = torch.tensor([prompt_ids], device=self.device)  # (1, T)
-        tokens = self.decoder.stream(idx, max_tokens, temperature=req.temperature, top_k=req.top_k or None,
-                                   top_p=req.top_p, generator=generator, stop_ids=stop_ids)
-
-        def next_id():  # runs in the worker: the model call and the copy of the id to the host
-            token = next(tokens, None)
-            if token is None:
-                return None
-            self.generated += 1  # only this thread writes it
-            return token.item()
-
-        loop = asyncio.get_running_loop()
-        text, sent, finish = TextStream(self.tokenizer), 0, "length"
-        out = ""  # decoded text so far; out[:sent] has been yielded
-        self.active += 1
+    def submit(self, prompt_ids, req, stop_ids):
+        """Queue the request in the batcher; its tokens arrive on the returned asyncio
+        queue (then None, or an Exception if the model failed)."""
+        loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
+        seq = Sequence(prompt_ids, self.budget(req, len(prompt_ids)),
+                       lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token),
+                       temperature=req.temperature, top_k=req.top_k or None, top_p=req.top_p, seed=req.seed,
+                       stop_ids=stop_ids)
         try:
-            for n in range(max_tokens):
-                if n % 8 == 7 and await request.is_disconnected():
-                    return
-                token = await loop.run_in_executor(self.worker, next_id)
+            self.batcher.submit(seq)
+        except Busy as e:
+            raise APIError(429, f"The server is busy ({e}); try again shortly", code="server_busy",
+                           type="rate_limit_error", headers={"Retry-After": "1"}) from None
+        except ValueError as e:
+            raise APIError(400, f"This request does not fit in this server's memory: {e}; ask for fewer "
+                                f"max_tokens", param="max_tokens", code="context_length_exceeded") from None
+        return seq, tokens
+
+    async def generate(self, seq, tokens, req, stop_ids, request):
+        """Yield (text, None) pieces as they are decoded, then (text, finish_reason) with
+        finish_reason "stop" (a stop id or stop string) or "length"."""
+        text, stops, finish = TextStream(self.tokenizer), StopStrings(stop_strings(req)), "length"
+        n = 0
+        try:
+            while True:
+                try:  # a client that went away is noticed even while its request waits in line
+                    token = await asyncio.wait_for(tokens.get(), timeout=1.0)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
                 if token is None:
                     break
-                request.state.completion_tokens = n + 1
+                if isinstance(token, Exception):
+                    raise token
+                n += 1
+                request.state.completion_tokens = n
                 if token in stop_ids:
                     finish = "stop"
                     break
-                out += text.push(token)
-                cut = min((i for i in (out.find(s, max(0, sent - len(s))) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:  # a stop string: the text ends before it
-                    out, finish = out[:cut], "stop"
-                    break
-                # hold back a tail that could be the start of a stop string
-                hold = max((k for s in stops for k in range(1, len(s)) if out.endswith(s[:k])), default=0)
-                if len(out) - hold > sent:
-                    yield out[sent:len(out) - hold], None
-                    sent = len(out) - hold
-            yield out[sent:], finish
+                piece, stopped = stops.push(text.push(token))
+                if stopped:
+                    finish = "stop"
+                    yield piece, finish
+                    return
+                if piece:
+                    yield piece, None
+                if n % 16 == 0 and await request.is_disconnected():
+                    return
+            yield stops.held, finish  # the text held back in case a stop string began there
         finally:
-            self.active -= 1
-            self.worker.submit(tokens.close)  # after any step still running; frees the KV cache
+            seq.cancelled = True  # done, stopped or abandoned: its row is free at the next step
 
 
 def create_app(served):
@@ -192,7 +223,7 @@ def create_app(served):
 
     @app.exception_handler(APIError)
     async def api_error(request, e):
-        return JSONResponse(e.body, status_code=e.status)
+        return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, e):
@@ -216,9 +247,10 @@ def create_app(served):
         return JSONResponse(APIError(e.status_code, str(e.detail)).body, status_code=e.status_code)
 
     @app.exception_handler(Exception)
-    async def server_error(request, e):  # a bug of ours: still an answer in the shape clients parse
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body,
-                            status_code=500)
+    async def server_error(request, e):  # a bug of ours: the detail goes to the server's log, not the client
+        print(f"error: {request.method} {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr)
+        traceback.print_exception(e)
+        return JSONResponse(APIError(500, "internal error", type="server_error").body, status_code=500)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -226,8 +258,10 @@ def create_app(served):
 
     @app.get("/health")
     async def health():
+        b = served.batcher
         return {"status": "ok", "model": served.name, "chat": served.chat, "context_length": served.context,
-                "active_requests": served.active, "tokens_generated": served.generated}
+                "active_requests": b.active, "decoding": len(b.rows), "waiting": len(b.waiting),
+                "decode_steps": b.steps, "last_batch": b.last_batch, "tokens_generated": b.generated}
 
     @app.get("/v1/models")
     async def models():
@@ -238,18 +272,20 @@ def create_app(served):
     async def chat_completions(req: ChatRequest, request: Request):
         served.check(req)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        prompt_ids = served.tokenizer.encode(render_chat(messages)).ids
+        prompt_ids = await served.encode(render_chat(messages), "messages")
         return await respond(req, request, prompt_ids, chat_stop_ids(served.model), chat=True)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         served.check(req)
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        prompt_ids = served.tokenizer.encode(prompt).ids or [EOT_ID]  # nothing: start a fresh document
+        prompt_ids = await served.encode(prompt, "prompt") or [EOT_ID]  # nothing: start a fresh document
         return await respond(req, request, prompt_ids, set(served.model.eos_token_ids), chat=False)
 
     async def respond(req, request, prompt_ids, stop_ids, chat):
-        served.budget(req, len(prompt_ids))  # refuse before any streaming starts
+        stop_ids = set() if req.ignore_eos else stop_ids
+        stop_strings(req)  # checked before the request is queued
+        seq, tokens = served.submit(prompt_ids, req, stop_ids)  # refused (400, 429) before any streaming starts
         request.state.completion_tokens = 0
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
@@ -266,7 +302,7 @@ def create_app(served):
             return {"index": 0, ("delta" if delta else "message"): body if delta else {"role": "assistant", **body},
                     "logprobs": None, "finish_reason": finish}
 
-        pieces = served.generate(prompt_ids, req, set() if req.ignore_eos else stop_ids, request)
+        pieces = served.generate(seq, tokens, req, stop_ids, request)
         if not req.stream:
             text, finish = "", "length"
             async for piece, finish in pieces:
@@ -300,20 +336,59 @@ def main(argv=None):
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", default=None, help="the model's id in the API (default: the checkpoint folder's name)")
+    p.add_argument("--max_batch", type=int, default=16, help="requests decoded together, one row each (default 16)")
+    p.add_argument("--max_waiting", type=int, default=64,
+                   help="requests waiting for a row; past them: 429 (default 64)")
+    p.add_argument("--cache_mb", type=int, default=None,
+                   help="memory for every request's KV cache together, MiB (default: a quarter of the memory "
+                        "free at start, at most 4096)")
+    p.add_argument("--api_key", default=os.environ.get("SMOL_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $SMOL_API_KEY, else none)")
+    p.add_argument("--allow_origin", action="append", default=[],
+                   help="a web origin (https://site.example, or *) whose pages may call this server; repeatable")
+    p.add_argument("--allow_host", action="append", default=[],
+                   help="another name this server may be called by (Host header); repeatable")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
+    for flag in ("max_batch", "max_waiting", "cache_mb"):
+        if getattr(args, flag) is not None and getattr(args, flag) < (0 if flag == "max_waiting" else 1):
+            raise UserError(f"--{flag} must be {'at least 0' if flag == 'max_waiting' else 'positive'}, "
+                            f"got {getattr(args, flag)}")
     sock = listen(args.host, args.port)  # first: a port in use is known before a model is loaded
     model, device = load_from_flags(args)
     folder = args.out_dir if args.init_from == "resume" else args.init_from
     name = args.name or os.path.basename(os.path.normpath(folder))
-    served = ServedModel(model, load_tokenizer(), name, device)
+    cache_mb = args.cache_mb or default_cache_mb(device)
+    served = ServedModel(model, load_tokenizer(), name, device, args.max_batch, cache_mb << 20, args.max_waiting)
     served.created = int(time.time())
     host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     kind = "chat" if served.chat else "base (completion; chat replies end at <|endoftext|> or <|im_end|>)"
-    print(f"serving {name} ({kind}, {model.num_params():,} parameters, {device}) on "
-          f"http://{f'[{host}]' if ':' in host else host}:{port}", flush=True)
-    uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning")).run(sockets=[sock])
+    print(f"serving {name} ({kind}, {model.num_params():,} parameters, {device}) on {url}"
+          + (f"  (the page: {url}/#key={args.api_key})" if args.api_key else ""), flush=True)
+    print(f"up to {args.max_batch} requests decode together, {args.max_waiting} more wait; KV cache budget "
+          f"{cache_mb:,} MiB (about {(cache_mb << 20) // served.batcher.slot_bytes:,} tokens)", flush=True)
+    hosts = host_names(host, args.allow_host)
+    if not args.api_key and (hosts is None or not hosts & {"127.0.0.1", "::1"}):
+        print(f"warning: serving on {host} without --api_key: anyone who can reach this address can use the "
+              f"model", file=sys.stderr, flush=True)
+    app = Access(create_app(served), hosts=hosts, origins=args.allow_origin, api_key=args.api_key,
+                 max_body=MAX_BODY)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+def default_cache_mb(device):
+    """A quarter of the memory free now (after the weights are loaded), at least 64 MiB, at most 4 GiB."""
+    if torch.device(device).type == "cuda":
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                free = next(int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            free = 4 << 30  # not Linux: assume a small machine
+    return max(64, min(4096, free // 4 >> 20))
 
 
 def listen(host, port):

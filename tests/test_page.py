@@ -211,3 +211,26 @@ def test_chat_with_the_official_instruct_weights(driver, instruct_server):
         assert assistant_texts(driver)[-1] == answer
         assert element(driver, "stats").text.endswith(" · stop"), element(driver, "stats").text
     assert driver.execute_script("return conversation.length") == 4
+
+
+@pytest.fixture(scope="module")
+def keyed_page_server(chat_model):
+    server = Server("--init_from", chat_model["hf"], "--dtype", "float32", "--api_key", "sesame")
+    yield server
+    server.stop()
+
+
+def test_the_page_with_an_api_key(driver, keyed_page_server):
+    """serve.py --api_key prints the page's address with #key=...: opened so, the page
+    sends the key; opened without it, the server's 401 message is shown."""
+    driver.get(keyed_page_server.url + "/#key=sesame")
+    wait(driver, lambda: element(driver, "model").text == "hf", 10, "the model id never appeared")
+    assert driver.current_url == keyed_page_server.url + "/"  # the key is out of the address bar
+    set_value(driver, "temperature", 0)
+    element(driver, "message").send_keys("What is the capital of France?", Keys.ENTER)
+    wait(driver, lambda: assistant_texts(driver)[-1:] == ["Paris."], message=f"no reply: {element(driver, 'error').text!r}")
+    driver.get("about:blank")
+    open_page(driver, keyed_page_server)  # no key this time
+    element(driver, "message").send_keys("What is the capital of France?", Keys.ENTER)
+    wait(driver, lambda: "Incorrect or missing API key" in element(driver, "error").text, 10,
+         f"no API key error in the page: {element(driver, 'error').text!r}")

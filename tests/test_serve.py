@@ -15,7 +15,6 @@ from chat import render_chat
 from common import HERE
 from conftest import need_module
 from data import load_tokenizer
-from engine import load_model
 from hf import from_pretrained
 
 
@@ -48,7 +47,8 @@ def test_models_and_health(chat_server, client):
     assert [m.id for m in client.models.list().data] == ["hf"]
     h = health(chat_server)
     assert h["status"] == "ok" and h["chat"] is True and h["context_length"] == 8192
-    assert h["active_requests"] == 0 and isinstance(h["tokens_generated"], int)
+    assert h["active_requests"] == 0 and h["decoding"] == 0 and h["waiting"] == 0
+    assert all(isinstance(h[k], int) for k in ("tokens_generated", "decode_steps", "last_batch"))
 
 
 def test_chat_completion_with_the_openai_client(client, reference):
@@ -172,7 +172,7 @@ def test_completion_mistakes_and_wrong_paths(chat_server, client, openai):
 
 def test_sixteen_clients_streaming_at_once_all_get_their_answers(chat_server, reference):
     greedy, tok = reference
-    prompts = [f"Story {i}:" for i in range(8)]
+    prompts = [f"Story {i}:" for i in range(4)]
     expected = {p: greedy(tok.encode(p).ids, 40) for p in prompts}
 
     async def chat(http, question):
@@ -193,15 +193,31 @@ def test_sixteen_clients_streaming_at_once_all_get_their_answers(chat_server, re
                     text += json.loads(line[6:])["choices"][0]["text"]
         return text
 
+    async def sampled(http, seed):  # sampled, with its own seed: the same text alone and among others
+        r = await http.post("/v1/completions", json={"prompt": "Once", "temperature": 1.0, "seed": seed,
+                                                     "max_tokens": 30, "ignore_eos": True})
+        return r.json()["choices"][0]["text"]
+
+    async def alone():
+        async with httpx.AsyncClient(base_url=chat_server.url, timeout=120) as http:
+            return [await sampled(http, seed) for seed in range(4)]
+
     async def everyone():
         async with httpx.AsyncClient(base_url=chat_server.url, timeout=120,
                                      limits=httpx.Limits(max_connections=32)) as http:
             questions = list(QUESTIONS) * 2
-            return await asyncio.gather(*[chat(http, q) for q in questions], *[complete(http, p) for p in prompts])
+            return await asyncio.gather(*[chat(http, q) for q in questions], *[complete(http, p) for p in prompts[:4]],
+                                        *[sampled(http, seed) for seed in range(4)])
 
+    by_seed = asyncio.run(alone())
+    steps = health(chat_server)["decode_steps"]
     results = asyncio.run(everyone())
     assert results[:8] == list(QUESTIONS.values()) * 2
-    assert results[8:] == [expected[p] for p in prompts]  # interleaving changes nothing
+    assert results[8:12] == [expected[p] for p in prompts[:4]]  # sharing a batch changes nothing
+    assert results[12:] == by_seed
+    # they were decoded together: one after another, the completions alone take 4 x 39 + 4 x 29
+    # steps (a token of each comes from its prefill); sharing steps, about 40
+    assert health(chat_server)["decode_steps"] - steps < (4 * 39 + 4 * 29) // 2
 
 
 def health(server):
@@ -222,6 +238,24 @@ def wait_for(condition, what, limit=60):
     while not condition():
         assert time.monotonic() < deadline, f"{what} (still so after {limit} s)"
         time.sleep(0.05)
+
+
+def test_a_disconnect_frees_its_row_for_the_next_step(chat_server):
+    body = {"prompt": "Once", "max_tokens": 8000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", chat_server.url + "/v1/completions", timeout=60, json=body) as stays:
+        kept = stays.iter_lines()
+        with httpx.stream("POST", chat_server.url + "/v1/completions", timeout=60, json=body) as goes:
+            lines = goes.iter_lines()
+            for _ in range(4):
+                next(lines)
+            wait_for(lambda: health(chat_server)["last_batch"] == 2, "the two streams never shared a step")
+        # closed: the next steps are of one row, and the stream that stays goes on
+        wait_for(lambda: health(chat_server)["decoding"] == 1, "the closed stream still has its row")
+        steps = health(chat_server)["decode_steps"]
+        wait_for(lambda: health(chat_server)["decode_steps"] > steps, "no step after the disconnect")
+        assert health(chat_server)["last_batch"] == 1
+        assert all(sse(next(kept)) in (None, "text") for _ in range(10))
+    wait_for(lambda: active_requests(chat_server) == 0, "a closed stream is still active")
 
 
 def test_a_client_that_goes_away_stops_its_generation(chat_server):
@@ -306,72 +340,6 @@ def test_a_whole_context_prompt_is_answered_while_an_earlier_stream_goes_on(chat
     after = steady[len(before):]
     assert len(after) >= 20 and set(after) == {"text"}, "the stream did not go on after the long prompt's answer"
     wait_for(lambda: active_requests(chat_server) == 0, "the closed stream is still active")
-
-
-class Client:
-    """What ServedModel.generate uses of a request: is_disconnected(), and a state whose
-    completion_tokens it sets as each token comes from the worker. Here that setting
-    appends this client's name to a log that several clients share: the order in which
-    the worker served them, token by token."""
-
-    def __init__(self, name, log):
-        self.state = self.Tokens()
-        self.state.__dict__.update(name=name, log=log)
-
-    class Tokens:
-        def __setattr__(self, key, value):
-            self.log.append(self.name)
-
-    async def is_disconnected(self):
-        return False
-
-
-@pytest.fixture(scope="module")
-def served(chat_model):
-    """serve.py's ServedModel in this process (its one worker and its queue, no HTTP): the chat model."""
-    for name in ("fastapi", "uvicorn"):
-        need_module(name, "pip install -r requirements-serve.txt")
-    import serve
-    served = serve.ServedModel(load_model(str(chat_model["hf"]), None).eval(), load_tokenizer(), "hf", "cpu")
-    yield served
-    served.worker.shutdown()
-
-
-def test_a_whole_context_prompt_holds_the_others_up_for_its_prefill_and_no_longer(served):
-    """A stream runs; a whole-context prompt comes: its first job is its prefill and first
-    token, and the stream's next token comes right after that, before the long prompt's
-    second token; then the stream goes on. The log of who got each token shows it."""
-    from serve import CompletionRequest
-    log = []
-    tok = served.tokenizer
-    long_prompt = tok.encode("word" + " word" * 8189).ids
-    assert len(long_prompt) == 8190
-
-    async def both():
-        steady = served.generate(tok.encode("Once").ids, CompletionRequest(prompt="Once", max_tokens=8000),
-                                 set(), Client("steady", log))
-
-        async def long():
-            async for _ in served.generate(long_prompt, CompletionRequest(prompt="", max_tokens=2), set(),
-                                           Client("long", log)):
-                pass
-        answer = None
-        try:
-            async for _ in steady:
-                if answer is None and len(log) >= 10:
-                    answer = asyncio.create_task(long())
-                if answer is not None and answer.done() and "long" in log and log[::-1].index("long") >= 20:
-                    break
-        finally:
-            await steady.aclose()
-        await answer
-
-    asyncio.run(both())
-    first = log.index("long")
-    assert first >= 10 and log.count("long") == 2, log.count("long")
-    assert log[first:first + 3] == ["long", "steady", "long"], "the stream had no turn between the long prompt's tokens"
-    assert log[first + 3:] == ["steady"] * (len(log) - first - 3) and len(log) - first - 3 >= 20
-    assert served.active == 0
 
 
 def run_serve(*args, prelude="pass"):
