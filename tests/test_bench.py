@@ -112,3 +112,15 @@ def test_bf16_decode_step_matches_fp32_with_either_kernel():
     for onednn in (True, False):
         err = (decode_logits(model, torch.bfloat16, onednn) - ref).abs().max().item()
         assert err < 0.05 * ref.abs().max().item(), (onednn, err)
+
+
+def test_bench_serve_drives_the_real_server(chat_model):
+    for name in ("fastapi", "uvicorn"):
+        need_module(name, "pip install -r requirements-serve.txt")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench", "bench_serve.py"), "--init_from",
+                           str(chat_model["hf"]), "--dtype", "float32", "--clients", "1", "3", "--max_tokens", "5"],
+                          capture_output=True, text=True, cwd=HERE, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["1"], ["3"])]
+    assert [r[0] for r in rows] == ["1", "3"] and all(float(r[1]) > 0 for r in rows)  # every client got 5 tokens
+    assert "3 clients together:" in proc.stdout and "the tokens/s of one client alone" in proc.stdout

@@ -1,0 +1,123 @@
+"""
+How many users does serve.py hold? Starts the real server and drives N concurrent
+streaming clients against it, for each N in --clients.
+
+    python export.py --from_gguf --to smollm2-135m-instruct      # once (docs/huggingface.md)
+    python bench/bench_serve.py --init_from smollm2-135m-instruct
+    python bench/bench_serve.py --init_from smollm2-135m-instruct --clients 1 4 16 --max_tokens 64
+
+Each client sends one streaming /v1/completions request (its own prompt and seed,
+ignore_eos, so every client gets exactly --max_tokens tokens) and records when its
+first text arrives and when its stream ends. Per N:
+    tok/s      all clients' tokens / the time from the first request to the last end
+    TTFT       time to first token (median and worst over the clients)
+    per-req    each client's tokens / (its end - its first token), median
+    peak RSS   the server process's VmHWM from /proc (Linux), after this N
+The ratio line compares the largest N's tok/s with N = 1's, in the same run.
+"""
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vm(pid, field):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return float("nan")
+
+
+async def one_client(http, i, max_tokens, t0):
+    body = {"prompt": f"Once upon a time, in a town called {['Oak', 'Elm', 'Ash', 'Yew'][i % 4]}vale,",
+            "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.8, "seed": i, "stream": True,
+            "stream_options": {"include_usage": True}}
+    first, tokens = None, 0
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise SystemExit(f"client {i}: HTTP {r.status_code}: {(await r.aread()).decode()[:200]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk["choices"][0]["text"]:
+                first = time.perf_counter() - t0
+    return first, time.perf_counter() - t0, tokens
+
+
+async def round_of(url, n, max_tokens):
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=httpx.Limits(max_connections=n + 4)) as http:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*[one_client(http, i, max_tokens, t0) for i in range(n)])
+    wall = max(end for _, end, _ in results)
+    tokens = sum(t for _, _, t in results)
+    ttft = [first for first, _, _ in results]
+    per_request = [t / (end - first) for first, end, t in results if end > first]
+    return tokens / wall, statistics.median(ttft), max(ttft), statistics.median(per_request), tokens
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--init_from", required=True, help="a Hugging Face checkpoint directory (or resume)")
+    p.add_argument("--out_dir", default="out")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--max_tokens", type=int, default=64)
+    p.add_argument("--max_batch", type=int, default=16)
+    args = p.parse_args()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), "--port", str(port),
+                               "--init_from", args.init_from, "--out_dir", args.out_dir, "--dtype", args.dtype,
+                               "--max_batch", str(args.max_batch)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, cwd=HERE)
+    try:
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"serve.py exited:\n{server.stdout.read()}")
+            try:
+                health = httpx.get(url + "/health", timeout=1).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        import torch  # the versions, for the record (after the server started: not its memory)
+        print(f"bench_serve: {health['model']}, --dtype {args.dtype}, --max_batch {args.max_batch}, "
+              f"{args.max_tokens} tokens per client; torch {torch.__version__}, {os.cpu_count()} CPUs")
+        asyncio.run(round_of(url, 1, 8))  # warm-up
+        print(f"{'clients':>7} {'tok/s':>8} {'TTFT med':>9} {'TTFT max':>9} {'per-req tok/s':>14} "
+              f"{'peak RSS MiB':>13}")
+        rates = {}
+        for n in args.clients:
+            rate, ttft_med, ttft_max, per_req, tokens = asyncio.run(round_of(url, n, args.max_tokens))
+            assert tokens == n * args.max_tokens, tokens
+            rates[n] = rate
+            print(f"{n:>7} {rate:>8.1f} {ttft_med:>8.2f}s {ttft_max:>8.2f}s {per_req:>14.1f} "
+                  f"{vm(server.pid, 'VmHWM'):>13.0f}", flush=True)
+        if 1 in rates and len(rates) > 1:
+            top = max(rates)
+            print(f"{top} clients together: {rates[top] / rates[1]:.2f}x the tokens/s of one client alone")
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+if __name__ == "__main__":
+    main()
