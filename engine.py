@@ -174,10 +174,16 @@ class Batcher:
     max_new_tokens. A request is admitted only if the block it needs, plus the current
     one while it is copied over, fits in cache_bytes; otherwise it waits in line (in
     order), and past max_waiting waiting requests, submit raises Busy. The block is
-    freed whenever the batch empties. Eager only: each step attends over the filled
-    slots of the longest row, not the whole block."""
+    freed whenever the batch empties. Eager, each step attends over the filled slots
+    of the longest row only.
 
-    def __init__(self, model, max_batch=16, cache_bytes=1 << 30, max_waiting=64):
+    compile=True: one fixed block instead, max_batch rows of as many slots as the
+    budget allows (at most the context), kept for the server's life; each step runs
+    over all of it (free rows masked, their tokens ignored), so the step has one
+    shape and torch.compile compiles it once, on CUDA as one CUDA graph. A request
+    longer than a row is refused."""
+
+    def __init__(self, model, max_batch=16, cache_bytes=1 << 30, max_waiting=64, compile=False):
         cfg, weight = model.config, model.model.embed_tokens.weight
         self.model, self.max_batch, self.cache_bytes, self.max_waiting = model, max_batch, cache_bytes, max_waiting
         self.device, self.dtype, self.context = weight.device, weight.dtype, cfg.max_position_embeddings
@@ -185,9 +191,22 @@ class Batcher:
         self.cache, self.rows, self.waiting = None, [], deque()  # rows[i] decodes in cache row i
         self.lock = threading.Condition()
         self.steps = self.generated = self.last_batch = 0  # counters for /health and the tests
+        self.fixed, self.compiled_step = None, None
+        if compile:
+            slots = self.context
+            while slots > 64 and max_batch * slots * self.slot_bytes > cache_bytes:
+                slots = _pow2(slots) // 2
+            if max_batch * slots * self.slot_bytes > cache_bytes:
+                raise ValueError(f"a cache budget of {cache_bytes / 2**20:.0f} MiB cannot hold {max_batch} rows of "
+                                 f"{slots} positions; raise it or lower max_batch")
+            self.fixed = (max_batch, slots)
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            self.compiled_step = torch.compile(model.decode_step, mode=mode, fullgraph=True, dynamic=False)
         threading.Thread(target=self._run, name="batcher", daemon=True).start()
 
     def _shape(self, n_rows, slots):
+        if self.fixed:
+            return self.fixed
         return min(_pow2(n_rows), self.max_batch), min(max(64, _pow2(slots)), self.context)
 
     def cache_size(self, shape=None):
@@ -196,6 +215,9 @@ class Batcher:
 
     def submit(self, seq):
         """Queue seq; ValueError if it could never fit in the cache budget, Busy if the line is full."""
+        if self.fixed and seq.slots > self.fixed[1]:
+            raise ValueError(f"{seq.slots} tokens (prompt + max_tokens) do not fit in a row of {self.fixed[1]} "
+                             f"positions (the cache budget over {self.max_batch} rows)")
         alone = self.cache_size(self._shape(1, seq.slots))
         if alone > self.cache_bytes:
             most = self.cache_bytes // self.slot_bytes
@@ -216,7 +238,8 @@ class Batcher:
         while True:
             with self.lock:
                 while not self.rows and not self.waiting:
-                    self.cache = None  # idle: give the memory back
+                    if not self.fixed:
+                        self.cache = None  # idle: give the memory back (a compiled step keeps its block)
                     self.lock.wait()
             try:
                 with torch.inference_mode():
@@ -251,6 +274,9 @@ class Batcher:
             self.waiting.popleft()
         if grow:
             old, self.cache = self.cache, KVCache(self.model.config, *shape, self.device, self.dtype)
+            if self.fixed and self.device.type == "cuda":  # a CUDA graph replays fixed addresses
+                for t in (self.cache.k, self.cache.v, self.cache.pos_t):
+                    torch._dynamo.mark_static_address(t)
             if old is not None:
                 n, slots = len(self.rows), old.k.size(3)
                 self.cache.k[:, :n, :, :slots], self.cache.v[:, :n, :, :slots] = old.k[:, :n], old.v[:, :n]
@@ -273,10 +299,16 @@ class Batcher:
         n = len(self.rows)
         self.steps, self.last_batch = self.steps + 1, n
         tokens = torch.tensor([[seq.last] for seq in self.rows], device=self.device)  # (n, 1)
-        view = self.cache.view(slice(0, n), max(seq.pos for seq in self.rows) + 1)  # the filled slots only
-        with step_kernels(n, view):
-            logits = self.model.decode_step(tokens, view)  # (n, V)
-        view.pos_t += 1
+        if self.fixed:  # every row of the block, the free ones fed a token that is never read
+            tokens = torch.cat([tokens, tokens.new_zeros(self.fixed[0] - n, 1)])  # (max_batch, 1)
+            if self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are done with
+            logits = self.compiled_step(tokens, self.cache)[:n]  # (n, V)
+        else:
+            view = self.cache.view(slice(0, n), max(seq.pos for seq in self.rows) + 1)  # the filled slots only
+            with step_kernels(n, view):
+                logits = self.model.decode_step(tokens, view)  # (n, V)
+        self.cache.pos_t[:n] += 1
         for i, seq in enumerate(self.rows):
             seq.pos += 1
             self._emit(seq, logits[i:i + 1])

@@ -35,7 +35,7 @@ from typing import Annotated, Literal
 
 from access import Access, host_names
 from chat import ROLES, StopStrings, TextStream, chat_stop_ids, is_chat_model, render_chat
-from common import HERE, Parser, UserError, add_model_flags, fail
+from common import HERE, Parser, UserError, add_model_flags, fail, use_compile
 
 try:
     import uvicorn
@@ -127,9 +127,10 @@ def stop_strings(req):
 class ServedModel:
     """The model, its tokenizer and its name, behind one Batcher."""
 
-    def __init__(self, model, tokenizer, name, device, max_batch, cache_bytes, max_waiting):
+    def __init__(self, model, tokenizer, name, device, max_batch, cache_bytes, max_waiting, compile=False):
         self.model, self.tokenizer, self.name, self.device = model, tokenizer, name, device
-        self.batcher = Batcher(model, max_batch=max_batch, cache_bytes=cache_bytes, max_waiting=max_waiting)
+        self.batcher = Batcher(model, max_batch=max_batch, cache_bytes=cache_bytes, max_waiting=max_waiting,
+                               compile=compile)
         self.context = model.config.max_position_embeddings
         self.chat = is_chat_model(model)
         # no prompt longer than this many characters can fit: checked before tokenizing
@@ -149,17 +150,18 @@ class ServedModel:
         return (await asyncio.to_thread(self.tokenizer.encode, text)).ids
 
     def budget(self, req, n_prompt):
-        """max_tokens, or all the room the context has left when none is asked for."""
-        room = self.context - n_prompt
+        """max_tokens, or all the room the context (a compiled batch: its row) has left when none is asked for."""
+        limit = self.batcher.fixed[1] if self.batcher.fixed else self.context
+        room = limit - n_prompt
+        what = f"This model's maximum context length is {self.context} tokens" if limit == self.context else \
+            f"This server holds at most {limit} tokens per request (a compiled batch of fixed rows)"
         if room < 1:
-            raise APIError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
-                                f"{n_prompt}", param="messages" if hasattr(req, "messages") else "prompt",
-                           code="context_length_exceeded")
+            raise APIError(400, f"{what}; the prompt has {n_prompt}", code="context_length_exceeded",
+                           param="messages" if hasattr(req, "messages") else "prompt")
         wanted = req.max_completion_tokens or req.max_tokens
         if wanted is not None and wanted > room:
-            raise APIError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
-                                f"{n_prompt} and max_tokens asks for {wanted} more (at most {room})",
-                           param="max_tokens", code="context_length_exceeded")
+            raise APIError(400, f"{what}; the prompt has {n_prompt} and max_tokens asks for {wanted} more "
+                                f"(at most {room})", param="max_tokens", code="context_length_exceeded")
         return wanted or room
 
     def submit(self, prompt_ids, req, stop_ids):
@@ -342,6 +344,9 @@ def main(argv=None):
     p.add_argument("--cache_mb", type=int, default=None,
                    help="memory for every request's KV cache together, MiB (default: a quarter of the memory "
                         "free at start, at most 4096)")
+    p.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
+                   help="compile the batched decode step once over a fixed block of max_batch rows (CUDA graphs "
+                        "on CUDA); auto: on CUDA only")
     p.add_argument("--api_key", default=os.environ.get("SMOL_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $SMOL_API_KEY, else none)")
     p.add_argument("--allow_origin", action="append", default=[],
@@ -360,15 +365,21 @@ def main(argv=None):
     folder = args.out_dir if args.init_from == "resume" else args.init_from
     name = args.name or os.path.basename(os.path.normpath(folder))
     cache_mb = args.cache_mb or default_cache_mb(device)
-    served = ServedModel(model, load_tokenizer(), name, device, args.max_batch, cache_mb << 20, args.max_waiting)
+    try:
+        served = ServedModel(model, load_tokenizer(), name, device, args.max_batch, cache_mb << 20, args.max_waiting,
+                             compile=use_compile(args.compile, device))
+    except ValueError as e:  # a compiled block that the budget cannot hold
+        raise UserError(f"--cache_mb {cache_mb}: {e} (--max_batch)") from None
     served.created = int(time.time())
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     kind = "chat" if served.chat else "base (completion; chat replies end at <|endoftext|> or <|im_end|>)"
     print(f"serving {name} ({kind}, {model.num_params():,} parameters, {device}) on {url}"
           + (f"  (the page: {url}/#key={args.api_key})" if args.api_key else ""), flush=True)
+    fixed = served.batcher.fixed
     print(f"up to {args.max_batch} requests decode together, {args.max_waiting} more wait; KV cache budget "
-          f"{cache_mb:,} MiB (about {(cache_mb << 20) // served.batcher.slot_bytes:,} tokens)", flush=True)
+          f"{cache_mb:,} MiB (about {(cache_mb << 20) // served.batcher.slot_bytes:,} tokens)"
+          + (f"; compiled step over {fixed[0]} rows of {fixed[1]} positions" if fixed else ""), flush=True)
     hosts = host_names(host, args.allow_host)
     if not args.api_key and (hosts is None or not hosts & {"127.0.0.1", "::1"}):
         print(f"warning: serving on {host} without --api_key: anyone who can reach this address can use the "

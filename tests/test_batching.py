@@ -166,3 +166,34 @@ def test_a_long_prompt_holds_the_batch_up_for_its_prefill_and_no_longer(model):
     # prefill: "long" alone; then each step one token for each row, in row order
     assert names[first:first + 5] == ["long", "steady", "long", "steady", "long"]
     assert names[first + 5:] == ["steady"] * (40 - 12)
+
+
+def test_the_compiled_batch_step_gives_eager_tokens_and_compiles_once(model):
+    # compile=True: one fixed (rows, slots) block, so the batched step has one shape
+    # whatever joins or leaves: compiled once, never again (what CUDA graphs need)
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    requests = [(p, 24, dict(temperature=0)) for p in prompts(6, seed=4)]
+    eager = Run(Batcher(model, max_batch=4))
+    for i, (p, n, sampling) in enumerate(requests):
+        eager.submit(i, p, n, **sampling)
+    eager.wait()
+    torch._dynamo.reset()
+    counters.clear()
+    slot = Batcher(model, max_batch=1).slot_bytes
+    batcher = Batcher(model, max_batch=4, cache_bytes=4 * 256 * slot, compile=True)  # rows of 256 positions
+    assert batcher.fixed == (4, 256)
+    warm = Run(batcher)
+    warm.submit("warm", [1, 2, 3], 3, temperature=0)
+    warm.wait()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 1
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompilation now raises in the worker
+        run = Run(batcher)
+        for i, (p, n, sampling) in enumerate(requests):  # 6 requests over 4 rows: joins and leaves
+            run.submit(i, p, n, **sampling)
+        run.wait()
+    assert [run.tokens[i] for i in range(6)] == [eager.tokens[i] for i in range(6)]
+    assert counters["stats"]["unique_graphs"] == graphs and batcher.last_batch >= 1
+    with pytest.raises(ValueError, match="do not fit in a row of 256 positions"):
+        batcher.submit(Sequence([1] * 200, 100, lambda t: None))

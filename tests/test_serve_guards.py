@@ -275,3 +275,27 @@ def test_serving_every_interface_without_a_key_warns(chat_model):
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "warning: serving on 0.0.0.0 without --api_key: anyone who can reach this address" in err, err
+
+
+@pytest.mark.parametrize("small_server", [("--compile", "true", "--max_batch", "4", "--cache_mb", "8")],
+                         indirect=True)
+def test_the_compiled_batch_serves_the_same_answers(small_server):
+    # a fixed block of 4 rows x 4,096 positions (8 MiB at 512 bytes a position)
+    r = post(small_server, {"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                            "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Paris."
+    r = post(small_server, {**CHAT, "max_tokens": 2})  # without max_tokens: the rest of its row
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    r = post(small_server, {**CHAT, "max_tokens": 5000})
+    assert r.status_code == 400 and "at most 4096 tokens per request" in error_of(r)["message"]
+    r = post(small_server, {"prompt": "Once", "stream": False, "ignore_eos": True}, path="/v1/completions")
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4096 - 1
+
+
+def test_a_compiled_block_the_budget_cannot_hold_is_one_line(chat_model):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "serve.py"), "--init_from", chat_model["hf"],
+                           "--port", str(free_port()), "--dtype", "float32", "--compile", "true", "--max_batch", "64",
+                           "--cache_mb", "1"],
+                          capture_output=True, text=True, timeout=120, cwd=HERE)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: --cache_mb 1: a cache budget of 1 MiB cannot hold 64 rows of 64 positions")
