@@ -135,6 +135,10 @@ def chat(model, tokenizer, args, room, write):
             import readline  # noqa: F401  (arrow keys and history in input(), where the platform has it)
         except ImportError:
             pass
+        # Ctrl-C leaves, whatever this process inherited: a parent that ignores SIGINT (a script's
+        # `trap '' INT`, a job started in the background) passes that on, and Python then leaves it so
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         print("chat: type a message and press Enter; /reset starts over; Ctrl-D or Ctrl-C leaves", file=sys.stderr)
     start = [{"role": "system", "content": args.system}] if args.system is not None else []
     messages = list(start)

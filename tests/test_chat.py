@@ -148,12 +148,16 @@ def read_until(fd, text, timeout=HANG):
 
 
 @contextlib.contextmanager
-def terminal_chat(chat_model, *args):
+def terminal_chat(chat_model, *args, sigint_ignored=False):
     """sample.py --chat with a pseudo-terminal as its stdin, stdout and stderr. Yields the
     terminal and finish(), which reads the terminal to its end and returns (that text,
-    sample.py's exit status)."""
+    sample.py's exit status). sigint_ignored: started as a parent that ignores and blocks
+    SIGINT would start it (both are inherited through exec)."""
     pid, fd = pty.fork()
     if pid == 0:  # the child
+        if sigint_ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         os.chdir(HERE)
         os.execv(sys.executable, [sys.executable, "sample.py", "--init_from", str(chat_model["hf"]), "--chat",
                                   *args])
@@ -192,10 +196,12 @@ def test_chat_on_a_terminal(chat_model, leave, end):
         assert rest == end, rest
 
 
-def test_one_ctrl_c_while_a_reply_streams_leaves_the_chat(chat_model):
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["default", "started-with-sigint-ignored"])
+def test_one_ctrl_c_while_a_reply_streams_leaves_the_chat(chat_model, sigint_ignored):
     # temperature 50 over the whole vocabulary: a reply of random tokens, thousands of them,
     # so the key lands while it streams
-    with terminal_chat(chat_model, "--temperature", "50", "--top_k", "0", "--max_new_tokens", "8000") as (fd, finish):
+    with terminal_chat(chat_model, "--temperature", "50", "--top_k", "0", "--max_new_tokens", "8000",
+                       sigint_ignored=sigint_ignored) as (fd, finish):
         read_until(fd, "> ")
         os.write(fd, b"Tell me a story.\r")
         read_until(fd, "story.\r\n")  # the line, echoed
