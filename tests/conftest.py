@@ -161,3 +161,18 @@ def instruct_server(instruct_dir):
     server = Server("--init_from", instruct_dir)
     yield server
     server.stop()
+
+
+def wait_for(condition, what, limit=60):
+    """Poll until condition() holds; the limit only turns a hang into a failure."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} (still so after {limit} s)"
+        time.sleep(0.05)
+
+
+def error_of(response):
+    """The error of an OpenAI-style error body, checked for its four fields."""
+    body = response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]

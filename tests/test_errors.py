@@ -9,14 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from common import HERE
-from conftest import missing, need_module
+from conftest import missing, need_module, wait_for
 from smol import PRESETS, SmolLM
 
 TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",
@@ -195,15 +194,6 @@ def losses(out_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def wait_for(predicate, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_and_resume_matches_uninterrupted_run(tmp_path, sig):
     steps = [*TINY, "--max_iters", 40, "--eval_interval", 100]
@@ -211,7 +201,7 @@ def test_signal_saves_and_resume_matches_uninterrupted_run(tmp_path, sig):
     proc = subprocess.Popen(command("train.py", *steps, "--out_dir", "stopped"), cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "stopped" / "metrics.jsonl"
-    assert wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 5)
+    wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 5, "five lines were never logged", 120)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig
@@ -233,7 +223,7 @@ def test_killed_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path):
     proc = subprocess.Popen(command("train.py", "--init_from", "resume", "--out_dir", "run", "--max_iters", 12),
                             cwd=tmp_path, env={**os.environ, "SMOL_TEST_SLOW_SAVE": "120"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert wait_for(lambda: tmp.exists() and tmp.stat().st_size > 0)
+    wait_for(lambda: tmp.exists() and tmp.stat().st_size > 0, "the save never began writing", 120)
     proc.kill()
     proc.wait()
     assert 0 < tmp.stat().st_size < size  # the kill landed while the file was being written
@@ -342,7 +332,7 @@ def test_second_run_refuses_and_a_killed_run_leaves_neither_lock_nor_torn_log(wo
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = tmp_path / "run" / "metrics.jsonl"
     try:
-        assert wait_for(lambda: (tmp_path / "run" / "ckpt.pt.tmp").exists())
+        wait_for(lambda: (tmp_path / "run" / "ckpt.pt.tmp").exists(), "the slow save never began", 120)
         second = run("train.py", *resume, "--max_iters", 20, cwd=tmp_path)
         assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
         assert f"run is in use by another train.py (pid {first.pid} on" in second.stderr

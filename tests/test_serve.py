@@ -5,7 +5,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -13,7 +12,7 @@ import torch
 
 from chat import render_chat
 from common import HERE
-from conftest import need_module
+from conftest import error_of, need_module, wait_for
 from data import load_tokenizer
 from hf import from_pretrained
 
@@ -116,12 +115,6 @@ def test_a_seed_makes_sampling_repeatable(client):
     first = sample(7)
     assert sample(7) == first
     assert any(sample(s) != first for s in (8, 9, 10))
-
-
-def error_of(response):
-    body = response.json()
-    assert set(body["error"]) == {"message", "type", "param", "code"}, body
-    return body["error"]
 
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
@@ -230,14 +223,6 @@ def active_requests(server):
 
 def tokens_generated(server):
     return health(server)["tokens_generated"]
-
-
-def wait_for(condition, what, limit=60):
-    """Poll until condition() holds; the limit only turns a hang into a failure."""
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} (still so after {limit} s)"
-        time.sleep(0.05)
 
 
 def test_a_disconnect_frees_its_row_for_the_next_step(chat_server):

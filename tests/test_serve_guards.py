@@ -7,13 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from common import HERE
-from conftest import Server, free_port, need_module
+from conftest import Server, error_of, free_port, need_module, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
 
@@ -24,22 +23,8 @@ def post(server, body, path="/v1/chat/completions", **kw):
                       headers={"content-type": "application/json", **kw.pop("headers", {})}, **kw)
 
 
-def error_of(response):
-    body = response.json()
-    assert set(body["error"]) == {"message", "type", "param", "code"}, body
-    return body["error"]
-
-
 def health(server, **kw):
     return httpx.get(server.url + "/health", timeout=30, **kw).json()
-
-
-def wait_for(condition, what, limit=60):
-    """Poll until condition() holds; the limit only turns a hang into a failure."""
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} (still so after {limit} s)"
-        time.sleep(0.05)
 
 
 def peak_mib(server):
