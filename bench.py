@@ -34,6 +34,7 @@ import smol
 from common import Parser, autocast_for, cpu_has_native_bf16, inference_dtype, peak_flops, pick_device, use_compile
 from engine import Decoder
 from hf import config_to_hf
+from quantize import check_int8, quantize_int8
 from smol import SmolConfig, SmolLM
 from train import TrainConfig, train_step
 
@@ -261,6 +262,10 @@ def main(argv=None):
         if dtype != torch.float32 and not cuda:  # the same model in fp32, for a like-for-like row
             ours32 = Decoder(SmolLM(config).to(device).eval())
             cases.append(("smol float32", lambda p, n: ours32.generate(p, n, temperature=0), 1))
+        if not cuda and check_int8(device, dtype) is None:  # sample.py --quantize int8: activations in dtype
+            ours8 = Decoder(quantize_int8(SmolLM(config).to(device).to(dtype).eval()))
+            cases += [(f"smol int8 ({str(dtype)[6:]} activations)", lambda p, n: ours8.generate(p, n, temperature=0),
+                       b) for b in batches]
         if not args.skip_hf:
             hf_dtype = torch.bfloat16 if cuda else torch.float32
 

@@ -3,11 +3,13 @@ Inference for sample.py and serve.py: the model a user names (a training checkpo
 a Hugging Face one), and fast decoding of it.
 
 smol.py's generate is the plain loop, written to be read: a forward pass per token over
-a KV cache that grows. Decoder runs the same loop with a step whose shapes never change
-(smol.py's decode_step: one token, every slot of a pre-allocated cache, a mask for the
-filled ones), so torch.compile compiles it once and, on CUDA, replays it as a CUDA graph
-(one launch per token instead of about 400). It also picks the faster CPU kernel for
-bf16 at batch 1. Same tokens as generate, given the same seed.
+a KV cache that grows. Decoder runs the same loop through smol.py's decode_step (one
+token, a pre-allocated cache, a mask for the filled slots). Compiled, the step runs over
+every slot, so its shapes never change: torch.compile compiles it once and, on CUDA,
+replays it as a CUDA graph (one launch per token instead of about 400). Eager, it runs
+over the filled slots only. It also picks the faster CPU kernel for bf16 at batch 1.
+Same tokens as generate, given the same seed. Batcher (below) does the same for many
+requests at once, for serve.py.
 
     decoder = Decoder(model, compile=True)
     for token in decoder.stream(idx, 200, temperature=0.8, stop_ids={0}):  # (B, 1) each
@@ -25,6 +27,7 @@ import torch
 from checkpoint import load_checkpoint, model_from_checkpoint
 from common import UserError, inference_dtype, pick_device
 from hf import from_pretrained
+from quantize import check_int8, quantize_int8
 from smol import KVCache, sample_next
 
 
@@ -46,11 +49,14 @@ def load_model(init_from, out_dir):
 
 def load_from_flags(args):
     """(model, device) for common.add_model_flags' flags: the model on its device, in the
-    dtype --dtype asks for (auto: bf16 where the hardware computes it), in eval mode. The
-    device is checked before the model is read."""
+    dtype --dtype asks for (auto: bf16 where the hardware computes it), in eval mode, its
+    matrices int8 with --quantize int8. The device is checked before the model is read."""
     device = pick_device(args.device)
-    model = load_model(args.init_from, args.out_dir)
-    return model.to(device, inference_dtype(device, args.dtype)).eval(), device
+    dtype = inference_dtype(device, args.dtype)
+    if args.quantize == "int8" and (reason := check_int8(device, dtype)):
+        raise UserError(f"--quantize int8: {reason}")
+    model = load_model(args.init_from, args.out_dir).to(device, dtype).eval()
+    return (quantize_int8(model) if args.quantize == "int8" else model), device
 
 
 @contextmanager
@@ -71,7 +77,7 @@ class Decoder:
     """Fast decoding of one model. compile=True: one torch.compile of decode_step (with
     CUDA graphs on CUDA) and one cache kept for the next call, because a CUDA graph
     replays fixed addresses; so one compiled stream at a time per Decoder. Eager: a
-    fresh cache each call."""
+    fresh cache each call, and each step attends over the filled slots only."""
 
     def __init__(self, model, compile=False):
         self.model, self.compile = model, compile
@@ -107,10 +113,12 @@ class Decoder:
         if total > model.config.max_position_embeddings:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_position_embeddings ({model.config.max_position_embeddings})")
-        # cache slots: a power of two, at least 256, so that prompts of different lengths
-        # share one cache shape and one compiled step (unused slots are masked out)
-        slots = min(max(256, 1 << (total - 1).bit_length()), model.config.max_position_embeddings)
-        step, cache = self._step_and_cache(B, slots, idx.device, model.model.embed_tokens.weight.dtype)
+        # compiled, the cache slots are a power of two, at least 256, so that prompts of
+        # different lengths share one cache shape and one compiled step (unused slots are
+        # masked out); eager, exactly what this call can fill
+        slots = min(max(256, 1 << (total - 1).bit_length()), model.config.max_position_embeddings) \
+            if self.compile else total
+        step, cache = self._step_and_cache(B, slots, idx.device, model.model.norm.weight.dtype)  # activations' dtype
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=idx.device)  # (S,)
         done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)  # rows that have stopped
         logits = model(idx, kv_cache=cache, last_only=True)[0][:, -1]  # (B, V)
@@ -124,9 +132,12 @@ class Decoder:
                 break  # the last token needs no logits of its own
             prev_token = next_token
             with step_kernels(B, cache):
-                if self.compile and idx.is_cuda:
-                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are done with
-                logits = step(next_token, cache)
+                if not self.compile:  # eager: attend over the filled slots only, not every slot
+                    logits = step(next_token, cache.view(slice(None), cache.pos + 1, cache.pos))
+                else:
+                    if idx.is_cuda:
+                        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are done with
+                    logits = step(next_token, cache)
             cache.advance(1)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=()):
@@ -184,7 +195,7 @@ class Batcher:
     longer than a row is refused."""
 
     def __init__(self, model, max_batch=16, cache_bytes=1 << 30, max_waiting=64, compile=False):
-        cfg, weight = model.config, model.model.embed_tokens.weight
+        cfg, weight = model.config, model.model.norm.weight  # the activations' dtype, even with int8 matrices
         self.model, self.max_batch, self.cache_bytes, self.max_waiting = model, max_batch, cache_bytes, max_waiting
         self.device, self.dtype, self.context = weight.device, weight.dtype, cfg.max_position_embeddings
         self.slot_bytes = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * weight.element_size()  # k and v

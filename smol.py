@@ -362,7 +362,8 @@ class SmolLM(nn.Module):
         if T + max_new_tokens > self.config.max_position_embeddings:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_position_embeddings ({self.config.max_position_embeddings})")
-        cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.model.embed_tokens.weight.dtype)
+        # the activations' dtype: the final norm's weight has it even when quantize.py made the matrices int8
+        cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.model.norm.weight.dtype)
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=idx.device)  # (S,)
         done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)  # rows that have stopped
         logits = self(idx, kv_cache=cache, last_only=True)[0][:, -1]  # (B, V): the prompt's last position

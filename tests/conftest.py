@@ -20,6 +20,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from chat import render_chat
 from common import HERE
@@ -176,3 +177,24 @@ def error_of(response):
     body = response.json()
     assert set(body["error"]) == {"message", "type", "param", "code"}, body
     return body["error"]
+
+
+def trained_tiny_model(steps=100):
+    """A 2-layer model trained `steps` steps on input.txt (a random one scores about ln V
+    whatever is done to it), and 64 held-out windows (x, y) to score it on."""
+    from data import load_tokenizer, load_tokens
+    from smol import SmolConfig, SmolLM
+    torch.manual_seed(0)
+    tokens = torch.from_numpy(load_tokens(os.path.join(HERE, "input.txt"), load_tokenizer()).astype("int64"))
+    train, held_out = tokens[:-4096], tokens[-4096:]
+    model = SmolLM(SmolConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=256, block_size=32))
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    for _ in range(steps):
+        ix = torch.randint(len(train) - 33, (8,)).tolist()
+        xy = torch.stack([train[i:i + 33] for i in ix])
+        _, loss = model(xy[:, :-1], xy[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    xy = held_out[:64 * 33].view(64, 33)
+    return model.eval(), xy[:, :-1], xy[:, 1:]

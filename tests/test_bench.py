@@ -9,8 +9,7 @@ import sys
 import torch
 
 from common import HERE, cpu_has_native_bf16
-from conftest import need_module
-from data import load_tokenizer, load_tokens
+from conftest import need_module, trained_tiny_model
 from engine import Decoder
 from smol import KVCache, SmolConfig, SmolLM
 
@@ -40,30 +39,14 @@ def test_bench_runs_and_reports_every_row(tmp_path):
 
 
 def test_bf16_paths_match_fp32_to_bf16_tolerance():
-    # on a model that has learned something (a random one scores about ln V whatever the
-    # precision): 100 steps on input.txt, then the held-out loss three ways
-    torch.manual_seed(0)
-    tokens = torch.from_numpy(load_tokens(os.path.join(HERE, "input.txt"), load_tokenizer()).astype("int64"))
-    train, held_out = tokens[:-4096], tokens[-4096:]
-    config = SmolConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=256, block_size=32)
-    model = SmolLM(config)
-    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
-    for _ in range(100):
-        ix = torch.randint(len(train) - 33, (8,)).tolist()
-        xy = torch.stack([train[i:i + 33] for i in ix])
-        _, loss = model(xy[:, :-1], xy[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    xy = held_out[:64 * 33].view(64, 33)
-    x, y = xy[:, :-1], xy[:, 1:]
+    # on a model that has learned something: 100 steps on input.txt, then the held-out loss three ways
+    model, x, y = trained_tiny_model()
     with torch.no_grad():
         ref = model(x, y)[1].item()
         with torch.autocast("cpu", dtype=torch.bfloat16):  # train.py's bf16 autocast path
             amp = model(x, y)[1].item()
         bf16 = model.to(torch.bfloat16)(x, y)[1].item()  # sample.py's bf16 weights
-    assert ref < 0.7 * math.log(config.vocab_size), ref  # trained: well below ln V = 10.8
+    assert ref < 0.7 * math.log(model.config.vocab_size), ref  # trained: well below ln V = 10.8
     assert abs(amp - ref) / ref < 1e-2 and abs(bf16 - ref) / ref < 1e-2, (ref, amp, bf16)
 
 

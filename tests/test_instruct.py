@@ -42,6 +42,14 @@ def test_sample_chat_stops_at_the_end_of_the_turn(instruct_dir):
     assert "not trained for chat" not in proc.stderr
 
 
+def test_int8_gives_the_same_greedy_answers(instruct_dir):
+    # --dtype auto: int8 matrices with the activations sample.py uses here (bf16 where native)
+    proc = run_sample("--init_from", instruct_dir, "--chat", "--temperature", 0, "--quantize", "int8",
+                      stdin=f"{FRANCE}\nAnd of Italy?\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "The capital of France is Paris.\nThe capital of Italy is Rome.\n"
+
+
 def test_sample_with_a_chatml_prompt_stops_at_im_end(instruct_dir):
     """The issue's own command: before, the reply ran on into invented user turns."""
     proc = run_sample("--init_from", instruct_dir, "--temperature", 0, "--num_samples", 1, "--max_new_tokens", 100,

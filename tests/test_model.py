@@ -168,6 +168,24 @@ def test_prefill_can_return_the_last_position_only():
     torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
 
 
+def test_eager_decoding_attends_over_the_filled_slots_only():
+    # the fixed shape (every slot, masked) is for the compiled step; eager, each step's
+    # keys are the positions filled so far, so a short prompt does not pay for 256 slots
+    m = tiny(max_position_embeddings=1024)
+    seen = []
+    step = m.decode_step
+
+    def recording(token, kv_cache):
+        seen.append(kv_cache.max_len)
+        return step(token, kv_cache)
+    m.decode_step = recording
+    prompt = torch.randint(0, 512, (2, 5))
+    out = Decoder(m).generate(prompt, 6, temperature=0)
+    assert seen == [6, 7, 8, 9, 10]  # the prompt's 5, then one more at each step (the last token needs none)
+    del m.decode_step
+    assert torch.equal(out, m.generate(prompt, 6, temperature=0))
+
+
 def test_sampling_filters_and_seed():
     logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
     assert sample_next(logits, temperature=0).item() == 1
