@@ -10,6 +10,7 @@ Sample from a trained model, streaming tokens as they come.
 import os
 import signal
 import sys
+import time
 
 import torch
 
@@ -37,6 +38,8 @@ def parse_args(argv):
     p.add_argument("--chat", action="store_true",
                    help="talk to the model: read a message, stream the reply, keep the conversation (ChatML)")
     p.add_argument("--system", default=None, help="--chat: the system message (default: the model's own)")
+    p.add_argument("--verbose", action="store_true",
+                   help="--chat: after each reply, its speed on stderr (each sample reports it anyway)")
     return p.parse_args(argv)
 
 
@@ -73,18 +76,21 @@ def main(argv=None):
                         f"{config.max_position_embeddings}-token context")
 
     def write(prompt_ids, stop_ids):
-        """Stream one continuation of prompt_ids to stdout; return its text."""
+        """Stream one continuation of prompt_ids to stdout; return (its text, a line on its speed)."""
         idx = torch.tensor([prompt_ids], device=device)  # (1, T)
-        text, out = TextStream(tokenizer), ""
+        text, out, made, t0 = TextStream(tokenizer), "", 0, time.perf_counter()
         for token in decoder.stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                                     top_p=args.top_p, generator=generator, stop_ids=stop_ids):
+            made += 1
             if token.item() in stop_ids:  # the model ended its text (or its turn)
                 break
             piece = text.push(token.item())
             sys.stdout.write(piece)
             sys.stdout.flush()
             out += piece
-        return out
+        seconds = time.perf_counter() - t0  # the prompt's prefill included, as llama.cpp's total
+        return out, (f"[{len(prompt_ids)} prompt tokens, {made} new tokens in {seconds:.2f} s: "
+                     f"{made / seconds:.1f} tokens/s]")
 
     if args.chat:
         return chat(model, tokenizer, args, room, write)
@@ -100,8 +106,9 @@ def main(argv=None):
         if i:
             print("\n" + "-" * 40)
         sys.stdout.write(tokenizer.decode(prompt_ids))
-        write(prompt_ids, set(model.eos_token_ids))
-        print()
+        _, speed = write(prompt_ids, set(model.eos_token_ids))
+        print(flush=True)
+        print(speed, file=sys.stderr, flush=True)
 
 
 def read_line(prompt):
@@ -163,8 +170,10 @@ def chat(model, tokenizer, args, room, write):
             if len(kept) < len(messages) + 1:
                 print(f"(the {len(messages) + 1 - len(kept)} oldest messages no longer fit in the context and were "
                       f"dropped)", file=sys.stderr)
-            reply = write(prompt_ids, stop_ids)
-            print()
+            reply, speed = write(prompt_ids, stop_ids)
+            print(flush=True)
+            if args.verbose:
+                print(speed, file=sys.stderr, flush=True)
             messages = kept + [{"role": "assistant", "content": reply}]
     except KeyboardInterrupt:  # Ctrl-C: leave, as Ctrl-D does
         print()

@@ -5,6 +5,7 @@ import json
 import os
 import pty
 import random
+import re
 import select
 import signal
 import subprocess
@@ -107,6 +108,14 @@ def test_piped_chat_answers_each_line_and_stops_at_the_end_of_its_turn(chat_mode
     assert proc.returncode == 0 and "a new conversation" in proc.stderr
     replies = proc.stdout.splitlines()
     assert replies[0] == "Blue." and replies[-1] == "Four." and len(replies) == 3
+
+
+def test_verbose_chat_reports_each_replys_speed(chat_model):
+    proc = chat("--init_from", chat_model["hf"], "--verbose", stdin="What is the capital of France?\nSay hello.\n")
+    assert proc.returncode == 0 and proc.stdout == "Paris.\nHello!\n"
+    lines = proc.stderr.splitlines()  # one per reply; "Paris." is 3 tokens and <|im_end|>
+    assert len(lines) == 2 and all(re.fullmatch(r"\[\d+ prompt tokens, \d+ new tokens in \d+\.\d\d s: "
+                                                 r"\d+\.\d tokens/s\]", line) for line in lines), lines
 
 
 def test_chat_with_a_checkpoint_not_trained_for_chat_warns_once_and_works(chat_model):

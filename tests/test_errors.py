@@ -4,6 +4,7 @@ middle of a save, and divergence all leave a checkpoint that resumes exactly."""
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -358,4 +359,6 @@ def test_second_run_refuses_and_a_killed_run_leaves_neither_lock_nor_torn_log(wo
 def test_empty_prompt_samples(work):
     # (a whitespace-only prompt encodes to ordinary tokens; the empty one to none at all)
     proc = run("sample.py", "--out_dir", "good", "--start", "", "--max_new_tokens", 3, "--num_samples", 1, cwd=work)
-    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    # stderr: only the sample's speed, as llama.cpp's tools report it (the prompt: <|endoftext|>)
+    assert re.fullmatch(r"\[1 prompt tokens, [123] new tokens in \d+\.\d\d s: \d+\.\d tokens/s\]\n", proc.stderr), proc.stderr
