@@ -21,6 +21,11 @@ import json
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
+def error_body(message, code=None, type="invalid_request_error", param=None):
+    """An error as OpenAI's API sends it, the shape every 4xx and 5xx of serve.py has."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
 def host_names(bound, extra=()):
     """The names a Host header may carry for a server bound to `bound`; None: any
     (bound to every interface, its names cannot be known; --api_key is the guard)."""
@@ -122,8 +127,7 @@ def with_headers(send, extra):
 
 
 async def reply(send, status, message, code=None, extra=()):
-    error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
-    body = b"" if message is None else json.dumps({"error": error}).encode()
+    body = b"" if message is None else json.dumps(error_body(message, code)).encode()
     headers = [(b"content-length", str(len(body)).encode())] + list(extra)
     if body:
         headers.append((b"content-type", b"application/json"))

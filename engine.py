@@ -220,8 +220,12 @@ class Batcher:
             return self.fixed
         return min(_pow2(n_rows), self.max_batch), min(max(64, _pow2(slots)), self.context)
 
+    def block(self):
+        """(rows, slots) of the cache block now, (0, 0) when there is none."""
+        return tuple(self.cache.k.shape[1::2]) if self.cache is not None else (0, 0)
+
     def cache_size(self, shape=None):
-        rows, slots = shape or (tuple(self.cache.k.shape[1::2]) if self.cache is not None else (0, 0))
+        rows, slots = shape or self.block()
         return rows * slots * self.slot_bytes
 
     def submit(self, seq):
@@ -276,10 +280,9 @@ class Batcher:
             if not self.waiting or len(self.rows) >= self.max_batch:
                 return None
             seq = self.waiting[0]
-            shape = self._shape(len(self.rows) + 1, max([seq.slots] + [r.slots for r in self.rows]))
-            if self.cache is not None:
-                shape = tuple(max(a, b) for a, b in zip(shape, self.cache.k.shape[1::2]))
-            grow = self.cache is None or shape != tuple(self.cache.k.shape[1::2])
+            wanted = self._shape(len(self.rows) + 1, max([seq.slots] + [r.slots for r in self.rows]))
+            shape = tuple(max(a, b) for a, b in zip(wanted, self.block()))  # the block never shrinks while in use
+            grow = shape != self.block()
             if grow and self.cache_size() + self.cache_size(shape) > self.cache_bytes:
                 return None  # waits for rows to leave (when the batch empties, the block goes)
             self.waiting.popleft()

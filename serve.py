@@ -33,7 +33,7 @@ import traceback
 import uuid
 from typing import Annotated, Literal
 
-from access import Access, host_names
+from access import Access, error_body, host_names
 from chat import ROLES, StopStrings, TextStream, chat_stop_ids, is_chat_model, render_chat
 from common import HERE, Parser, UserError, add_model_flags, fail, use_compile
 
@@ -109,7 +109,7 @@ class APIError(Exception):
 
     def __init__(self, status, message, param=None, code=None, type="invalid_request_error", headers=None):
         super().__init__(message)
-        self.status, self.body = status, {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.status, self.body = status, error_body(message, code, type, param)
         self.headers = headers
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from common import HERE
 from conftest import Server, trained_tiny_model
 from engine import Decoder
-from quantize import Int8Embedding, Int8Linear, quantize_int8, quantize_rows
+from quantize import Int8Embedding, Int8Linear, check_int8, quantize_int8, quantize_rows
 
 
 def test_rows_round_trip_within_half_a_step():
@@ -20,6 +20,13 @@ def test_rows_round_trip_within_half_a_step():
     q, scale = quantize_rows(w)
     assert q.dtype == torch.int8 and scale.shape == (48,)
     assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6).all()
+
+
+def test_int8_says_in_one_line_where_its_kernel_does_not_run():
+    assert check_int8("cpu", torch.float32) is None
+    reason = check_int8("cpu", torch.float64)  # the kernel takes 16- and 32-bit floats only
+    assert reason.startswith("the int8 weight-only matmul does not run on cpu in torch.float64 (")
+    assert "\n" not in reason
 
 
 def test_int8_loss_within_one_percent_of_fp32_and_no_float_matrix_left():
