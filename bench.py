@@ -111,8 +111,9 @@ def configure_like_train(model, device_type):
                              fused=device_type == "cuda")
 
 
-def plain_cross_entropy(x, weight, targets, n_chunks=None):
-    """The textbook loss, all the logits at once: what chunked_cross_entropy replaces."""
+def plain_cross_entropy(x, weight, targets):
+    """The textbook loss, all the logits at once, whatever their size: what chunked_cross_entropy
+    replaces where they are big."""
     return F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=-1)
 
 

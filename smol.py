@@ -377,16 +377,24 @@ class SmolLM(nn.Module):
             logits = self(token, kv_cache=cache)[0][:, -1]  # (B, V)
         return idx
 
-def chunked_cross_entropy(x, weight, targets, n_chunks=8):
+
+LOGITS_PER_PIECE = 1 << 26  # 64M logits, 256 MiB in fp32: the most the loss makes at once
+
+
+def chunked_cross_entropy(x, weight, targets):
     """Mean cross-entropy of the logits x @ weight.T against targets (-1 = ignore),
     without holding all the logits at once: at 16 x 2048 tokens they are
     (32768, 49152), 6.4 GB in fp32, and as much again for their gradient. The rows
-    go through in n_chunks pieces, and each piece's logits are recomputed in the
-    backward pass instead of kept (activation checkpointing): one piece's logits
-    exist at a time, for one extra matmul of the head.
+    go through in pieces of at most LOGITS_PER_PIECE logits (one row at least), and each
+    piece's logits are recomputed in the backward pass instead of kept (activation
+    checkpointing): one piece's logits exist at a time, for one extra matmul of the
+    head. Small batches (4 x 256 tokens: 50M logits) are one piece, the plain loss.
     x: (N, C) final features, weight: (V, C) the tied head, targets: (N,)"""
+    rows = max(1, LOGITS_PER_PIECE // weight.size(0))  # rows per piece: 1,365 for 49,152 classes
+    if x.size(0) <= rows:  # nothing to save: no recompute either
+        return _cross_entropy_sum(x, weight, targets) / (targets != -1).sum()
     total = torch.zeros((), dtype=torch.float32, device=x.device)
-    for x_part, t_part in zip(x.chunk(n_chunks), targets.chunk(n_chunks)):
+    for x_part, t_part in zip(x.split(rows), targets.split(rows)):
         total = total + checkpoint(_cross_entropy_sum, x_part, weight, t_part, use_reentrant=False)
     return total / (targets != -1).sum()
 

@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+import smol
 from engine import Decoder
 from smol import KVCache, SmolConfig, SmolLM, apply_rope, rope_tables, sample_next
 
@@ -276,12 +278,19 @@ def test_compiled_decoding_equals_eager_and_compiles_once():
     assert counters["stats"]["unique_graphs"] == compiled_frames
 
 
-def test_chunked_loss_equals_plain_cross_entropy_with_its_gradients():
+@pytest.mark.parametrize("logits_per_piece, pieces", [(60 * 512, 0), (8 * 512, 8), (7 * 512, 9), (512, 60), (1, 60)])
+def test_chunked_loss_equals_plain_cross_entropy_with_its_gradients(monkeypatch, logits_per_piece, pieces):
+    # 60 rows x 512 classes: one piece when they fit (no checkpointing), else pieces of at most the bound
+    monkeypatch.setattr(smol, "LOGITS_PER_PIECE", logits_per_piece)
+    calls = []
+    monkeypatch.setattr(smol, "checkpoint", lambda f, x, *a, **kw: calls.append(x.size(0)) or checkpoint(f, x, *a, **kw))
     m = tiny()
     x, y = torch.randint(0, 512, (3, 20)), torch.randint(0, 512, (3, 20))
     y[0, :4] = -1  # ignored positions count in neither loss
     _, loss = m(x, y)
     loss.backward()
+    assert len(calls) == pieces and sum(calls) == (60 if pieces else 0)
+    assert all(rows * 512 <= max(logits_per_piece, 512) for rows in calls)  # one row at least
     chunked = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
     # the textbook path: all the logits at once
