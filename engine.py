@@ -65,7 +65,7 @@ def step_kernels(batch_size, cache):
     PyTorch's own kernel reads the weights about twice as fast as oneDNN's; the prompt
     and bigger batches are matrix products, faster in oneDNN (bench/NOTES.md)."""
     onednn = torch.backends.mkldnn.enabled
-    own_gemv = batch_size == 1 and cache.k.device.type == "cpu" and cache.k.dtype == torch.bfloat16
+    own_gemv = batch_size == 1 and cache.k[0].device.type == "cpu" and cache.k[0].dtype == torch.bfloat16
     torch.backends.mkldnn.enabled = onednn and not own_gemv
     try:
         yield
@@ -90,12 +90,12 @@ class Decoder:
             mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
             self.compiled_step = torch.compile(self.model.decode_step, mode=mode, fullgraph=True, dynamic=False)
         cache = self.cache
-        if cache is None or cache.k.shape[1::2] != (B, slots) or cache.k.dtype != dtype or \
-                cache.k.device != torch.device(device):
+        if cache is None or cache.k[0].shape[0::2] != (B, slots) or cache.k[0].dtype != dtype or \
+                cache.k[0].device != torch.device(device):
             self.cache = cache = None  # free the old one first
             self.cache = cache = KVCache(self.model.config, B, slots, device, dtype)
-            if cache.k.is_cuda:  # a CUDA graph replays fixed addresses: tell the compiler these never move
-                for t in (cache.k, cache.v, cache.pos_t):
+            if cache.k[0].is_cuda:  # a CUDA graph replays fixed addresses: tell the compiler these never move
+                for t in (*cache.k, *cache.v, cache.pos_t):
                     torch._dynamo.mark_static_address(t)
         cache.pos = 0
         cache.pos_t.zero_()
@@ -222,7 +222,7 @@ class Batcher:
 
     def block(self):
         """(rows, slots) of the cache block now, (0, 0) when there is none."""
-        return tuple(self.cache.k.shape[1::2]) if self.cache is not None else (0, 0)
+        return tuple(self.cache.k[0].shape[0::2]) if self.cache is not None else (0, 0)
 
     def cache_size(self, shape=None):
         rows, slots = shape or self.block()
@@ -289,11 +289,12 @@ class Batcher:
         if grow:
             old, self.cache = self.cache, KVCache(self.model.config, *shape, self.device, self.dtype)
             if self.fixed and self.device.type == "cuda":  # a CUDA graph replays fixed addresses
-                for t in (self.cache.k, self.cache.v, self.cache.pos_t):
+                for t in (*self.cache.k, *self.cache.v, self.cache.pos_t):
                     torch._dynamo.mark_static_address(t)
             if old is not None:
-                n, slots = len(self.rows), old.k.size(3)
-                self.cache.k[:, :n, :, :slots], self.cache.v[:, :n, :, :slots] = old.k[:, :n], old.v[:, :n]
+                n, slots = len(self.rows), old.max_len
+                for new, kept in zip(self.cache.k + self.cache.v, old.k + old.v):  # per layer
+                    new[:n, :, :slots] = kept[:n]
                 self.cache.pos_t[:n] = old.pos_t[:n]
                 del old
         return seq
@@ -346,8 +347,8 @@ class Batcher:
                 continue
             row = len(kept)
             if row != old_row:
-                for t in (self.cache.k, self.cache.v):
-                    t[:, row, :, :seq.pos] = t[:, old_row, :, :seq.pos]
+                for t in self.cache.k + self.cache.v:  # per layer
+                    t[row, :, :seq.pos] = t[old_row, :, :seq.pos]
                 self.cache.pos_t[row] = seq.pos
             kept.append(seq)
         with self.lock:

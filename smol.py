@@ -128,29 +128,33 @@ class KVCache:
     attends over all max_len slots under a mask, so every step has identical
     shapes and no Python constant changes: it is compiled once, and on CUDA
     captured once as a CUDA graph. Rows may stand at different positions: a
-    server decodes requests of different lengths as one batch (engine.py)."""
+    server decodes requests of different lengths as one batch (engine.py).
+
+    One tensor per layer, not one (n_layer, ...) tensor: written through slices of
+    one big input, a compiled step copied every layer's whole cache at each write,
+    2.6x slower than eager at batch 16 (bench/NOTES.md)."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]  # n_layer x shape
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
         self.pos = 0
         self.pos_t = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
 
     def update(self, layer, k, v):
         # k, v: (B, nkv, T, hd) for the new positions; returns all positions so far
-        T = k.size(2)
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+        T, k_all, v_all = k.size(2), self.k[layer], self.v[layer]
+        k_all[:, :, self.pos:self.pos + T] = k
+        v_all[:, :, self.pos:self.pos + T] = v
+        return k_all[:, :, :self.pos + T], v_all[:, :, :self.pos + T]
 
     def write_at_pos(self, layer, k, v):
         # k, v: (B, nkv, 1, hd), row b for its position pos_t[b]; returns every slot, (B, nkv, max_len, hd)
-        rows = torch.arange(k.size(0), device=k.device)
-        self.k[layer, rows, :, self.pos_t] = k[:, :, 0].to(self.k.dtype)  # (autocast may give bf16)
-        self.v[layer, rows, :, self.pos_t] = v[:, :, 0].to(self.v.dtype)
-        return self.k[layer], self.v[layer]
+        rows, k_all, v_all = torch.arange(k.size(0), device=k.device), self.k[layer], self.v[layer]
+        k_all[rows, :, self.pos_t] = k[:, :, 0].to(k_all.dtype)  # (autocast may give bf16)
+        v_all[rows, :, self.pos_t] = v[:, :, 0].to(v_all.dtype)
+        return k_all, v_all
 
     def advance(self, n):
         self.pos += n
@@ -161,7 +165,7 @@ class KVCache:
         a server reads a prompt into one row of its batch, and decodes the batch over
         the filled slots only rather than all max_len. pos: where the view's int count starts."""
         view = KVCache.__new__(KVCache)
-        view.k, view.v = self.k[:, rows, :, :length], self.v[:, rows, :, :length]
+        view.k, view.v = [t[rows, :, :length] for t in self.k], [t[rows, :, :length] for t in self.v]
         view.max_len, view.pos, view.pos_t = length, pos, self.pos_t[rows]
         return view
 

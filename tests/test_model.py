@@ -278,6 +278,27 @@ def test_compiled_decoding_equals_eager_and_compiles_once():
     assert counters["stats"]["unique_graphs"] == compiled_frames
 
 
+def test_the_compiled_step_writes_the_cache_in_place():
+    # written through one big (layers, B, nkv, slots, hd) tensor, the compiled step
+    # copied each layer's whole cache at every token: 2.6x slower than eager at batch 16
+    # on the full model (bench/NOTES.md). Its C++ then has loops as long as a layer's
+    # cache (2 rows x 2 heads x 1,024 slots x 16 = 65,536); written through per-layer
+    # views, no loop is longer than the mask over the slots
+    import re
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    m = tiny()  # 2 key/value heads of 16 channels
+    cache = KVCache(m.config, 2, 1024, "cpu", torch.float32)
+    with torch.inference_mode():
+        m(torch.randint(0, 512, (2, 5)), kv_cache=cache)
+        eager = m.decode_step(torch.tensor([[1], [2]]), cache)
+        compiled, code = run_and_get_code(torch.compile(m.decode_step, fullgraph=True, dynamic=False),
+                                          torch.tensor([[1], [2]]), cache)
+    bounds = [int(b) for b in re.findall(r"<static_cast<int64_t>\((\d+)L\)", "\n".join(code))]
+    assert bounds and max(bounds) <= 1024, sorted(set(bounds))  # loop bounds found, none over a layer's cache
+    torch.testing.assert_close(compiled, eager)
+
+
 @pytest.mark.parametrize("logits_per_piece, pieces", [(60 * 512, 0), (8 * 512, 8), (7 * 512, 9), (512, 60), (1, 60)])
 def test_chunked_loss_equals_plain_cross_entropy_with_its_gradients(monkeypatch, logits_per_piece, pieces):
     # 60 rows x 512 classes: one piece when they fit (no checkpointing), else pieces of at most the bound
