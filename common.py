@@ -68,8 +68,9 @@ def add_model_flags(parser, verb):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help=f"weights while {verb}; auto: bfloat16 where the hardware computes it natively")
-    parser.add_argument("--quantize", default="none", choices=("none", "int8"),
-                        help="int8: weight-only int8 matrices (one scale per output channel), activations in --dtype")
+    parser.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
+                        help="int8: weight-only int8 matrices (one scale per output channel); int4 (CPU): 4-bit, "
+                             "a scale and offset per 32 inputs; activations in --dtype")
 
 
 def pick_device(name):

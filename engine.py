@@ -27,7 +27,7 @@ import torch
 from checkpoint import load_checkpoint, model_from_checkpoint
 from common import UserError, inference_dtype, pick_device
 from hf import from_pretrained
-from quantize import check_int8, quantize_int8
+from quantize import check, quantize
 from smol import KVCache, sample_next
 
 
@@ -50,13 +50,18 @@ def load_model(init_from, out_dir):
 def load_from_flags(args):
     """(model, device) for common.add_model_flags' flags: the model on its device, in the
     dtype --dtype asks for (auto: bf16 where the hardware computes it), in eval mode, its
-    matrices int8 with --quantize int8. The device is checked before the model is read."""
+    matrices int8 or int4 with --quantize. The device is checked before the model is read."""
     device = pick_device(args.device)
     dtype = inference_dtype(device, args.dtype)
-    if args.quantize == "int8" and (reason := check_int8(device, dtype)):
-        raise UserError(f"--quantize int8: {reason}")
+    if args.quantize != "none" and (reason := check(args.quantize, device, dtype)):
+        raise UserError(f"--quantize {args.quantize}: {reason}")
     model = load_model(args.init_from, args.out_dir).to(device, dtype).eval()
-    return (quantize_int8(model) if args.quantize == "int8" else model), device
+    if args.quantize == "none":
+        return model, device
+    try:
+        return quantize(model, args.quantize), device
+    except ValueError as e:
+        raise UserError(f"--quantize {args.quantize}: {e}")
 
 
 @contextmanager

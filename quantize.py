@@ -1,13 +1,19 @@
 """
-Weight-only int8 for decoding: every linear layer's weight, and the tied embedding /
-output head, stored as int8 with one scale per output channel (per row), and multiplied
-through PyTorch's int8 weight-only kernel (aten._weight_int8pack_mm), which reads a
-quarter of fp32's bytes. Decoding at batch 1 reads every weight once per token, so
-bytes are its pace. Activations, norms, the KV cache and the softmax stay in the
-model's dtype. smol.py's classes are untouched: quantize_int8 swaps modules in place,
+Weight-only quantisation for decoding. Decoding at batch 1 reads every weight once per
+token, so bytes are its pace; activations, norms, the KV cache and the softmax stay in
+the model's dtype. smol.py's classes are untouched: quantize() swaps modules in place,
 as gpt-fast's quantize.py does.
 
-    model = quantize_int8(model.eval())   # then generate / Decoder / Batcher as usual
+int8: every linear layer's weight, and the tied embedding / output head, as int8 with
+one scale per output channel (per row), multiplied through PyTorch's int8 weight-only
+kernel (aten._weight_int8pack_mm): a quarter of fp32's bytes.
+
+int4 (CPU): each group of 32 inputs of a row as 4-bit codes with its own scale and
+offset (the layout of llama.cpp's Q4_1), multiplied through aten._weight_int4pack_mm_for_cpu:
+an eighth of fp32's bytes, plus two scales per group. The tied embedding / head stays
+int8 (a 4-bit head costs the instruct model its right answers; docs/performance.md).
+
+    model = quantize(model.eval(), "int8")   # then generate / Decoder / Batcher as usual
     python sample.py --init_from DIR --quantize int8
 """
 import torch
@@ -47,27 +53,73 @@ class Int8Embedding(nn.Module):
         return self.q[idx].to(self.scale.dtype) * self.scale[idx].unsqueeze(-1)  # (..., C)
 
 
-def check_int8(device, dtype):
-    """A one-line reason why int8 decoding cannot run here, or None."""
-    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-        return f"this torch ({torch.__version__}) has no int8 weight-only matmul (aten._weight_int8pack_mm)"
+GROUP = 32  # int4: inputs per scale and offset, as llama.cpp's Q4_0/Q4_1 blocks
+
+
+def quantize_groups(w, group=GROUP):
+    """(out, in) float -> (codes (out, in) int32 in 0..15, scales_and_zeros (in/group, out, 2)):
+    each group's range [lo, hi] in 16 even steps, w ~= (code - 8) * scale + zero with
+    zero = lo + 8 * scale (the convention of PyTorch's int4 kernel)."""
+    out, inp = w.shape
+    wg = w.float().reshape(out, inp // group, group)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)  # (out, in/group, 1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    codes = torch.round((wg - lo) / scale).clamp(0, 15).to(torch.int32).reshape(out, inp)
+    return codes, torch.cat((scale, lo + 8 * scale), dim=-1).transpose(0, 1).contiguous()
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T with W in packed 4-bit codes, two to a byte, and a scale and zero per group."""
+
+    def __init__(self, w, dtype):
+        super().__init__()
+        if w.size(1) % GROUP or w.size(0) % 16:  # the packed kernel's tiles
+            raise ValueError(f"int4 needs every matrix's inputs divisible by {GROUP} and outputs by 16; "
+                             f"this model has a {w.size(0)} x {w.size(1)} one")
+        codes, scales_and_zeros = quantize_groups(w)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))  # (out, in/2) uint8
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(dtype))  # (in/32, out, 2)
+
+    def forward(self, x):
+        shape = x.shape  # (..., in)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]), self.packed, GROUP,
+                                                       self.scales_and_zeros)
+        return y.view(*shape[:-1], -1)
+
+
+def check(kind, device, dtype):
+    """A one-line reason why `kind` ("int8" or "int4") decoding cannot run here, or None."""
+    op = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}[kind]
+    if not hasattr(torch.ops.aten, op):
+        return f"this torch ({torch.__version__}) has no {kind} weight-only matmul (aten.{op})"
+    if kind == "int4" and torch.device(device).type != "cpu":
+        return f"int4 runs on a CPU only (aten.{op}), not on {device}; int8 may"
     try:
-        x, q = torch.ones(1, 32, device=device, dtype=dtype), torch.ones(8, 32, device=device, dtype=torch.int8)
-        torch.ops.aten._weight_int8pack_mm(x, q, torch.ones(8, device=device, dtype=dtype))
+        x = torch.ones(1, 64, device=device, dtype=dtype)
+        if kind == "int8":
+            torch.ops.aten._weight_int8pack_mm(x, torch.ones(16, 64, device=device, dtype=torch.int8),
+                                               torch.ones(16, device=device, dtype=dtype))
+        else:
+            Int4Linear(torch.ones(16, 64), dtype)(x)
     except (RuntimeError, NotImplementedError) as e:
-        return f"the int8 weight-only matmul does not run on {device} in {dtype} ({str(e).splitlines()[0]})"
+        return f"the {kind} weight-only matmul does not run on {device} in {dtype} ({str(e).splitlines()[0]})"
     return None
 
 
 @torch.no_grad()
-def quantize_int8(model):
-    """Swap model's linear layers and tied embedding for int8 ones, in place; returns
-    model. The float weights are dropped, not kept beside the int8 ones."""
+def quantize(model, kind):
+    """Swap model's linear layers and tied embedding for `kind` ones ("int8" or "int4"), in
+    place; returns model. The float weights are dropped, not kept beside the quantised ones.
+    ValueError for a shape int4 cannot pack."""
+    dtype = model.model.norm.weight.dtype  # the activations'
     for block in model.model.layers:
         for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                               (block.mlp, ("gate_proj", "up_proj", "down_proj"))):
             for name in names:
-                setattr(parent, name, Int8Linear(*quantize_rows(getattr(parent, name).weight)))
-    q, scale = quantize_rows(model.model.embed_tokens.weight)  # per row: per output channel of the tied head
-    model.model.embed_tokens, model.lm_head = Int8Embedding(q, scale), Int8Linear(q, scale)  # one int8 copy, shared
+                w = getattr(parent, name).weight
+                setattr(parent, name, Int8Linear(*quantize_rows(w)) if kind == "int8" else Int4Linear(w, dtype))
+    # the tied matrix stays int8 under int4 too: as a 4-bit head it turned the instruct
+    # model's "Paris." into "L'Étoile (The Lion) is the capital of France."
+    q, scale = quantize_rows(model.model.embed_tokens.weight)  # per row: per output channel of the head
+    model.model.embed_tokens, model.lm_head = Int8Embedding(q, scale), Int8Linear(q, scale)  # one copy, shared
     return model

@@ -42,9 +42,10 @@ def test_sample_chat_stops_at_the_end_of_the_turn(instruct_dir):
     assert "not trained for chat" not in proc.stderr
 
 
-def test_int8_gives_the_same_greedy_answers(instruct_dir):
-    # --dtype auto: int8 matrices with the activations sample.py uses here (bf16 where native)
-    proc = run_sample("--init_from", instruct_dir, "--chat", "--temperature", 0, "--quantize", "int8",
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_gives_the_same_greedy_answers(instruct_dir, kind):
+    # --dtype auto: quantised matrices with the activations sample.py uses here (bf16 where native)
+    proc = run_sample("--init_from", instruct_dir, "--chat", "--temperature", 0, "--quantize", kind,
                       stdin=f"{FRANCE}\nAnd of Italy?\n")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "The capital of France is Paris.\nThe capital of Italy is Rome.\n"

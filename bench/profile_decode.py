@@ -1,0 +1,64 @@
+"""
+Where a decode step's time goes, at batch 1 on this machine: matrix products (the
+weights' bytes), attention, the other small ops, and the rest of the wall time, which
+is Python and PyTorch's dispatch between ops. One line per setting, as sample.py runs it.
+
+    python bench/profile_decode.py                   # fp32, bf16 where native, int8, int4
+    python bench/profile_decode.py --tokens 128
+
+The model is SmolLM2-135M's shape with random weights: speed does not depend on them.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import cpu_has_native_bf16  # noqa: E402
+from engine import Decoder  # noqa: E402
+from quantize import check, quantize  # noqa: E402
+from smol import SmolConfig, SmolLM  # noqa: E402
+
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu"}
+ATTENTION = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"}
+
+
+def profile_one(name, decoder, tokens):
+    prompt = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(1))
+    decoder.generate(prompt, 8, temperature=0)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        decoder.generate(prompt, tokens, temperature=0)
+        wall = time.perf_counter() - t0
+    events = [e for e in prof.key_averages()]
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / 1e6
+    attention = sum(e.self_cpu_time_total for e in events if e.key in ATTENTION) / 1e6
+    ops = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::")) / 1e6
+    calls = sum(e.count for e in events if e.key.startswith("aten::"))
+    per = 1000 / tokens  # seconds over the run -> ms per token
+    print(f"{name:<14} {wall * per:6.2f} ms/token ({tokens / wall:6.1f} tok/s): matmuls {matmul * per:6.2f}, "
+          f"attention {attention * per:5.2f}, other ops {(ops - matmul - attention) * per:5.2f}, "
+          f"Python and dispatch {(wall - ops) * per:5.2f} ms; {calls / tokens:.0f} aten calls a token", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--tokens", type=int, default=64)
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, prompt 16, "
+          f"{args.tokens} new tokens under torch.profiler (its own overhead included in the wall time)")
+    torch.manual_seed(0)
+    dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_native_bf16() else [])
+    for dtype in dtypes:
+        profile_one(f"{str(dtype)[6:]}", Decoder(SmolLM(SmolConfig()).eval().to(dtype)), args.tokens)
+    for kind in ("int8", "int4"):
+        if check(kind, "cpu", dtypes[-1]) is None:
+            model = SmolLM(SmolConfig()).eval().to(dtypes[-1])
+            profile_one(f"{kind} {str(dtypes[-1])[6:]}", Decoder(quantize(model, kind)), args.tokens)
+
+
+if __name__ == "__main__":
+    main()
