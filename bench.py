@@ -22,6 +22,8 @@ in one run, on one device, with the SmolLM2-135M config:
 Random token ids stand in for data: the data loader is not what is measured.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -49,6 +51,7 @@ def parse_args(argv):
     p.add_argument("--block_size", type=int, default=None, help="default 2048 on CUDA, 256 on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 20 CUDA, 3 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 CUDA, 1 CPU)")
+    p.add_argument("--train_rounds", type=int, default=1, help="training: rounds of every case in turns, best kept")
     p.add_argument("--n_layer", type=int, default=30, help="layers of the model (default 30, SmolLM2-135M's; "
                    "fewer only for a quick check)")
     p.add_argument("--new_tokens", type=int, default=256)
@@ -210,16 +213,16 @@ def bench_generate(name, generate, batch, args, device, vocab_size):
             "ms": dt * 1000 / args.new_tokens, "mfu": None, "peak_gib": peak_gib(device)}
 
 
-def best_of_rounds(timers, rounds):
+def best_of_rounds(timers, rounds, warm_up=True):
     """Each timer's best row (most tokens/s) over `rounds` rounds, after a first round that
-    warms up (kernels, caches, compilation). The timers run in turns, so drift in the
-    machine's speed (other tenants, clocks) hits every row alike instead of favouring
-    whichever ran first."""
+    warms up (kernels, caches, compilation) unless warm_up is False. The timers run in
+    turns, so drift in the machine's speed (other tenants, clocks) hits every row alike
+    instead of favouring whichever ran first."""
     best = [None] * len(timers)
-    for round_ in range(rounds + 1):
+    for round_ in range(rounds + warm_up):
         for i, timer in enumerate(timers):
             r = timer()
-            if round_ and (best[i] is None or r["tok_s"] > best[i]["tok_s"]):
+            if (round_ or not warm_up) and (best[i] is None or r["tok_s"] > best[i]["tok_s"]):
                 best[i] = r
     return best
 
@@ -256,9 +259,9 @@ def side_by_side_llama_cpp(args):
                 return i
 
     runs = [("llama.cpp Q4_1", llama)]
-    import transformers
-    transformers.utils.logging.disable_progress_bar()  # its GGUF reader's bars
-    base, ids = from_gguf(path).eval(), torch.tensor([prompt])
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws progress bars
+        base = from_gguf(path).eval()
+    ids = torch.tensor([prompt])
     dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_native_bf16() else [])
     for dtype in dtypes:
         for kind in ("none", "int8", "int4"):
@@ -314,8 +317,10 @@ def main(argv=None):
               flush=True)
 
     if not args.skip_train:
-        for case in train_cases(cuda, args.skip_hf, hf_compile):
-            record(bench_train(case, args, device))
+        # each case in a fresh process that warms itself up; the cases in turns, --train_rounds times
+        for r in best_of_rounds([lambda c=c: bench_train(c, args, device)
+                                 for c in train_cases(cuda, args.skip_hf, hf_compile)], args.train_rounds, warm_up=False):
+            record(r)
 
     if not args.skip_generate:
         # every generation case is set up first, then all are timed in turns (best_of_rounds)
@@ -364,7 +369,7 @@ def main(argv=None):
                                 args.repeat):
             record(r)
 
-    if args.llama_cpp != "skip" and not cuda:
+    if args.llama_cpp != "skip" and not cuda and not args.skip_generate:
         for r in side_by_side_llama_cpp(args):
             record(r)
 

@@ -27,6 +27,7 @@ ATTENTION = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled
 
 
 def profile_one(name, decoder, tokens):
+    """Generate `tokens` tokens under the profiler and print where the time went."""
     prompt = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(1))
     decoder.generate(prompt, 8, temperature=0)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -47,16 +48,17 @@ def profile_one(name, decoder, tokens):
 def main():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--n_layer", type=int, default=30, help="layers (default 30, SmolLM2-135M's)")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, prompt 16, "
           f"{args.tokens} new tokens under torch.profiler (its own overhead included in the wall time)")
     torch.manual_seed(0)
     dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_native_bf16() else [])
     for dtype in dtypes:
-        profile_one(f"{str(dtype)[6:]}", Decoder(SmolLM(SmolConfig()).eval().to(dtype)), args.tokens)
+        profile_one(f"{str(dtype)[6:]}", Decoder(SmolLM(SmolConfig(n_layer=args.n_layer)).eval().to(dtype)), args.tokens)
     for kind in ("int8", "int4"):
         if check(kind, "cpu", dtypes[-1]) is None:
-            model = SmolLM(SmolConfig()).eval().to(dtypes[-1])
+            model = SmolLM(SmolConfig(n_layer=args.n_layer)).eval().to(dtypes[-1])
             profile_one(f"{kind} {str(dtypes[-1])[6:]}", Decoder(quantize(model, kind)), args.tokens)
 
 

@@ -19,7 +19,8 @@ def test_bench_runs_and_reports_every_row(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--n_layer", "2", "--steps", "1",
                            "--warmup", "0", "--batch_size", "1", "--block_size", "32", "--new_tokens", "4",
-                           "--gen_batches", "1", "--repeat", "1", "--compile_decode", "true", "--json", str(out)],
+                           "--gen_batches", "1", "--repeat", "1", "--compile_decode", "true", "--llama_cpp", "skip",
+                           "--json", str(out)],
                           capture_output=True, text=True, cwd=HERE, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.load(open(out))
@@ -31,6 +32,8 @@ def test_bench_runs_and_reports_every_row(tmp_path):
     assert any(r.startswith("train smol") and r.endswith("plain loss") for r in rows)
     assert any(r.startswith("generate smol") and "compiled" in r for r in rows)
     assert any(r.startswith("generate smol") and "compiled" not in r for r in rows)
+    assert {"generate smol int8", "generate smol int4"} <= {" ".join(r.split()[:3]) for r in rows}
+    assert not any(r.startswith("gguf") for r in rows)  # --llama_cpp skip
     assert "transformers" in report["info"]
     assert "train transformers float32 (eager)" in rows
     assert ("train transformers bfloat16 (eager)" in rows) == native
@@ -107,3 +110,34 @@ def test_bench_serve_drives_the_real_server(chat_model):
     rows = [line.split() for line in proc.stdout.splitlines() if len(line.split()) == 6 and line.split()[0].isdigit()]
     assert [r[0] for r in rows] == ["1", "3"] and all(float(r[1]) > 0 for r in rows)  # every client got 5 tokens
     assert "3 clients together:" in proc.stdout and "the tokens/s of one client alone" in proc.stdout
+
+
+def test_llama_cpp_side_by_side_is_skipped_in_one_line_without_the_package(monkeypatch, capsys):
+    import bench
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed: its import fails
+    assert bench.side_by_side_llama_cpp(bench.parse_args([])) == []
+    assert capsys.readouterr().out == "llama.cpp side by side: skipped (pip install llama-cpp-python to add it)\n"
+
+
+def test_profile_decode_splits_each_setting(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench", "profile_decode.py"), "--n_layer", "2",
+                           "--tokens", "4"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split()[0] + (" " + line.split()[1] if line.startswith("int") else "")
+            for line in proc.stdout.splitlines()[1:]]
+    dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert rows == ["float32"] + (["bfloat16"] if dtype == "bfloat16" else []) + [f"int8 {dtype}", f"int4 {dtype}"]
+    assert all("matmuls" in line and "Python and dispatch" in line for line in proc.stdout.splitlines()[1:])
+
+
+def test_quantize_quality_scores_each_setting_and_asks_the_questions(chat_model):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench", "quantize_quality.py"), "--init_from",
+                           str(chat_model["hf"]), "--windows", "2"], capture_output=True, text=True, cwd=HERE,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("2 windows of 512 tokens from docs/")
+    fp32 = [line for line in lines[1:] if line.startswith("float32")]
+    assert [line.split()[1] for line in fp32] == ["none", "int8", "int4"]
+    assert "(+0.00%)" in fp32[0]  # the reference row
+    assert all(line.endswith("Paris. | Rome.") for line in fp32), lines  # the tiny chat model's answers
