@@ -9,6 +9,7 @@ skipped with its reason when missing, and is a failure instead when SMOL_NO_SKIP
 .ci/run sets it, having installed all of it): a skip in CI would hide that the test
 never ran. Every test also has a time limit (pytest-timeout), so a hang fails in
 minutes instead of running into CI's limit."""
+import functools
 import importlib
 import json
 import os
@@ -181,7 +182,17 @@ def error_of(response):
 
 def trained_tiny_model(steps=100):
     """A 2-layer model trained `steps` steps on input.txt (a random one scores about ln V
-    whatever is done to it), and 64 held-out windows (x, y) to score it on."""
+    whatever is done to it), and 64 held-out windows (x, y) to score it on. A fresh
+    model each call (callers quantise it in place), trained once per session."""
+    from smol import SmolLM
+    config, state, x, y = _trained_tiny_state(steps)
+    model = SmolLM(config)
+    model.load_state_dict(state)
+    return model.eval(), x, y
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_tiny_state(steps):
     from data import load_tokenizer, load_tokens
     from smol import SmolConfig, SmolLM
     torch.manual_seed(0)
@@ -197,4 +208,4 @@ def trained_tiny_model(steps=100):
         loss.backward()
         opt.step()
     xy = held_out[:64 * 33].view(64, 33)
-    return model.eval(), xy[:, :-1], xy[:, 1:]
+    return model.config, {k: v.detach().clone() for k, v in model.state_dict().items()}, xy[:, :-1], xy[:, 1:]
