@@ -51,7 +51,7 @@ import torch
 
 from data import load_tokenizer
 from engine import Batcher, Busy, Sequence, load_from_flags
-from smol import EOT_ID
+from smol import EOT_ID, SmolLM
 
 # what one request may ask for: every bound answers a client's mistake with a 400, not a 500
 MAX_BODY = 1 << 20  # bytes of JSON (413 past it): a whole context of text fits many times over
@@ -374,7 +374,9 @@ def main(argv=None):
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     kind = "chat" if served.chat else "base (completion; chat replies end at <|endoftext|> or <|im_end|>)"
-    print(f"serving {name} ({kind}, {model.num_params():,} parameters, {device}) on {url}"
+    with torch.device("meta"):  # counted from the config: --quantize keeps the matrices as buffers
+        n_params = SmolLM(model.config).num_params()
+    print(f"serving {name} ({kind}, {n_params:,} parameters, {device}) on {url}"
           + (f"  (the page: {url}/#key={args.api_key})" if args.api_key else ""), flush=True)
     fixed = served.batcher.fixed
     print(f"up to {args.max_batch} requests decode together, {args.max_waiting} more wait; KV cache budget "

@@ -112,11 +112,15 @@ def test_a_model_int4_cannot_pack_is_one_line(tmp_path):
         "this model has a 48 x 48 one"], proc.stderr
 
 
-def test_serve_py_quantize_int8(chat_model):
-    server = Server("--init_from", chat_model["hf"], "--dtype", "float32", "--quantize", "int8")
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_serve_py_quantize(chat_model, kind):
+    server = Server("--init_from", chat_model["hf"], "--dtype", "float32", "--quantize", kind)
     try:
         r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
             "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Paris."
     finally:
-        server.stop()
+        out = server.stop()
+    # the banner counts the model's parameters, not the few float ones quantisation leaves
+    from hf import from_pretrained
+    assert f", {from_pretrained(str(chat_model['hf'])).num_params():,} parameters, cpu)" in out, out
