@@ -20,6 +20,14 @@ SMALL_CPU_RUN = ("--n_layer 4 --n_embd 128 --n_head 4 --n_kv_head 2 --intermedia
                  "--warmup_iters 100 --eval_interval 250 --log_interval 50 --out_dir out-cpu")
 
 
+def param_breakdown(model):
+    """The start-of-run line: a SmolLM's embedding, one layer, total."""
+    emb = model.model.embed_tokens.weight.numel()
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    return (f"parameters: embedding {emb:,} (tied with lm_head) + {model.config.n_layer} layers x "
+            f"{layer:,} + final norm {model.model.norm.weight.numel():,} = {model.num_params():,}")
+
+
 def fmt_time(seconds):
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)

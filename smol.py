@@ -128,11 +128,8 @@ class KVCache:
     attends over all max_len slots under a mask, so every step has identical
     shapes and no Python constant changes: it is compiled once, and on CUDA
     captured once as a CUDA graph. Rows may stand at different positions: a
-    server decodes requests of different lengths as one batch (engine.py).
-
-    One tensor per layer, not one (n_layer, ...) tensor: written through slices of
-    one big input, a compiled step copied every layer's whole cache at each write,
-    2.6x slower than eager at batch 16 (bench/NOTES.md)."""
+    server decodes requests of different lengths as one batch (engine.py). One tensor
+    per layer: a compiled step writes each in place (bench/NOTES.md, entry 14)."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
@@ -286,13 +283,6 @@ class SmolLM(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() counts the tied matrix once
 
-    def param_breakdown(self):
-        """Lines for the start-of-run printout: embedding, one layer, total."""
-        emb = self.model.embed_tokens.weight.numel()
-        layer = sum(p.numel() for p in self.model.layers[0].parameters())
-        return (f"parameters: embedding {emb:,} (tied with lm_head) + {self.config.n_layer} layers x "
-                f"{layer:,} + final norm {self.model.norm.weight.numel():,} = {self.num_params():,}")
-
     def forward(self, idx, targets=None, kv_cache=None, last_only=False):
         # idx: (B, T) token ids; targets: (B, T) next-token ids, -1 = ignore.
         # Returns (logits (B, T, V), None), or with targets (None, loss): training
@@ -350,10 +340,6 @@ class SmolLM(nn.Module):
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
 
-    def estimate_mfu(self, tokens_per_sec, T, peak_flops):
-        """Model FLOPs utilisation: achieved FLOP/s over the device's peak."""
-        return self.flops_per_token(T) * tokens_per_sec / peak_flops
-
     @torch.inference_mode()  # like no_grad, and also skips autograd's version bookkeeping
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=()):
         """Return idx (B, T) extended by sampled tokens: (B, T + new), new <= max_new_tokens.
@@ -395,11 +381,11 @@ def chunked_cross_entropy(x, weight, targets):
     head. Small batches (4 x 256 tokens: 50M logits) are one piece, the plain loss.
     x: (N, C) final features, weight: (V, C) the tied head, targets: (N,)"""
     rows = max(1, LOGITS_PER_PIECE // weight.size(0))  # rows per piece: 1,365 for 49,152 classes
-    if x.size(0) <= rows:  # nothing to save: no recompute either
-        return _cross_entropy_sum(x, weight, targets) / (targets != -1).sum()
-    total = torch.zeros((), dtype=torch.float32, device=x.device)
-    for x_part, t_part in zip(x.split(rows), targets.split(rows)):
-        total = total + checkpoint(_cross_entropy_sum, x_part, weight, t_part, use_reentrant=False)
+    if x.size(0) <= rows:  # one piece: nothing to save, so no recompute either
+        total = _cross_entropy_sum(x, weight, targets)
+    else:
+        total = sum(checkpoint(_cross_entropy_sum, x_part, weight, t_part, use_reentrant=False)
+                    for x_part, t_part in zip(x.split(rows), targets.split(rows)))
     return total / (targets != -1).sum()
 
 

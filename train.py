@@ -30,7 +30,7 @@ from checkpoint import load_resumable, model_from_checkpoint, restore_training, 
 from common import Parser, UserError, autocast_for, fail, peak_flops, pick_device, use_compile
 from data import BatchSampler, load_splits, load_tokenizer
 from hf import from_pretrained
-from metrics import TrainingLog
+from metrics import TrainingLog, param_breakdown
 from smol import SmolConfig, SmolLM
 
 
@@ -244,7 +244,7 @@ def main(argv=None):
     else:
         model = SmolLM(mcfg)
     model.config = mcfg  # the same architecture, with this run's block_size
-    log(model.param_breakdown())
+    log(param_breakdown(model))
     model.to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     iter_num, best_val_loss = 0, float("inf")
@@ -267,7 +267,8 @@ def main(argv=None):
     log(f"device {device}{f' x {world} processes ({backend})' if ddp else ''}, {dtype}, compile {compiled}; "
         f"{len(splits['train']):,} train / {len(splits['val']):,} val tokens; {tokens_per_step:,} tokens per step")
     guard = guards.Guard(cfg, mcfg, device, n_params, ddp, master, saved_step=iter_num if resumed else None)
-    mfu = (lambda tok_s: raw_model.estimate_mfu(tok_s / world, mcfg.block_size, peak)) if peak else None
+    flops_per_token = raw_model.flops_per_token(mcfg.block_size)
+    mfu = (lambda tok_s: flops_per_token * tok_s / world / peak) if peak else None  # share of the peak
     report = TrainingLog(cfg, master, resumed, iter_num + 1, tokens_per_step, mfu, device_type == "cpu",
                          guard.last_saved, micro_steps=accum)
     guard.catch_signals()

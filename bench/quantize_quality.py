@@ -9,6 +9,7 @@ decoding sees them, and the greedy answers to the README's questions.
 The default text is this project's docs/*.md, which no released model was trained on.
 """
 import argparse
+import copy
 import glob
 import os
 import sys
@@ -46,7 +47,7 @@ def main():
         for kind in ("none", "int8", "int4"):
             if kind != "none" and check(kind, "cpu", dtype):
                 continue
-            model = load_model(args.init_from, args.out_dir).eval().to(dtype)
+            model = copy.deepcopy(base).to(dtype)
             model = quantize(model, kind) if kind != "none" else model
             with torch.inference_mode():
                 loss = sum(F.cross_entropy(model(w[None, :-1])[0][0].float(), w[1:]).item() for w in windows)

@@ -8,6 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 import smol
 from engine import Decoder
+from metrics import param_breakdown
 from smol import KVCache, SmolConfig, SmolLM, apply_rope, rope_tables, sample_next
 
 TINY = dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128, block_size=64)
@@ -29,7 +30,7 @@ def test_parameter_count_of_smollm2_135m():
     assert sizes["self_attn.q_proj.weight"] == sizes["self_attn.o_proj.weight"] == 331_776
     assert sizes["self_attn.k_proj.weight"] == sizes["self_attn.v_proj.weight"] == 110_592
     assert sizes["mlp.gate_proj.weight"] == sizes["mlp.up_proj.weight"] == sizes["mlp.down_proj.weight"] == 884_736
-    assert "134,515,008" in model.param_breakdown() and "3,540,096" in model.param_breakdown()
+    assert "134,515,008" in param_breakdown(model) and "3,540,096" in param_breakdown(model)
 
 
 def test_state_dict_names_match_official_checkpoints():
