@@ -2,20 +2,27 @@
 Inference for sample.py and serve.py: the model a user names (a training checkpoint or
 a Hugging Face one), and fast decoding of it.
 
-smol.py's generate is the plain loop, written to be read: a forward pass per token over
-a KV cache that grows. Decoder runs the same loop through smol.py's decode_step (one
-token, a pre-allocated cache, a mask for the filled slots). Compiled, the step runs over
-every slot, so its shapes never change: torch.compile compiles it once and, on CUDA,
-replays it as a CUDA graph (one launch per token instead of about 400). Eager, it runs
-over the filled slots only. It also picks the faster CPU kernel for bf16 at batch 1.
-Same tokens as generate, given the same seed. Batcher (below) does the same for many
-requests at once, for serve.py.
+smol.py's generate is the plain loop, written to be read. The same forward pass, the
+same cache and the same sampler run here faster, three ways:
+- the cache is allocated once and kept, and each step attends over its filled slots
+  only, rounded up to a power of two (a bucket: 256, 512, ... up to the context), so a
+  step's shapes change only when the longest row crosses into the next bucket;
+- compile=True: torch.compile compiles the step once per bucket (and batch shape), on
+  CUDA as a CUDA graph (one launch per token instead of about 400). A row that grows
+  past its bucket mid-stream takes the next bucket's step from then on, compiled the
+  first time it is needed (so that step waits for the compiler once per process);
+- every row of a batch is sampled in one call (smol.sample_next), and the tokens come to
+  the host in one copy per step.
+Decoder runs one prompt (or a batch of prompts of one length) for sample.py: the same
+tokens as smol.py's generate from the same generator. Batcher (below) decodes many
+requests at once, each at its own position, for serve.py.
 
     decoder = Decoder(model, compile=True)
     for token in decoder.stream(idx, 200, temperature=0.8, stop_ids={0}):  # (B, 1) each
         ...
 """
 import os
+import secrets
 import sys
 import threading
 import traceback
@@ -29,6 +36,8 @@ from common import UserError, inference_dtype, pick_device
 from hf import from_pretrained
 from quantize import check, quantize
 from smol import KVCache, sample_next
+
+MIN_SLOTS = 256  # the smallest bucket: a step reads at most this many slots more than it needs
 
 
 def load_model(init_from, out_dir):
@@ -78,72 +87,109 @@ def step_kernels(batch_size, cache):
         torch.backends.mkldnn.enabled = onednn
 
 
-class Decoder:
-    """Fast decoding of one model. compile=True: one torch.compile of decode_step (with
-    CUDA graphs on CUDA) and one cache kept for the next call, because a CUDA graph
-    replays fixed addresses; so one compiled stream at a time per Decoder. Eager: a
-    fresh cache each call, and each step attends over the filled slots only."""
+def bucket(n, context):
+    """The cache slots a step over n filled positions attends over: the next power of
+    two, at least MIN_SLOTS, at most the context."""
+    return min(max(MIN_SLOTS, 1 << (n - 1).bit_length()), context)
+
+
+class Block:
+    """One KVCache allocated for (rows, slots), and views of its rows and first slots.
+    static=True (CUDA graphs, which replay fixed addresses): each view a step runs over
+    is made once, its tensors marked static, and kept."""
+
+    def __init__(self, config, rows, slots, device, dtype, static=False):
+        self.cache = KVCache.zeros(config, rows, slots, device, dtype)
+        self.rows, self.slots, self.static, self.views = rows, slots, static, {}
+
+    def view(self, rows, length, first_row=0):
+        """Rows first_row..first_row+rows-1 and slots 0..length-1, sharing this block's memory."""
+        cut = slice(first_row, first_row + rows)
+        return KVCache([t[cut, :, :length] for t in self.cache.k], [t[cut, :, :length] for t in self.cache.v])
+
+    def step_view(self, rows, length):
+        """view(rows, length) for a step: with static=True the same one every time, marked static."""
+        if not self.static:
+            return self.view(rows, length)
+        if (rows, length) not in self.views:
+            self.views[rows, length] = view = self.view(rows, length)
+            for t in view.k + view.v:
+                torch._dynamo.mark_static_address(t)
+        return self.views[rows, length]
+
+
+class Step:
+    """One decoding step: the logits (B, V) after each row's token (B, 1) at its position
+    input_pos (B, 1), through smol's forward over the first B rows of a Block and the
+    slots up to the longest row's position (`filled` of them). Eager, exactly those
+    slots. compile=True: through torch.compile, over the filled slots rounded up to a
+    bucket, so that it compiles once per bucket (and batch shape); with CUDA graphs on
+    CUDA ("reduce-overhead")."""
 
     def __init__(self, model, compile=False):
         self.model, self.compile = model, compile
-        self.compiled_step, self.cache = None, None
+        self.cuda_graphs = compile and model.model.norm.weight.is_cuda
+        self.run = self.forward
+        if compile:
+            # every bucket and batch shape is a compilation of this one function: let dynamo keep them all
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.run = torch.compile(self.forward, mode="reduce-overhead" if self.cuda_graphs else "default",
+                                     fullgraph=True, dynamic=False)
 
-    def _step_and_cache(self, B, slots, device, dtype):
-        if not self.compile:
-            return self.model.decode_step, KVCache(self.model.config, B, slots, device, dtype)
-        if self.compiled_step is None:
-            mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
-            self.compiled_step = torch.compile(self.model.decode_step, mode=mode, fullgraph=True, dynamic=False)
-        cache = self.cache
-        if cache is None or cache.k[0].shape[0::2] != (B, slots) or cache.k[0].dtype != dtype or \
-                cache.k[0].device != torch.device(device):
-            self.cache = cache = None  # free the old one first
-            self.cache = cache = KVCache(self.model.config, B, slots, device, dtype)
-            if cache.k[0].is_cuda:  # a CUDA graph replays fixed addresses: tell the compiler these never move
-                for t in (*cache.k, *cache.v, cache.pos_t):
-                    torch._dynamo.mark_static_address(t)
-        cache.pos = 0
-        cache.pos_t.zero_()
-        return self.compiled_step, cache
+    def forward(self, token, cache, input_pos):
+        return self.model(token, kv_cache=cache, input_pos=input_pos)[0][:, -1]  # (B, V)
+
+    def __call__(self, token, block, input_pos, filled):
+        view = block.step_view(token.size(0), bucket(filled, block.slots) if self.compile else filled)
+        with step_kernels(token.size(0), view):
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are done with
+            return self.run(token, view, input_pos)
+
+
+class Decoder:
+    """Fast decoding of one model for sample.py: one cache, kept from call to call (grown
+    when a call needs more), so one stream at a time per Decoder."""
+
+    def __init__(self, model, compile=False):
+        self.model, self.step, self.block = model, Step(model, compile), None
+
+    def _block(self, B, slots, device, dtype):
+        b = self.block
+        if b is None or b.rows != B or b.slots < slots or b.cache.k[0].dtype != dtype or \
+                b.cache.k[0].device != torch.device(device):
+            self.block = None  # free the old one first
+            self.block = Block(self.model.config, B, slots, device, dtype, static=self.step.cuda_graphs)
+        return self.block
 
     @torch.inference_mode()  # like no_grad, and also skips autograd's version bookkeeping: faster small ops
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=()):
-        """Yield (B, 1) new tokens one at a time. The prompt idx (B, T) is processed once
-        into a KV cache (prefill, eager); each later step feeds one token through
-        decode_step. A row that samples one of stop_ids is finished: it yields that id,
-        then repeats it while other rows go on; the stream ends when all rows are done."""
-        model = self.model
+        """Yield (B, 1) new tokens one at a time. The prompt idx (B, T) is read once into
+        the cache (prefill, eager); each later step feeds one token per row. A row that
+        samples one of stop_ids is finished: it yields that id, then repeats it while other
+        rows go on; the stream ends when all rows are done."""
+        model, context = self.model, self.model.config.max_position_embeddings
         B, T = idx.size()
-        total = T + max_new_tokens
-        if total > model.config.max_position_embeddings:
+        if T + max_new_tokens > context:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
-                             f"max_position_embeddings ({model.config.max_position_embeddings})")
-        # compiled, the cache slots are a power of two, at least 256, so that prompts of
-        # different lengths share one cache shape and one compiled step (unused slots are
-        # masked out); eager, exactly what this call can fill
-        slots = min(max(256, 1 << (total - 1).bit_length()), model.config.max_position_embeddings) \
-            if self.compile else total
-        step, cache = self._step_and_cache(B, slots, idx.device, model.model.norm.weight.dtype)  # activations' dtype
+                             f"max_position_embeddings ({context})")
+        # compiled, the block holds the whole context: its strides are part of every compiled
+        # step's shape, so it must never change (as it would when a chat's prompt grows)
+        slots = context if self.step.compile else bucket(T + max_new_tokens, context)
+        block = self._block(B, slots, idx.device, model.model.norm.weight.dtype)
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=idx.device)  # (S,)
         done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)  # rows that have stopped
-        logits = model(idx, kv_cache=cache, last_only=True)[0][:, -1]  # (B, V)
-        for i in range(max_new_tokens):
-            next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+        logits = model(idx, kv_cache=block.view(B, T), last_only=True)[0][:, -1]  # (B, V)
+        for pos in range(T, T + max_new_tokens):
+            token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if len(stop_ids):
-                next_token = torch.where(done, prev_token, next_token) if i else next_token
-                done = done | torch.isin(next_token, stop)
-            yield next_token
-            if i == max_new_tokens - 1 or (len(stop_ids) and bool(done.all())):
+                token = torch.where(done, prev, token) if pos > T else token
+                done = done | torch.isin(token, stop)
+            yield token
+            if pos == T + max_new_tokens - 1 or (len(stop_ids) and bool(done.all())):
                 break  # the last token needs no logits of its own
-            prev_token = next_token
-            with step_kernels(B, cache):
-                if not self.compile:  # eager: attend over the filled slots only, not every slot
-                    logits = step(next_token, cache.view(slice(None), cache.pos + 1, cache.pos))
-                else:
-                    if idx.is_cuda:
-                        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are done with
-                    logits = step(next_token, cache)
-            cache.advance(1)
+            prev, input_pos = token, torch.full((B, 1), pos, device=idx.device)
+            logits = self.step(token, block, input_pos, filled=pos + 1)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=()):
         """As smol.py's generate: idx (B, T) extended to (B, T + new), new <= max_new_tokens
@@ -166,12 +212,27 @@ class Sequence:
     def __init__(self, prompt_ids, max_new_tokens, on_token, temperature=1.0, top_k=None, top_p=None,
                  seed=None, stop_ids=()):
         self.prompt, self.max_new_tokens, self.on_token = list(prompt_ids), max_new_tokens, on_token
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        self.seed, self.stop_ids = seed, frozenset(stop_ids)
+        # as sample_next takes them per row: top_k 0 and top_p 1 filter nothing
+        self.temperature, self.top_k, self.top_p = temperature, top_k or 0, 1.0 if top_p is None else top_p
+        self.seed = secrets.randbits(64) if seed is None else seed
+        self.stop_ids = frozenset(stop_ids)
         self.slots = len(self.prompt) + max_new_tokens  # the cache positions it can ever fill
         self.cancelled = self.finished = False
         self.pos = self.made = 0  # positions in its cache row; tokens made
-        self.last, self.generator = None, None
+        self.last = None
+
+
+MASK64 = (1 << 64) - 1
+
+
+def uniform(seed, n):
+    """The n-th random number in [0, 1) of a request with this seed: splitmix64 of (seed, n),
+    a counter-based generator, so it depends on the two numbers only, not on what else is
+    drawn or which other requests share the batch. 24 bits: exact in float32."""
+    z = (seed + (n + 1) * 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return ((z ^ (z >> 31)) >> 40) / (1 << 24)
 
 
 def _pow2(n):
@@ -180,34 +241,37 @@ def _pow2(n):
 
 class Batcher:
     """Continuous batching: every request being generated is one row of a shared KV
-    cache, and one worker thread advances all rows together, one batched decode_step
-    per token, each row at its own position. A new request joins at the next step,
-    after its prompt is read into its row (prefill, the last position's logits only);
-    one that finishes or is cancelled leaves at once and its row is reused.
+    cache, and one worker thread advances all rows together, one batched step per
+    token, each row at its own position (smol's forward takes the positions as data).
+    A new request joins at the next step, after its prompt is read into its row
+    (prefill, the last position's logits only); one that finishes or is cancelled
+    leaves at once and its row is reused. All rows are sampled in one call, each with
+    its own settings and its own random numbers (uniform(seed, n)), so a request's seed
+    gives the same text alone or in any batch; the tokens reach the host in one copy.
 
     Memory is bounded by design. The cache is one (rows, slots) block: rows a power of
     two up to max_batch, slots a power of two covering the longest request's prompt +
     max_new_tokens. A request is admitted only if the block it needs, plus the current
     one while it is copied over, fits in cache_bytes; otherwise it waits in line (in
     order), and past max_waiting waiting requests, submit raises Busy. The block is
-    freed whenever the batch empties. Eager, each step attends over the filled slots
-    of the longest row only.
+    freed whenever the batch empties. Each step attends over the filled slots of the
+    longest row, rounded up to a bucket.
 
-    compile=True: one fixed block instead, max_batch rows of as many slots as the
-    budget allows (at most the context), kept for the server's life; each step runs
-    over all of it (free rows masked, their tokens ignored), so the step has one
-    shape and torch.compile compiles it once, on CUDA as one CUDA graph. A request
-    longer than a row is refused."""
+    compile=True: one fixed block instead, max_batch rows of as many slots as the budget
+    allows (at most the context), kept for the server's life; each step runs over all
+    max_batch rows (free rows are fed a token that is never read) and the bucket of
+    slots the longest row needs, so the step compiles once per bucket, on CUDA as one
+    CUDA graph per bucket. A request longer than a row is refused."""
 
     def __init__(self, model, max_batch=16, cache_bytes=1 << 30, max_waiting=64, compile=False):
         cfg, weight = model.config, model.model.norm.weight  # the activations' dtype, even with int8 matrices
         self.model, self.max_batch, self.cache_bytes, self.max_waiting = model, max_batch, cache_bytes, max_waiting
         self.device, self.dtype, self.context = weight.device, weight.dtype, cfg.max_position_embeddings
         self.slot_bytes = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * weight.element_size()  # k and v
-        self.cache, self.rows, self.waiting = None, [], deque()  # rows[i] decodes in cache row i
+        self.block, self.rows, self.waiting = None, [], deque()  # rows[i] decodes in cache row i
         self.lock = threading.Condition()
         self.steps = self.generated = self.last_batch = 0  # counters for /health and the tests
-        self.fixed, self.compiled_step = None, None
+        self.step, self.fixed = Step(model, compile), None
         if compile:
             slots = self.context
             while slots > 64 and max_batch * slots * self.slot_bytes > cache_bytes:
@@ -216,8 +280,6 @@ class Batcher:
                 raise ValueError(f"a cache budget of {cache_bytes / 2**20:.0f} MiB cannot hold {max_batch} rows of "
                                  f"{slots} positions; raise it or lower max_batch")
             self.fixed = (max_batch, slots)
-            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-            self.compiled_step = torch.compile(model.decode_step, mode=mode, fullgraph=True, dynamic=False)
         threading.Thread(target=self._run, name="batcher", daemon=True).start()
 
     def _shape(self, n_rows, slots):
@@ -225,12 +287,12 @@ class Batcher:
             return self.fixed
         return min(_pow2(n_rows), self.max_batch), min(max(64, _pow2(slots)), self.context)
 
-    def block(self):
+    def block_shape(self):
         """(rows, slots) of the cache block now, (0, 0) when there is none."""
-        return tuple(self.cache.k[0].shape[0::2]) if self.cache is not None else (0, 0)
+        return (self.block.rows, self.block.slots) if self.block is not None else (0, 0)
 
     def cache_size(self, shape=None):
-        rows, slots = shape or self.block()
+        rows, slots = shape or self.block_shape()
         return rows * slots * self.slot_bytes
 
     def submit(self, seq):
@@ -250,6 +312,11 @@ class Batcher:
             self.waiting.append(seq)
             self.lock.notify()
 
+    def ahead(self, seq):
+        """How many requests wait in line before seq; None once it has a row (or has left)."""
+        with self.lock:
+            return self.waiting.index(seq) if seq in self.waiting else None
+
     @property
     def active(self):
         return len(self.rows) + len(self.waiting)
@@ -259,7 +326,7 @@ class Batcher:
             with self.lock:
                 while not self.rows and not self.waiting:
                     if not self.fixed:
-                        self.cache = None  # idle: give the memory back (a compiled step keeps its block)
+                        self.block = None  # idle: give the memory back (a compiled step keeps its block)
                     self.lock.wait()
             try:
                 with torch.inference_mode():
@@ -274,7 +341,7 @@ class Batcher:
                 traceback.print_exc()
                 for seq in self.rows:
                     seq.on_token(e)
-                self.rows, self.cache = [], None
+                self.rows, self.block = [], None
 
     def _admit(self):
         """The next waiting request that fits, its row reserved (the block grown if it
@@ -286,59 +353,53 @@ class Batcher:
                 return None
             seq = self.waiting[0]
             wanted = self._shape(len(self.rows) + 1, max([seq.slots] + [r.slots for r in self.rows]))
-            shape = tuple(max(a, b) for a, b in zip(wanted, self.block()))  # the block never shrinks while in use
-            grow = shape != self.block()
+            shape = tuple(max(a, b) for a, b in zip(wanted, self.block_shape()))  # never shrinks while in use
+            grow = shape != self.block_shape()
             if grow and self.cache_size() + self.cache_size(shape) > self.cache_bytes:
                 return None  # waits for rows to leave (when the batch empties, the block goes)
             self.waiting.popleft()
         if grow:
-            old, self.cache = self.cache, KVCache(self.model.config, *shape, self.device, self.dtype)
-            if self.fixed and self.device.type == "cuda":  # a CUDA graph replays fixed addresses
-                for t in (*self.cache.k, *self.cache.v, self.cache.pos_t):
-                    torch._dynamo.mark_static_address(t)
+            old = self.block
+            self.block = Block(self.model.config, *shape, self.device, self.dtype, static=self.step.cuda_graphs)
             if old is not None:
-                n, slots = len(self.rows), old.max_len
-                for new, kept in zip(self.cache.k + self.cache.v, old.k + old.v):  # per layer
+                n, slots = len(self.rows), old.slots
+                for new, kept in zip(self.block.cache.k + self.block.cache.v, old.cache.k + old.cache.v):  # per layer
                     new[:n, :, :slots] = kept[:n]
-                self.cache.pos_t[:n] = old.pos_t[:n]
                 del old
         return seq
 
     def _prefill(self, seq):
         row = len(self.rows)
         self.rows.append(seq)
-        seq.generator = torch.Generator(self.device)
-        seq.generator.manual_seed(seq.seed) if seq.seed is not None else seq.generator.seed()
         idx = torch.tensor([seq.prompt], device=self.device)  # (1, T)
-        view = self.cache.view(slice(row, row + 1), self.cache.max_len)
+        view = self.block.view(1, len(seq.prompt), first_row=row)
         logits = self.model(idx, kv_cache=view, last_only=True)[0][:, -1]  # (1, V)
         seq.pos = len(seq.prompt)
-        self._emit(seq, logits)
+        self._emit([seq], logits)
 
     def _step(self):
         n = len(self.rows)
         self.steps, self.last_batch = self.steps + 1, n
-        tokens = torch.tensor([[seq.last] for seq in self.rows], device=self.device)  # (n, 1)
-        if self.fixed:  # every row of the block, the free ones fed a token that is never read
-            tokens = torch.cat([tokens, tokens.new_zeros(self.fixed[0] - n, 1)])  # (max_batch, 1)
-            if self.device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are done with
-            logits = self.compiled_step(tokens, self.cache)[:n]  # (n, V)
-        else:
-            view = self.cache.view(slice(0, n), max(seq.pos for seq in self.rows) + 1)  # the filled slots only
-            with step_kernels(n, view):
-                logits = self.model.decode_step(tokens, view)  # (n, V)
-        self.cache.pos_t[:n] += 1
-        for i, seq in enumerate(self.rows):
+        width = self.fixed[0] if self.fixed else n  # compiled: every row of the block, the free ones idle
+        tokens = [seq.last for seq in self.rows] + [0] * (width - n)
+        positions = [seq.pos for seq in self.rows] + [0] * (width - n)
+        logits = self.step(torch.tensor(tokens, device=self.device).view(width, 1), self.block,
+                           torch.tensor(positions, device=self.device).view(width, 1), filled=max(positions) + 1)[:n]
+        for seq in self.rows:
             seq.pos += 1
-            self._emit(seq, logits[i:i + 1])
+        self._emit(self.rows, logits)
 
-    def _emit(self, seq, logits):
-        token = sample_next(logits, generator=seq.generator, **seq.sampling).item()
-        seq.last, seq.made = token, seq.made + 1
-        self.generated += 1
-        seq.finished = token in seq.stop_ids or seq.made == seq.max_new_tokens
-        seq.on_token(token)
+    def _emit(self, rows, logits):
+        """Sample the next token of every row in one call, each with its own settings and
+        random number, and hand each to its request."""
+        settings = torch.tensor([[seq.temperature, seq.top_k, seq.top_p] for seq in rows], dtype=torch.float64)
+        u = torch.tensor([[uniform(seq.seed, seq.made)] for seq in rows], device=self.device)  # (n, 1)
+        tokens = sample_next(logits, settings[:, 0].float(), settings[:, 1].long(), settings[:, 2].float(), uniform=u)
+        for seq, token in zip(rows, tokens.view(-1).tolist()):  # the one copy to the host of this step
+            seq.last, seq.made = token, seq.made + 1
+            self.generated += 1
+            seq.finished = token in seq.stop_ids or seq.made == seq.max_new_tokens
+            seq.on_token(token)
 
     def _leave(self):
         """Drop finished and cancelled rows; the others move down to fill the gaps
@@ -352,9 +413,8 @@ class Batcher:
                 continue
             row = len(kept)
             if row != old_row:
-                for t in self.cache.k + self.cache.v:  # per layer
+                for t in self.block.cache.k + self.block.cache.v:  # per layer
                     t[row, :, :seq.pos] = t[old_row, :, :seq.pos]
-                self.cache.pos_t[row] = seq.pos
             kept.append(seq)
         with self.lock:
             self.rows = kept

@@ -110,61 +110,39 @@ def rope_tables(head_dim, max_len, theta):
 
 
 def apply_rope(x, cos, sin):
-    # x: (B, n, T, hd); cos, sin: (T, hd), or (B, 1, 1, hd) for one token per row at its own position
+    # x: (B, n, T, hd); cos, sin: (T, hd) for positions 0..T-1, or (B, 1, T, hd), each row its own
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)  # "rotate_half"
     return x * cos + rotated * sin
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, pre-allocated for max_len
-    positions so that decoding never re-allocates. Kept apart from the model:
-    one model can serve many caches.
+    """The keys and values of every position seen so far: one pair of tensors per layer,
+    each (B, nkv, max_len, hd), allocated once so that decoding never re-allocates, and
+    written at the positions the forward pass is given. Kept apart from the model: one
+    model can fill many caches. A cache may also be a view of the first slots of a bigger
+    one (engine.py attends over the filled slots only): the tensors are all there is."""
 
-    The count of filled positions is kept twice: `pos`, a Python int, for the
-    prompt and any chunk of tokens (their shapes depend on it anyway), and
-    `pos_t`, a (B,) tensor on the device with each row's own count, for the
-    one-token decode step. That step reads its positions from the tensor and
-    attends over all max_len slots under a mask, so every step has identical
-    shapes and no Python constant changes: it is compiled once, and on CUDA
-    captured once as a CUDA graph. Rows may stand at different positions: a
-    server decodes requests of different lengths as one batch (engine.py). One tensor
-    per layer: a compiled step writes each in place (bench/NOTES.md, entry 14)."""
+    def __init__(self, k, v):
+        self.k, self.v = k, v  # n_layer tensors each, (B, nkv, max_len, hd)
 
-    def __init__(self, config, batch_size, max_len, device, dtype):
+    @classmethod
+    def zeros(cls, config, batch_size, max_len, device, dtype):
         shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]  # n_layer x shape
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.max_len = max_len
-        self.pos = 0
-        self.pos_t = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        return cls(*([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)] for _ in "kv"))
 
-    def update(self, layer, k, v):
-        # k, v: (B, nkv, T, hd) for the new positions; returns all positions so far
-        T, k_all, v_all = k.size(2), self.k[layer], self.v[layer]
-        k_all[:, :, self.pos:self.pos + T] = k
-        v_all[:, :, self.pos:self.pos + T] = v
-        return k_all[:, :, :self.pos + T], v_all[:, :, :self.pos + T]
+    @property
+    def max_len(self):
+        return self.k[0].size(2)
 
-    def write_at_pos(self, layer, k, v):
-        # k, v: (B, nkv, 1, hd), row b for its position pos_t[b]; returns every slot, (B, nkv, max_len, hd)
-        rows, k_all, v_all = torch.arange(k.size(0), device=k.device), self.k[layer], self.v[layer]
-        k_all[rows, :, self.pos_t] = k[:, :, 0].to(k_all.dtype)  # (autocast may give bf16)
-        v_all[rows, :, self.pos_t] = v[:, :, 0].to(v_all.dtype)
+    def update(self, layer, input_pos, k, v):
+        # k, v: (B, nkv, T, hd) of the tokens at positions input_pos (B, T): row b's token t goes
+        # to slot input_pos[b, t]. Returns the layer's whole cache, (B, nkv, max_len, hd)
+        k_all, v_all = self.k[layer], self.v[layer]
+        rows = torch.arange(k.size(0), device=k.device).view(-1, 1)  # (B, 1), broadcast against (B, T)
+        k_all[rows, :, input_pos] = k.transpose(1, 2).to(k_all.dtype)  # (B, T, nkv, hd); autocast may give bf16
+        v_all[rows, :, input_pos] = v.transpose(1, 2).to(v_all.dtype)
         return k_all, v_all
-
-    def advance(self, n):
-        self.pos += n
-        self.pos_t.fill_(self.pos)
-
-    def view(self, rows, length, pos=0):
-        """The rows (a slice) and first `length` slots of this cache, sharing its memory:
-        a server reads a prompt into one row of its batch, and decodes the batch over
-        the filled slots only rather than all max_len. pos: where the view's int count starts."""
-        view = KVCache.__new__(KVCache)
-        view.k, view.v = [t[rows, :, :length] for t in self.k], [t[rows, :, :length] for t in self.v]
-        view.max_len, view.pos, view.pos_t = length, pos, self.pos_t[rows]
-        return view
 
 
 class Attention(nn.Module):
@@ -180,31 +158,27 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, config.n_kv_head * hd, bias=False)
         self.o_proj = nn.Linear(config.n_head * hd, C, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache=None, decode_mask=None):
+    def forward(self, x, cos, sin, kv_cache=None, input_pos=None, mask=None):
         B, T, C = x.size()
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if decode_mask is not None:  # the fixed-shape decode step: one token, every cache slot
-            k, v = kv_cache.write_at_pos(self.layer_idx, k, v)  # (B, nkv, max_len, hd)
-            mask, is_causal = decode_mask, False  # (B, 1, 1, max_len): each row's filled slots
+        if kv_cache is None:
+            # training, scoring: the plain causal triangle. enable_gqa lets SDPA broadcast each
+            # k/v head over its group of query heads without materialising repeated copies
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
         else:
-            if kv_cache is not None:
-                k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, Tk, hd), Tk = cached + T
-            Tk = k.size(2)
-            # Three masking cases. No cache, or a prompt into an empty cache: plain causal.
-            # One new token: it may see every cached position, so no mask at all.
-            # A chunk of T tokens after a cached prefix: query i sees keys up to Tk-T+i.
-            # is_causal would align the triangle to the top-left corner, which is
-            # wrong when Tk > T, so that case gets an explicit boolean mask.
-            mask, is_causal = None, Tk == T and T > 1
-            if T > 1 and Tk > T:
-                mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
-        # enable_gqa lets SDPA broadcast each k/v head over its group of query heads
-        # without materialising repeated copies of k and v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hd)
+            # generating: the new keys and values go into the cache at their positions, and the
+            # queries attend over all of its slots under the mask, which lets each see the slots
+            # up to its own position, never later ones (empty, or stale from an earlier use).
+            # The query heads of a group read the same k/v head, so they go in as the rows of
+            # one head, (B, nkv, g*T, hd): the same sums as enable_gqa, but each k/v head is
+            # read once, not g times (a CPU's bf16 kernel ran 6x faster so, bench/NOTES.md)
+            k, v = kv_cache.update(self.layer_idx, input_pos, k, v)  # (B, nkv, max_len, hd)
+            q = q.reshape(B, self.n_kv_head, -1, self.head_dim)  # (B, nkv, g*T, hd), row i*T + t: head i of the group
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask (B, 1, g*T, max_len)
+        y = y.reshape(B, self.n_head, T, self.head_dim)  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
 
@@ -233,8 +207,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None, decode_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, decode_mask)
+    def forward(self, x, cos, sin, kv_cache=None, input_pos=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, input_pos, mask)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x
 
@@ -283,44 +257,36 @@ class SmolLM(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() counts the tied matrix once
 
-    def forward(self, idx, targets=None, kv_cache=None, last_only=False):
+    def forward(self, idx, targets=None, kv_cache=None, input_pos=None, last_only=False):
         # idx: (B, T) token ids; targets: (B, T) next-token ids, -1 = ignore.
         # Returns (logits (B, T, V), None), or with targets (None, loss): training
         # never needs all the logits at once, and they are the largest tensors of a step.
-        # last_only: logits (B, 1, V) of the last position, all a prompt needs before
-        # generating (an 8,190-token prompt's logits would be 1.6 GB in fp32)
+        # kv_cache: generating. input_pos (B, T) is where each token stands, each row its own
+        # (default 0..T-1: a prompt into an empty cache); the same call reads a prompt and,
+        # one token per row at a time, decodes after it. last_only: logits (B, 1, V) of the
+        # last position, all a prompt needs (an 8,190-token prompt's would be 1.6 GB in fp32)
         B, T = idx.size()
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_position_embeddings "
-                             f"({self.config.max_position_embeddings})")
+        if input_pos is None:
+            if T > self.config.max_position_embeddings:
+                raise ValueError(f"sequence of {T} tokens exceeds max_position_embeddings "
+                                 f"({self.config.max_position_embeddings})")
+            input_pos = torch.arange(T, device=idx.device).expand(B, T)
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
+        else:
+            cos, sin = self.rope_cos[input_pos].unsqueeze(1), self.rope_sin[input_pos].unsqueeze(1)  # (B, 1, T, hd)
         x = self.model.embed_tokens(idx)  # (B, T, C)
-        # positions start..start+T-1; cos/sin in the activations' dtype, as the reference
-        cos = self.rope_cos[start:start + T].to(x.dtype)  # (T, hd)
-        sin = self.rope_sin[start:start + T].to(x.dtype)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # in the activations' dtype, as the reference
+        mask = None
+        if kv_cache is not None:  # query (b, t) sees the cache slots 0..input_pos[b, t]
+            slots = torch.arange(kv_cache.max_len, device=idx.device)
+            mask = (slots <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, max_len)
+            mask = mask.repeat(1, 1, self.config.n_head // self.config.n_kv_head, 1)  # (B, 1, g*T, ...): see Attention
         for block in self.model.layers:
-            x = block(x, cos, sin, kv_cache)
-        if kv_cache is not None:
-            kv_cache.advance(T)
+            x = block(x, cos, sin, kv_cache, input_pos, mask)
         x = self.model.norm(x)
         if targets is not None:
             return None, chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
         return self.lm_head(x[:, -1:] if last_only else x), None  # (B, T, V) or (B, 1, V)
-
-    def decode_step(self, token, kv_cache):
-        """Logits (B, V) after one new token per row (B, 1), row b at position
-        kv_cache.pos_t[b]. Every step has the same shapes whatever the positions, so
-        this is the function that engine.py compiles once (and captures as a CUDA
-        graph on CUDA). The caller advances the cache."""
-        B, pos = token.size(0), kv_cache.pos_t  # (B,)
-        x = self.model.embed_tokens(token)  # (B, 1, C)
-        cos = self.rope_cos.index_select(0, pos).to(x.dtype).view(B, 1, 1, -1)  # (B, 1, 1, hd)
-        sin = self.rope_sin.index_select(0, pos).to(x.dtype).view(B, 1, 1, -1)
-        # each row's token sees its own slot and every earlier one; later slots hold stale values
-        mask = (torch.arange(kv_cache.max_len, device=token.device) <= pos.view(B, 1)).view(B, 1, 1, -1)
-        for block in self.model.layers:
-            x = block(x, cos, sin, kv_cache, decode_mask=mask)
-        return self.lm_head(self.model.norm(x))[:, -1]  # (B, V)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # decay the 2-D matrices (embedding and projections), never the norm gains
@@ -344,27 +310,28 @@ class SmolLM(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=()):
         """Return idx (B, T) extended by sampled tokens: (B, T + new), new <= max_new_tokens.
         The plain loop, to read: the prompt goes through once into a KV cache (prefill),
-        then each new token alone, attending to the cached keys and values. A row that
-        samples one of stop_ids is finished and is padded with that id while the other
-        rows go on; the loop ends early when every row is done. temperature 0 is greedy.
-        engine.py runs the same loop faster (a fixed-shape step, compiled once)."""
+        then each new token alone at the next position, attending to the cached keys and
+        values. A row that samples one of stop_ids is finished and is padded with that id
+        while the other rows go on; the loop ends early when every row is done.
+        temperature 0 is greedy. engine.py runs the same loop faster."""
         B, T = idx.size()
         if T + max_new_tokens > self.config.max_position_embeddings:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_position_embeddings ({self.config.max_position_embeddings})")
         # the activations' dtype: the final norm's weight has it even when quantize.py made the matrices int8
-        cache = KVCache(self.config, B, T + max_new_tokens, idx.device, self.model.norm.weight.dtype)
+        cache = KVCache.zeros(self.config, B, T + max_new_tokens, idx.device, self.model.norm.weight.dtype)
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=idx.device)  # (S,)
         done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)  # rows that have stopped
         logits = self(idx, kv_cache=cache, last_only=True)[0][:, -1]  # (B, V): the prompt's last position
-        for i in range(max_new_tokens):
+        for pos in range(T, T + max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             token = torch.where(done, idx[:, -1:], token)  # a finished row repeats its stop id
             done = done | torch.isin(token, stop)
             idx = torch.cat([idx, token], dim=1)
-            if i == max_new_tokens - 1 or bool(done.all()):
+            if pos == T + max_new_tokens - 1 or bool(done.all()):
                 break  # the last token needs no logits of its own
-            logits = self(token, kv_cache=cache)[0][:, -1]  # (B, V)
+            input_pos = torch.full((B, 1), pos, device=idx.device)  # (B, 1): every row at the same place
+            logits = self(token, kv_cache=cache, input_pos=input_pos)[0][:, -1]  # (B, V)
         return idx
 
 
@@ -394,20 +361,44 @@ def _cross_entropy_sum(x, weight, targets):
     return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum")
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    # logits: (B, V) -> (B, 1) token ids
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        # nucleus: keep the smallest set of top tokens whose probability reaches top_p
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already enough
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, uniform=None):
+    """Token ids (B, 1) drawn from logits (B, V) at `temperature` (0: greedy), among the
+    top_k likeliest tokens, then among the fewest of those whose probability reaches top_p
+    (the nucleus). Each setting is one number for every row, or a (B,) CPU tensor with each
+    row's own (engine.py samples a server's whole batch in one call); top_k 0 or None and
+    top_p 1 or None filter nothing.
+
+    The draw is an inverse CDF: one number u per row, uniform in [0, 1) (`uniform` (B, 1),
+    else drawn from generator), picks the first token whose cumulative probability passes
+    u. So a row's token depends on its own logits, settings and u only, whatever else is
+    in the batch, and a draw costs one random number, not one per vocabulary entry."""
+    B, V = logits.shape
+    greedy = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+    temperature = torch.as_tensor(temperature, dtype=torch.float32).reshape(-1, 1)  # (B or 1, 1), on the host
+    if not temperature.any():
+        return greedy
+    k = torch.as_tensor(0 if top_k is None else top_k).reshape(-1, 1)
+    k = k.where((k > 0) & (k < V), V)  # V: every token
+    p = torch.as_tensor(1.0 if top_p is None else top_p, dtype=torch.float32).reshape(-1, 1)
+    on_device = dict(device=logits.device)
+    logits = logits.float() / temperature.clamp(min=1e-6).to(**on_device)  # greedy rows are picked at the end
+    filtered = (k < V) | (p < 1)  # (B or 1, 1): the rows that drop tokens
+    if filtered.any():
+        # sort the likeliest tokens (all of them if a row has top_p but no top_k), drop the
+        # ranks each row does not keep, and mask in the logits what is less likely than the
+        # last one kept. Settings live on the host, so sizing the sort costs no device sync
+        n = V if (filtered & (k == V)).any() else int(k[k < V].max())
+        values = torch.topk(logits, n).values  # (B, n), descending
+        values = values.masked_fill(torch.arange(n, **on_device) >= k.to(**on_device), float("-inf"))
+        probs = values.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # the mass of the likelier tokens
+        values = values.masked_fill((before >= p.to(**on_device)) & (p < 1).to(**on_device), float("-inf"))
+        floor = values.gather(-1, values.isfinite().sum(dim=-1, keepdim=True) - 1)  # (B, 1); the top token stays
+        logits = logits.masked_fill((logits < floor) & filtered.to(**on_device), float("-inf"))
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V), in vocabulary order
+    if uniform is None:
+        uniform = torch.rand(B, 1, generator=generator, **on_device)
+    total = cdf[:, -1:]  # 1 up to rounding; u stays below it, so the token found has a probability above 0
+    u = torch.minimum(uniform.to(**on_device) * total, torch.nextafter(total, torch.zeros_like(total)))
+    token = torch.searchsorted(cdf, u, right=True)  # (B, 1)
+    return torch.where(temperature.to(**on_device) == 0, greedy, token)

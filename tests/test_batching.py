@@ -168,11 +168,14 @@ def test_a_long_prompt_holds_the_batch_up_for_its_prefill_and_no_longer(model):
     assert names[first + 5:] == ["steady"] * (40 - 12)
 
 
-def test_the_compiled_batch_step_gives_eager_tokens_and_compiles_once(model):
-    # compile=True: one fixed (rows, slots) block, so the batched step has one shape
-    # whatever joins or leaves: compiled once, never again (what CUDA graphs need)
+def test_the_compiled_batch_step_reads_only_its_bucket_and_compiles_once_per_bucket(model, monkeypatch):
+    # compile=True: one fixed block of 4 rows x 256 slots, kept for the batcher's life; each
+    # step runs over all 4 rows and the bucket of slots its longest row needs (16, 32, ...),
+    # never the whole row: compiled once per bucket, then never again, eager's tokens throughout
     import torch._dynamo
     from torch._dynamo.utils import counters
+    import engine
+    monkeypatch.setattr(engine, "MIN_SLOTS", 16)
     requests = [(p, 24, dict(temperature=0)) for p in prompts(6, seed=4)]
     eager = Run(Batcher(model, max_batch=4))
     for i, (p, n, sampling) in enumerate(requests):
@@ -183,17 +186,21 @@ def test_the_compiled_batch_step_gives_eager_tokens_and_compiles_once(model):
     slot = Batcher(model, max_batch=1).slot_bytes
     batcher = Batcher(model, max_batch=4, cache_bytes=4 * 256 * slot, compile=True)  # rows of 256 positions
     assert batcher.fixed == (4, 256)
-    warm = Run(batcher)
-    warm.submit("warm", [1, 2, 3], 3, temperature=0)
-    warm.wait()
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs == 1
-    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompilation now raises in the worker
-        run = Run(batcher)
-        for i, (p, n, sampling) in enumerate(requests):  # 6 requests over 4 rows: joins and leaves
-            run.submit(i, p, n, **sampling)
-        run.wait()
-    assert [run.tokens[i] for i in range(6)] == [eager.tokens[i] for i in range(6)]
-    assert counters["stats"]["unique_graphs"] == graphs and batcher.last_batch >= 1
+    seen, run_step = [], batcher.step.run  # the compiled function: record the shapes it is called with
+    batcher.step.run = lambda token, cache, at: (seen.append((token.size(0), cache.max_len)),
+                                                 run_step(token, cache, at))[1]
+    for attempt in range(2):  # the second time, every bucket is compiled already: a recompilation raises
+        with torch._dynamo.config.patch(error_on_recompile=attempt == 1):
+            run = Run(batcher)
+            for i, (p, n, sampling) in enumerate(requests):  # 6 requests over 4 rows: joins and leaves
+                run.submit(i, p, n, **sampling)
+            run.wait()
+        assert [run.tokens[i] for i in range(6)] == [eager.tokens[i] for i in range(6)]
+        if attempt == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    buckets = {length for _, length in seen}
+    longest = max(len(p) for p, _, _ in requests) + 24
+    assert {rows for rows, _ in seen} == {4} and max(buckets) == engine.bucket(longest, 256) < 256
+    assert graphs == len(buckets) == counters["stats"]["unique_graphs"] and len(buckets) >= 2
     with pytest.raises(ValueError, match="do not fit in a row of 256 positions"):
         batcher.submit(Sequence([1] * 200, 100, lambda t: None))

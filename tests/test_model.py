@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import smol
+import engine
 from engine import Decoder
 from metrics import param_breakdown
 from smol import KVCache, SmolConfig, SmolLM, apply_rope, rope_tables, sample_next
@@ -134,59 +135,66 @@ def test_each_row_stops_at_its_own_stop_id():
     assert len(tokens) == ends[0] and tokens[-1].item() == stop  # batch 1: the stop id is the last token
 
 
-def test_chunk_after_cached_prefix_uses_the_right_mask():
+def positions(B, start, stop):
+    return torch.arange(start, stop).expand(B, -1)  # (B, stop - start): every row at the same place
+
+
+def test_chunks_after_a_cached_prefix_give_the_logits_of_one_pass():
+    # one forward for all of it: a prompt, one token, a chunk, another, each at its positions
     m = tiny()
     seq = torch.randint(0, 512, (2, 30))
     full, _ = m(seq)
-    cache = KVCache(m.config, 2, 30, "cpu", torch.float32)
-    parts = [m(seq[:, a:b], kv_cache=cache)[0] for a, b in ((0, 11), (11, 12), (12, 25), (25, 30))]
+    cache = KVCache.zeros(m.config, 2, 32, "cpu", torch.float32)  # two slots never written: masked
+    parts = [m(seq[:, a:b], kv_cache=cache, input_pos=positions(2, a, b))[0]
+             for a, b in ((0, 11), (11, 12), (12, 25), (25, 30))]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_rows_at_different_positions_decode_in_one_step_as_if_alone():
-    # continuous batching: one decode_step over rows that stand at different positions
-    # (each its own RoPE angle, mask and cache slot) gives each row the logits it has alone
+def test_rows_at_different_positions_decode_in_one_pass_as_if_alone():
+    # continuous batching: one forward over rows that stand at different positions (each its
+    # own RoPE angle, mask and cache slot) gives each row the logits it has alone
     m = tiny()
     prompts = [torch.randint(0, 512, (1, n)) for n in (3, 9, 5)]
     nxt = torch.randint(0, 512, (3, 1))
-    batch = KVCache(m.config, 3, 16, "cpu", torch.float32)
+    batch = KVCache.zeros(m.config, 3, 16, "cpu", torch.float32)
     for row, p in enumerate(prompts):  # each prompt read on its own, into its row of the batch
-        m(p, kv_cache=batch.view(slice(row, row + 1), 16))
-    assert batch.pos_t.tolist() == [3, 9, 5]
+        m(p, kv_cache=KVCache([t[row:row + 1] for t in batch.k], [t[row:row + 1] for t in batch.v]))
+    at = torch.tensor([[3], [9], [5]])  # (3, 1): each row's next position
     alone = torch.cat([m(torch.cat([p, nxt[row:row + 1]], 1))[0][:, -1] for row, p in enumerate(prompts)])
-    stepped = m.decode_step(nxt, batch)  # (3, V): over all 16 slots under a per-row mask
+    stepped = m(nxt, kv_cache=batch, input_pos=at)[0][:, -1]  # (3, V): over all 16 slots, each row masked
     torch.testing.assert_close(stepped, alone, atol=1e-5, rtol=1e-5)
-    # the same over a view of the filled slots only, which writes into the same memory
-    again = m.decode_step(nxt, batch.view(slice(0, 3), 10))
+    # the same over a view of the first 10 slots only, which writes into the same memory
+    again = m(nxt, kv_cache=KVCache([t[:, :, :10] for t in batch.k], [t[:, :, :10] for t in batch.v]),
+              input_pos=at)[0][:, -1]
     torch.testing.assert_close(again, alone, atol=1e-5, rtol=1e-5)
-    assert not torch.equal(stepped, m.decode_step(nxt.flip(0), batch))  # each row reads its own token
+    assert not torch.equal(stepped, m(nxt.flip(0), kv_cache=batch, input_pos=at)[0][:, -1])  # each row reads its own
 
 
 def test_prefill_can_return_the_last_position_only():
     m = tiny()
     seq = torch.randint(0, 512, (2, 12))
     full, _ = m(seq)
-    last, _ = m(seq, kv_cache=KVCache(m.config, 2, 12, "cpu", torch.float32), last_only=True)
+    last, _ = m(seq, kv_cache=KVCache.zeros(m.config, 2, 12, "cpu", torch.float32), last_only=True)
     assert last.shape == (2, 1, 512)
     torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
 
 
 def test_eager_decoding_attends_over_the_filled_slots_only():
-    # the fixed shape (every slot, masked) is for the compiled step; eager, each step's
-    # keys are the positions filled so far, so a short prompt does not pay for 256 slots
+    # the cache holds the whole call (or more), but each eager step reads the filled slots
+    # only: a short prompt does not pay for the context's 1,024 slots
     m = tiny(max_position_embeddings=1024)
     seen = []
-    step = m.decode_step
+    forward = m.forward
 
-    def recording(token, kv_cache):
+    def recording(idx, kv_cache=None, **kw):
         seen.append(kv_cache.max_len)
-        return step(token, kv_cache)
-    m.decode_step = recording
+        return forward(idx, kv_cache=kv_cache, **kw)
+    m.forward = recording
     prompt = torch.randint(0, 512, (2, 5))
-    out = Decoder(m).generate(prompt, 6, temperature=0)
-    assert seen == [6, 7, 8, 9, 10]  # the prompt's 5, then one more at each step (the last token needs none)
-    del m.decode_step
-    assert torch.equal(out, m.generate(prompt, 6, temperature=0))
+    out = Decoder(m).generate(prompt, 7, temperature=0)
+    assert seen == [5, 6, 7, 8, 9, 10, 11]  # the prompt's 5, then one more at each step (the last token needs none)
+    del m.forward
+    assert torch.equal(out, m.generate(prompt, 7, temperature=0))
 
 
 def test_sampling_filters_and_seed():
@@ -257,44 +265,46 @@ def test_overfits_one_batch():
     assert first > 10.5 and loss.item() < 0.5, (first, loss.item())
 
 
-def test_compiled_decoding_equals_eager_and_compiles_once():
-    # decode_step has the same shapes at every position, so torch.compile compiles
-    # it once: 64 steps from one prompt and a second prompt of another length must
-    # give eager's greedy tokens and never recompile after the first step
+def test_compiled_decoding_equals_eager_and_compiles_once_per_bucket(monkeypatch):
+    # a step's shapes change only when the longest row crosses into the next bucket of
+    # slots, so torch.compile compiles once per bucket: 64 steps from a 5-token prompt
+    # cross buckets 16, 32, 64 and 128 (four compilations), and a second prompt of another
+    # length must give eager's greedy tokens without compiling anything again
     import torch._dynamo
     from torch._dynamo.utils import counters
+    monkeypatch.setattr(engine, "MIN_SLOTS", 16)
     m = tiny(max_position_embeddings=256)
     prompts = [torch.randint(0, 512, (1, 5)), torch.randint(0, 512, (1, 17))]
     eager = [Decoder(m).generate(p, 64, temperature=0) for p in prompts]
     torch._dynamo.reset()
     counters.clear()
     compiled = Decoder(m, compile=True)
-    warm = compiled.generate(prompts[0], 2, temperature=0)  # compiles here
-    assert torch.equal(warm, eager[0][:, :5 + 2])
-    compiled_frames = counters["stats"]["unique_graphs"]
-    assert compiled_frames == 1
+    assert torch.equal(compiled.generate(prompts[0], 64, temperature=0), eager[0])
+    assert counters["stats"]["unique_graphs"] == 4
     with torch._dynamo.config.patch(error_on_recompile=True):  # any recompilation now raises
         for p, e in zip(prompts, eager):
             assert torch.equal(compiled.generate(p, 64, temperature=0), e)
-    assert counters["stats"]["unique_graphs"] == compiled_frames
+    assert counters["stats"]["unique_graphs"] == 4
 
 
 def test_the_compiled_step_writes_the_cache_in_place():
     # written through one big (layers, B, nkv, slots, hd) tensor, the compiled step
     # copied each layer's whole cache at every token: 2.6x slower than eager at batch 16
     # on the full model (bench/NOTES.md). Its C++ then has loops as long as a layer's
-    # cache (2 rows x 2 heads x 1,024 slots x 16 = 65,536); written through per-layer
-    # views, no loop is longer than the mask over the slots
+    # cache (2 rows x 2 heads x 1,024 slots x 16 = 65,536); written in place, no loop is
+    # longer than the mask over the slots
     import re
     from torch._inductor.utils import run_and_get_code
     torch._dynamo.reset()
     m = tiny()  # 2 key/value heads of 16 channels
-    cache = KVCache(m.config, 2, 1024, "cpu", torch.float32)
+    cache = KVCache.zeros(m.config, 2, 1024, "cpu", torch.float32)
+    step = engine.Step(m)
+    token, at = torch.tensor([[1], [2]]), torch.tensor([[5], [5]])
     with torch.inference_mode():
         m(torch.randint(0, 512, (2, 5)), kv_cache=cache)
-        eager = m.decode_step(torch.tensor([[1], [2]]), cache)
-        compiled, code = run_and_get_code(torch.compile(m.decode_step, fullgraph=True, dynamic=False),
-                                          torch.tensor([[1], [2]]), cache)
+        eager = step.forward(token, cache, at)
+        compiled, code = run_and_get_code(torch.compile(step.forward, fullgraph=True, dynamic=False),
+                                          token, cache, at)
     bounds = [int(b) for b in re.findall(r"<static_cast<int64_t>\((\d+)L\)", "\n".join(code))]
     assert bounds and max(bounds) <= 1024, sorted(set(bounds))  # loop bounds found, none over a layer's cache
     torch.testing.assert_close(compiled, eager)
