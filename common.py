@@ -121,10 +121,13 @@ def autocast_for(device_type, dtype):
     return dtype, ctx
 
 
-def use_compile(setting, device):
-    """--compile auto|true|false: auto compiles on CUDA only, where it pays for its
-    compile time (on a CPU the compiled decode step measured slower, bench/NOTES.md)."""
-    return setting == "true" or (setting == "auto" and device.startswith("cuda"))
+def use_compile(setting, device, long_lived=True):
+    """--compile auto|true|false. auto compiles on CUDA only, and only for a process that
+    decodes long enough to win back the compile time: serve.py, sample.py --chat, not a
+    one-shot sample.py. On a CPU the compiled step is faster for quantised matrices at batch
+    1 but costs minutes to compile the first time, and a server's compiled block computes
+    every row even for one request; so auto leaves it off there (bench/NOTES.md, entry 18)."""
+    return setting == "true" or (setting == "auto" and device.startswith("cuda") and long_lived)
 
 
 def peak_flops(device):

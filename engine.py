@@ -27,7 +27,7 @@ import sys
 import threading
 import traceback
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -123,28 +123,38 @@ class Step:
     input_pos (B, 1), through smol's forward over the first B rows of a Block and the
     slots up to the longest row's position (`filled` of them). Eager, exactly those
     slots. compile=True: through torch.compile, over the filled slots rounded up to a
-    bucket, so that it compiles once per bucket (and batch shape); with CUDA graphs on
-    CUDA ("reduce-overhead")."""
+    bucket, so that it compiles once per shape (batch rows, bucket): on CUDA as a CUDA
+    graph ("reduce-overhead"), on a CPU with a C++ wrapper around the generated kernels
+    (cpp_wrapper: no Python between them). The weights are traced as the module's own
+    attributes, not as inputs (inline_inbuilt_nn_modules off): hundreds fewer arguments
+    to pass and check at every call (bench/NOTES.md, entry 16)."""
 
     def __init__(self, model, compile=False):
-        self.model, self.compile = model, compile
+        self.model, self.compile, self.compiled = model, compile, set()
         self.cuda_graphs = compile and model.model.norm.weight.is_cuda
         self.run = self.forward
         if compile:
             # every bucket and batch shape is a compilation of this one function: let dynamo keep them all
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.run = torch.compile(self.forward, mode="reduce-overhead" if self.cuda_graphs else "default",
-                                     fullgraph=True, dynamic=False)
+            how = dict(mode="reduce-overhead") if self.cuda_graphs else dict(options={"cpp_wrapper": True})
+            self.run = torch.compile(self.forward, fullgraph=True, dynamic=False, **how)
 
     def forward(self, token, cache, input_pos):
         return self.model(token, kv_cache=cache, input_pos=input_pos)[0][:, -1]  # (B, V)
 
     def __call__(self, token, block, input_pos, filled):
-        view = block.step_view(token.size(0), bucket(filled, block.slots) if self.compile else filled)
-        with step_kernels(token.size(0), view):
+        shape = (token.size(0), bucket(filled, block.slots) if self.compile else filled)
+        view = block.step_view(*shape)
+        # a new shape is traced (and compiled) here, with the weights as attributes
+        tracing = torch._dynamo.config.patch(inline_inbuilt_nn_modules=False) \
+            if self.compile and shape not in self.compiled else nullcontext()
+        with step_kernels(token.size(0), view), tracing:
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are done with
-            return self.run(token, view, input_pos)
+            logits = self.run(token, view, input_pos)
+        if self.compile:
+            self.compiled.add(shape)
+        return logits
 
 
 class Decoder:
@@ -263,7 +273,7 @@ class Batcher:
     slots the longest row needs, so the step compiles once per bucket, on CUDA as one
     CUDA graph per bucket. A request longer than a row is refused."""
 
-    def __init__(self, model, max_batch=16, cache_bytes=1 << 30, max_waiting=64, compile=False):
+    def __init__(self, model, max_batch=16, cache_bytes=1 << 30, max_waiting=64, compile=False, thread=True):
         cfg, weight = model.config, model.model.norm.weight  # the activations' dtype, even with int8 matrices
         self.model, self.max_batch, self.cache_bytes, self.max_waiting = model, max_batch, cache_bytes, max_waiting
         self.device, self.dtype, self.context = weight.device, weight.dtype, cfg.max_position_embeddings
@@ -280,7 +290,8 @@ class Batcher:
                 raise ValueError(f"a cache budget of {cache_bytes / 2**20:.0f} MiB cannot hold {max_batch} rows of "
                                  f"{slots} positions; raise it or lower max_batch")
             self.fixed = (max_batch, slots)
-        threading.Thread(target=self._run, name="batcher", daemon=True).start()
+        if thread:  # else the caller runs run() in a thread of its own (serve.py: the one that loaded the model)
+            threading.Thread(target=self.run, name="batcher", daemon=True).start()
 
     def _shape(self, n_rows, slots):
         if self.fixed:
@@ -312,16 +323,23 @@ class Batcher:
             self.waiting.append(seq)
             self.lock.notify()
 
-    def ahead(self, seq):
-        """How many requests wait in line before seq; None once it has a row (or has left)."""
+    def ahead(self, seq, for_a_row=False):
+        """How many requests wait in line before seq; None once it has a row (or has left).
+        for_a_row: None also while a row is free for it at the next step."""
         with self.lock:
-            return self.waiting.index(seq) if seq in self.waiting else None
+            if seq not in self.waiting:
+                return None
+            ahead = self.waiting.index(seq)
+            return None if for_a_row and len(self.rows) + ahead < self.max_batch else ahead
 
     @property
     def active(self):
         return len(self.rows) + len(self.waiting)
 
-    def _run(self):
+    def run(self):
+        """The worker: admit, prefill, step, forever. Every torch operation of a server runs
+        in this one thread: a second thread that has run parallel torch operations on a
+        CPU (loading the model, say) halves the speed of this one (bench/NOTES.md, entry 17)."""
         while True:
             with self.lock:
                 while not self.rows and not self.waiting:

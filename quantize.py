@@ -73,12 +73,16 @@ class Int4Linear(nn.Module):
 
     def __init__(self, w, dtype):
         super().__init__()
-        if w.size(1) % GROUP or w.size(0) % 16:  # the packed kernel's tiles
-            raise ValueError(f"int4 needs every matrix's inputs divisible by {GROUP} and outputs by 16; "
-                             f"this model has a {w.size(0)} x {w.size(1)} one")
+        self.check_shape(w)
         codes, scales_and_zeros = quantize_groups(w)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))  # (out, in/2) uint8
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(dtype))  # (in/32, out, 2)
+
+    @staticmethod
+    def check_shape(w):
+        if w.size(1) % GROUP or w.size(0) % 16:  # the packed kernel's tiles
+            raise ValueError(f"int4 needs every matrix's inputs divisible by {GROUP} and outputs by 16; "
+                             f"this model has a {w.size(0)} x {w.size(1)} one")
 
     def forward(self, x):
         shape = x.shape  # (..., in)
@@ -106,18 +110,63 @@ def check(kind, device, dtype):
     return None
 
 
+class SharedInput(nn.Module):
+    """Linear layers that read the same input (q, k and v; gate and up) as one quantised
+    matrix: one product per step instead of two or three, which streams the weights better
+    and makes fewer calls (bench/NOTES.md, entry 16). A Part stands in each layer's place.
+    smol.py calls them one after another on the same input: the first computes the whole
+    product, each returns its own columns, the last lets it go, so nothing is kept
+    between steps (a part called on another input computes the product again)."""
+
+    def __init__(self, layer, sizes):
+        super().__init__()
+        self.layer, self.sizes = layer, sizes
+        self.input = self.outputs = None
+
+    def part(self, i, x):
+        if self.outputs is None or self.input is not x:
+            self.input, self.outputs = x, self.layer(x).split(self.sizes, dim=-1)
+        y = self.outputs[i]
+        if i == len(self.sizes) - 1:
+            self.input = self.outputs = None
+        return y
+
+
+class Part(nn.Module):
+    def __init__(self, shared, i):
+        super().__init__()
+        self.shared, self.i = shared, i
+
+    def forward(self, x):
+        return self.shared.part(self.i, x)
+
+
+# the linear layers of a block, by the input they read: a group of several becomes one matrix
+GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
+          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
+
+
 @torch.no_grad()
 def quantize(model, kind):
     """Swap model's linear layers and tied embedding for `kind` ones ("int8" or "int4"), in
-    place; returns model. The float weights are dropped, not kept beside the quantised ones.
-    ValueError for a shape int4 cannot pack."""
+    place; returns model. The layers that share an input become one matrix (SharedInput).
+    The float weights are dropped, not kept beside the quantised ones. ValueError for a
+    shape int4 cannot pack."""
     dtype = model.model.norm.weight.dtype  # the activations'
     for block in model.model.layers:
-        for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                              (block.mlp, ("gate_proj", "up_proj", "down_proj"))):
-            for name in names:
-                w = getattr(parent, name).weight
-                setattr(parent, name, Int8Linear(*quantize_rows(w)) if kind == "int8" else Int4Linear(w, dtype))
+        for parent_name, names in GROUPS:
+            parent = getattr(block, parent_name)
+            weights = [getattr(parent, name).weight for name in names]
+            for w in weights if kind == "int4" else ():
+                Int4Linear.check_shape(w)  # each matrix of the model, as the user knows them
+            w = torch.cat(weights)  # (sum of outputs, in)
+            layer = Int8Linear(*quantize_rows(w)) if kind == "int8" else Int4Linear(w, dtype)
+            if len(names) == 1:
+                setattr(parent, names[0], layer)
+                continue
+            shared = SharedInput(layer, [w.size(0) for w in weights])
+            for i, name in enumerate(names):
+                setattr(parent, name, Part(shared, i))
     # the tied matrix stays int8 under int4 too: as a 4-bit head it turned the instruct
     # model's "Paris." into "L'Étoile (The Lion) is the capital of France."
     q, scale = quantize_rows(model.model.embed_tokens.weight)  # per row: per output channel of the head

@@ -33,8 +33,8 @@ def parse_args(argv):
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the top tokens up to this mass")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
-                   help="compile the decode step once (CUDA graphs on CUDA); auto: on CUDA only, where it pays "
-                        "for its compile time (bench/NOTES.md)")
+                   help="compile the decode step, once per length bucket (CUDA graphs on CUDA); auto: on CUDA "
+                        "with --chat, where it pays for its compile time (bench/NOTES.md)")
     p.add_argument("--chat", action="store_true",
                    help="talk to the model: read a message, stream the reply, keep the conversation (ChatML)")
     p.add_argument("--system", default=None, help="--chat: the system message (default: the model's own)")
@@ -67,7 +67,7 @@ def main(argv=None):
 
     tokenizer = load_tokenizer()
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    decoder = Decoder(model, compile=use_compile(args.compile, device))
+    decoder = Decoder(model, compile=use_compile(args.compile, device, long_lived=args.chat))
     if args.max_new_tokens is None:  # not given: a default that leaves a small model half its context
         args.max_new_tokens = min(512 if args.chat else 200, config.max_position_embeddings // 2)
     room = config.max_position_embeddings - args.max_new_tokens

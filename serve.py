@@ -26,8 +26,10 @@ Needs fastapi and uvicorn: pip install -r requirements-serve.txt
 import asyncio
 import json
 import os
+import queue
 import socket
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -127,10 +129,11 @@ def stop_strings(req):
 class ServedModel:
     """The model, its tokenizer and its name, behind one Batcher."""
 
-    def __init__(self, model, tokenizer, name, device, max_batch, cache_bytes, max_waiting, compile=False):
+    def __init__(self, model, tokenizer, name, device, max_batch, cache_bytes, max_waiting, compile=False,
+                 thread=True):
         self.model, self.tokenizer, self.name, self.device = model, tokenizer, name, device
         self.batcher = Batcher(model, max_batch=max_batch, cache_bytes=cache_bytes, max_waiting=max_waiting,
-                               compile=compile)
+                               compile=compile, thread=thread)
         self.context = model.config.max_position_embeddings
         self.chat = is_chat_model(model)
         # no prompt longer than this many characters can fit: checked before tokenizing
@@ -184,17 +187,25 @@ class ServedModel:
 
     async def generate(self, seq, tokens, req, stop_ids, request):
         """Yield (text, None) pieces as they are decoded, then (text, finish_reason) with
-        finish_reason "stop" (a stop id or stop string) or "length"."""
+        finish_reason "stop" (a stop id or stop string) or "length". While the request waits
+        for a row: (None, n), n the requests ahead of it in line, at once and every second."""
         text, stops, finish = TextStream(self.tokenizer), StopStrings(stop_strings(req)), "length"
         n = 0
         try:
+            if (ahead := self.batcher.ahead(seq, for_a_row=True)) is not None:
+                yield None, ahead  # every row is taken: say so before the client's read times out
             while True:
-                try:  # a client that went away is noticed even while its request waits in line
-                    token = await asyncio.wait_for(tokens.get(), timeout=1.0)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                if tokens.empty():  # a client that went away is noticed even while its request waits in line
+                    try:
+                        token = await asyncio.wait_for(tokens.get(), timeout=1.0)
+                    except TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        if (ahead := self.batcher.ahead(seq)) is not None:
+                            yield None, ahead
+                        continue
+                else:
+                    token = tokens.get_nowait()
                 if token is None:
                     break
                 if isinstance(token, Exception):
@@ -305,10 +316,11 @@ def create_app(served):
                     "logprobs": None, "finish_reason": finish}
 
         pieces = served.generate(seq, tokens, req, stop_ids, request)
-        if not req.stream:
+        if not req.stream:  # waits in line without a word, as OpenAI's API does
             text, finish = "", "length"
-            async for piece, finish in pieces:
-                text += piece
+            async for piece, end in pieces:
+                if piece is not None:
+                    text, finish = text + piece, end
             return {**head, "choices": [choice(text, finish, delta=False)], "usage": usage()}
 
         chunk = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
@@ -320,7 +332,9 @@ def create_app(served):
                 yield event({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                    "logprobs": None, "finish_reason": None}]})
             async for piece, finish in pieces:
-                if piece or finish:
+                if piece is None:  # an SSE comment: clients skip it, people and the page can read it
+                    yield f": waiting, {finish} ahead\n\n"
+                elif piece or finish:
                     yield event({**chunk, "choices": [choice(piece, finish, delta=True)]})
             if (req.stream_options or {}).get("include_usage"):
                 yield event({**chunk, "choices": [], "usage": usage()})
@@ -345,8 +359,8 @@ def main(argv=None):
                    help="memory for every request's KV cache together, MiB (default: a quarter of the memory "
                         "free at start, at most 4096)")
     p.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
-                   help="compile the batched decode step once over a fixed block of max_batch rows (CUDA graphs "
-                        "on CUDA); auto: on CUDA only")
+                   help="compile the batched decode step over a fixed block of max_batch rows, once per length "
+                        "bucket (CUDA graphs on CUDA); auto: on CUDA only")
     p.add_argument("--api_key", default=os.environ.get("SMOL_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $SMOL_API_KEY, else none)")
     p.add_argument("--allow_origin", action="append", default=[],
@@ -361,22 +375,14 @@ def main(argv=None):
             raise UserError(f"--{flag} must be {'at least 0' if flag == 'max_waiting' else 'positive'}, "
                             f"got {getattr(args, flag)}")
     sock = listen(args.host, args.port)  # first: a port in use is known before a model is loaded
-    model, device = load_from_flags(args)
-    folder = args.out_dir if args.init_from == "resume" else args.init_from
-    name = args.name or os.path.basename(os.path.normpath(folder))
-    cache_mb = args.cache_mb or default_cache_mb(device)
-    try:
-        served = ServedModel(model, load_tokenizer(), name, device, args.max_batch, cache_mb << 20, args.max_waiting,
-                             compile=use_compile(args.compile, device))
-    except ValueError as e:  # a compiled block that the budget cannot hold
-        raise UserError(f"--cache_mb {cache_mb}: {e} (--max_batch)") from None
+    served, device, cache_mb = start_model(args)
     served.created = int(time.time())
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     kind = "chat" if served.chat else "base (completion; chat replies end at <|endoftext|> or <|im_end|>)"
     with torch.device("meta"):  # counted from the config: --quantize keeps the matrices as buffers
-        n_params = SmolLM(model.config).num_params()
-    print(f"serving {name} ({kind}, {n_params:,} parameters, {device}) on {url}"
+        n_params = SmolLM(served.model.config).num_params()
+    print(f"serving {served.name} ({kind}, {n_params:,} parameters, {device}) on {url}"
           + (f"  (the page: {url}/#key={args.api_key})" if args.api_key else ""), flush=True)
     fixed = served.batcher.fixed
     print(f"up to {args.max_batch} requests decode together, {args.max_waiting} more wait; KV cache budget "
@@ -389,6 +395,36 @@ def main(argv=None):
     app = Access(create_app(served), hosts=hosts, origins=args.allow_origin, api_key=args.api_key,
                  max_body=MAX_BODY)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+def start_model(args):
+    """(served model, device, cache MiB): the model loaded, and its batcher running, in one
+    thread of their own, so that every torch operation of the server runs in that thread
+    (engine.Batcher.run says why); a mistake in the flags is a UserError here as usual."""
+    ready = queue.Queue()
+
+    def model_thread():
+        try:
+            model, device = load_from_flags(args)
+            folder = args.out_dir if args.init_from == "resume" else args.init_from
+            cache_mb = args.cache_mb or default_cache_mb(device)
+            try:
+                served = ServedModel(model, load_tokenizer(), args.name or os.path.basename(os.path.normpath(folder)),
+                                     device, args.max_batch, cache_mb << 20, args.max_waiting,
+                                     compile=use_compile(args.compile, device, long_lived=True), thread=False)
+            except ValueError as e:  # a compiled block that the budget cannot hold
+                raise UserError(f"--cache_mb {cache_mb}: {e} (--max_batch)") from None
+        except BaseException as e:  # UserError, or a bug: main() reports it
+            ready.put(e)
+            return
+        ready.put((served, device, cache_mb))
+        served.batcher.run()
+
+    threading.Thread(target=model_thread, name="model", daemon=True).start()
+    result = ready.get()
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def default_cache_mb(device):

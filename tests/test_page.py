@@ -234,3 +234,24 @@ def test_the_page_with_an_api_key(driver, keyed_page_server):
     element(driver, "message").send_keys("What is the capital of France?", Keys.ENTER)
     wait(driver, lambda: "Incorrect or missing API key" in element(driver, "error").text, 10,
          f"no API key error in the page: {element(driver, 'error').text!r}")
+
+
+def test_a_reply_waiting_for_a_row_shows_its_place_in_line(driver, chat_model):
+    # one row, held by a long stream: the page's request waits, and says so; when the row
+    # frees, the reply comes
+    server = Server("--init_from", chat_model["hf"], "--dtype", "float32", "--max_batch", "1")
+    try:
+        open_page(driver, server)
+        set_value(driver, "temperature", 0)
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                          json={"prompt": "Once", "max_tokens": 8000, "ignore_eos": True, "stream": True}) as busy:
+            lines = busy.iter_lines()  # held: a dropped line iterator closes its response
+            next(lines)  # decoding: the only row is taken
+            element(driver, "message").send_keys("What is the capital of France?", Keys.ENTER)
+            wait(driver, lambda: element(driver, "stats").text == "waiting, 0 ahead",
+                 message=f"no place in line shown: {element(driver, 'stats').text!r}")
+            assert health(server)["waiting"] == 1 and assistant_texts(driver) == [""]
+        wait(driver, lambda: assistant_texts(driver) == ["Paris."] and element(driver, "send").is_enabled(),
+             message=f"no reply once the row freed: {assistant_texts(driver)} {element(driver, 'error').text!r}")
+    finally:
+        server.stop()

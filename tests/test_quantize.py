@@ -83,10 +83,25 @@ def test_loss_within_one_percent_of_fp32_and_no_float_matrix_left(kind):
     assert model.lm_head.q is model.model.embed_tokens.q
     assert isinstance(model.lm_head, Int8Linear) and isinstance(model.model.embed_tokens, Int8Embedding)
     linear = Int8Linear if kind == "int8" else Int4Linear
-    assert all(isinstance(getattr(b.mlp, n), linear) for b in model.model.layers for n in ("gate_proj", "up_proj"))
+    for b in model.model.layers:  # the layers that read one input are one matrix; the others their own
+        assert b.self_attn.q_proj.shared is b.self_attn.v_proj.shared and b.mlp.gate_proj.shared is b.mlp.up_proj.shared
+        assert isinstance(b.self_attn.q_proj.shared.layer, linear) and isinstance(b.mlp.down_proj, linear)
     # decoding runs through it: the fast decoder and smol.py's plain loop agree
     prompt = x[:2, :8]
     assert torch.equal(Decoder(model).generate(prompt, 12, temperature=0), model.generate(prompt, 12, temperature=0))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_one_matrix_for_the_layers_that_share_an_input_gives_the_same_logits(monkeypatch, kind):
+    import copy
+    import quantize as q
+    model, x, _ = trained_tiny_model()
+    fused = q.quantize(copy.deepcopy(model), kind)
+    monkeypatch.setattr(q, "GROUPS", [(p, (name,)) for p, names in q.GROUPS for name in names])  # one matrix each
+    apart = q.quantize(model, kind)
+    assert isinstance(apart.model.layers[0].self_attn.k_proj, (Int8Linear, Int4Linear))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x[:4])[0], apart(x[:4])[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

@@ -154,6 +154,34 @@ def test_past_the_batch_and_the_line_a_request_gets_429(small_server, openai_mod
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
+@pytest.mark.parametrize("small_server", [("--max_batch", "2", "--max_waiting", "4")], indirect=True)
+def test_a_streaming_request_in_line_hears_its_place_at_once_and_while_it_waits(small_server):
+    # two rows busy with 8,000 tokens each; two more streams wait for a row. Each waiting one
+    # gets its headers and ": waiting, N ahead" first, and again a second later, while both
+    # rows are still busy and both still wait (told by /health: order, not a clock); a
+    # non-streaming request waits in silence; every stream ends as OpenAI's do
+    with httpx.Client(base_url=small_server.url, timeout=60) as http, contextlib.ExitStack() as streams:
+        busy = []
+        for i in range(2):
+            busy.append(streams.enter_context(http.stream("POST", "/v1/completions", json=STREAM)).iter_lines())
+            next(busy[-1])
+        waiting = []
+        for chat in (False, True):
+            body = {"messages": [{"role": "user", "content": "Hi"}], **STREAM} if chat else STREAM
+            r = streams.enter_context(http.stream("POST", "/v1/chat/completions" if chat else "/v1/completions",
+                                                  json=body))
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            waiting.append(r.iter_lines())
+        first = [[line for line in (next(w), next(w)) if line] for w in waiting]
+        assert first[0] == [": waiting, 0 ahead"]
+        assert first[1][0].startswith("data: ") and '"role": "assistant"' in first[1][0]  # chat: the role first
+        assert next(line for line in waiting[1] if line) == ": waiting, 1 ahead"
+        assert health(small_server)["decoding"] == 2 and health(small_server)["waiting"] == 2  # no row freed yet
+        assert next(line for line in waiting[0] if line) == ": waiting, 0 ahead"  # again, a second later
+        assert health(small_server)["waiting"] == 2
+    wait_for(lambda: health(small_server)["active_requests"] == 0, "the closed streams are still active")
+
+
 @pytest.mark.parametrize("small_server", [("--cache_mb", "32", "--max_batch", "16", "--max_waiting", "64")],
                          indirect=True)
 def test_sixty_four_requests_without_max_tokens_stay_in_the_memory_budget(small_server):
