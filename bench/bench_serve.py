@@ -13,7 +13,10 @@ first text arrives and when its stream ends. Per N:
     TTFT       time to first token (median and worst over the clients)
     per-req    each client's tokens / (its end - its first token), median
     peak RSS   the server process's VmHWM from /proc (Linux), after this N
-The ratio line compares the largest N's tok/s with N = 1's, in the same run.
+The ratio line compares the largest N's tok/s with N = 1's, in the same run. Then, with
+the server stopped, sample.py on the same weights, dtype and prompt (client 0's), as many
+new tokens, the server's sampling (temperature 0.8, no top-k): its own tokens/s line beside
+the one client's rate.
 """
 import argparse
 import asyncio
@@ -44,8 +47,12 @@ def vm(pid, field):
         return float("nan")
 
 
+def prompt_of(i):
+    return f"Once upon a time, in a town called {['Oak', 'Elm', 'Ash', 'Yew'][i % 4]}vale,"
+
+
 async def one_client(http, i, max_tokens, t0):
-    body = {"prompt": f"Once upon a time, in a town called {['Oak', 'Elm', 'Ash', 'Yew'][i % 4]}vale,",
+    body = {"prompt": prompt_of(i),
             "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.8, "seed": i, "stream": True,
             "stream_options": {"include_usage": True}}
     first, tokens = None, 0
@@ -117,6 +124,22 @@ def main():
     finally:
         server.terminate()
         server.wait(30)
+    if 1 in rates:
+        speed = sample_py_speed(args)
+        print(f"sample.py, same weights, dtype and prompt: {speed:.1f} tok/s; one client of serve.py: "
+              f"{rates[1]:.1f} tok/s = {rates[1] / speed:.2f}x")
+
+
+def sample_py_speed(args):
+    """tokens/s of sample.py's own report, for client 0's prompt and settings (best of two samples)."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--init_from", args.init_from,
+                           "--out_dir", args.out_dir, "--dtype", args.dtype, "--start", prompt_of(0),
+                           "--max_new_tokens", str(args.max_tokens), "--temperature", "0.8", "--top_k", "0",
+                           "--seed", "0", "--num_samples", "2"], capture_output=True, text=True, cwd=HERE)
+    if proc.returncode != 0:
+        raise SystemExit(f"sample.py failed:\n{proc.stderr[-2000:]}")
+    return max(float(line.split(": ")[-1].split()[0]) for line in proc.stderr.splitlines()
+               if line.startswith("[") and line.endswith("tokens/s]"))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ measured by running the benchmark, never by a timed test)."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -32,6 +33,10 @@ def test_bench_runs_and_reports_every_row(tmp_path):
     assert any(r.startswith("train smol") and r.endswith("plain loss") for r in rows)
     assert any(r.startswith("generate smol") and "compiled" in r for r in rows)
     assert any(r.startswith("generate smol") and "compiled" not in r for r in rows)
+    assert {"generate smol float32 batch 1", "generate smol float32 plain generate batch 1"} <= rows
+    # serve.py's step, eager and compiled, in a small block and a whole-context one
+    assert {r.split(", one request")[0] for r in rows if r.startswith("serve step")} == {
+        f"serve step {how}, block 16 x {slots}" for how in ("eager", "compiled") for slots in (512, 8192)}
     assert {"generate smol int8", "generate smol int4"} <= {" ".join(r.split()[:3]) for r in rows}
     assert not any(r.startswith("gguf") for r in rows)  # --llama_cpp skip
     assert "transformers" in report["info"]
@@ -109,6 +114,8 @@ def test_bench_serve_drives_the_real_server(chat_model):
     rows = [line.split() for line in proc.stdout.splitlines() if len(line.split()) == 6 and line.split()[0].isdigit()]
     assert [r[0] for r in rows] == ["1", "3"] and all(float(r[1]) > 0 for r in rows)  # every client got 5 tokens
     assert "3 clients together:" in proc.stdout and "the tokens/s of one client alone" in proc.stdout
+    assert re.search(r"^sample\.py, same weights, dtype and prompt: [\d.]+ tok/s; one client of serve\.py: "
+                     r"[\d.]+ tok/s = [\d.]+x$", proc.stdout, re.M), proc.stdout
 
 
 def test_llama_cpp_side_by_side_is_skipped_in_one_line_without_the_package(monkeypatch, capsys):

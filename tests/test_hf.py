@@ -51,6 +51,33 @@ def test_same_logits_as_transformers(config):
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("config", [SmolConfig(), SmolConfig(**SMALL), SmolConfig(**{**SMALL, "n_kv_head": 6})],
+                         ids=["135M", "6q-2kv", "mha"])
+def test_the_cached_path_with_rows_at_different_positions_gives_transformers_logits(config):
+    # what a server's batch does: each prompt read alone into its row of one cache, then one
+    # pass over all rows, each at its own positions: a chunk of 4 tokens, then one token.
+    # Each row's logits are transformers' for that row's whole sequence, read in one go
+    from smol import KVCache
+    model = random_smol(config)
+    hf = as_transformers(model)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, config.vocab_size, (1, n), generator=g) for n in (3, 9, 5)]
+    chunk, last = torch.randint(0, config.vocab_size, (3, 4), generator=g), torch.randint(0, config.vocab_size, (3, 1),
+                                                                                        generator=g)
+    cache = KVCache.zeros(config, 3, 16, "cpu", torch.float32)
+    with torch.no_grad():
+        for row, p in enumerate(prompts):
+            model(p, kv_cache=KVCache([t[row:row + 1] for t in cache.k], [t[row:row + 1] for t in cache.v]))
+        starts = torch.tensor([[3], [9], [5]])
+        ours_chunk = model(chunk, kv_cache=cache, input_pos=starts + torch.arange(4))[0]  # (3, 4, V)
+        ours_last = model(last, kv_cache=cache, input_pos=starts + 4)[0]  # (3, 1, V)
+        for row, p in enumerate(prompts):
+            theirs = hf(torch.cat([p, chunk[row:row + 1], last[row:row + 1]], dim=1)).logits[0]  # (T, V)
+            n = p.size(1)
+            assert (ours_chunk[row] - theirs[n:n + 4]).abs().max().item() <= 1e-4, row
+            assert (ours_last[row, 0] - theirs[n + 4]).abs().max().item() <= 1e-4, row
+
+
 @pytest.mark.parametrize("config", [SmolConfig(), SmolConfig(**SMALL)], ids=["135M", "6q-2kv"])
 def test_same_greedy_generation_as_transformers(config):
     model = random_smol(config)

@@ -197,6 +197,29 @@ def test_eager_decoding_attends_over_the_filled_slots_only():
     assert torch.equal(out, m.generate(prompt, 7, temperature=0))
 
 
+def test_greedy_tokens_are_those_of_the_two_paths_before_them():
+    # tests/data/greedy-987d79e.json: what generate gave before prompt and decode became one
+    # forward (a batch of two prompts, and three prompts of 3, 9 and 5 tokens alone). The
+    # plain loop, the fast decoder and a server's batch (rows at different positions) agree
+    import json
+    import os
+    import threading
+    from engine import Batcher, Sequence
+    with open(os.path.join(os.path.dirname(__file__), "data", "greedy-987d79e.json")) as f:
+        known = json.load(f)
+    m = tiny(init_std=0.3)  # large weights: every token is clear-cut, none repeats for long
+    prompt = torch.tensor(known["batch"]["prompt"])
+    for decode in (m.generate, Decoder(m).generate):
+        assert decode(prompt, 40, temperature=0)[:, 7:].tolist() == known["batch"]["greedy"]
+    batcher, got, ended = Batcher(m, max_batch=4), [[], [], []], [threading.Event() for _ in range(3)]
+    for i, row in enumerate(known["rows"]):
+        batcher.submit(Sequence(row["prompt"], 24, lambda t, i=i: ended[i].set() if t is None else got[i].append(t),
+                                temperature=0))
+    assert all(e.wait(120) for e in ended)
+    assert got == [row["greedy"] for row in known["rows"]]
+    assert batcher.steps < 3 * 23  # they shared steps
+
+
 def test_sampling_filters_and_seed():
     logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
     assert sample_next(logits, temperature=0).item() == 1
@@ -211,6 +234,47 @@ def test_sampling_filters_and_seed():
     a = m.generate(prompt, 10, generator=torch.Generator().manual_seed(3))
     b = m.generate(prompt, 10, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.7), dict(top_k=3), dict(top_p=0.8),
+                                      dict(temperature=1.5, top_k=4, top_p=0.9)], ids=["T", "top_k", "top_p", "all"])
+def test_sampled_tokens_follow_the_filtered_distribution(settings):
+    # 20,000 draws from one seed (so the test is deterministic) against the textbook distribution:
+    # softmax(logits / T), cut to the top_k likeliest, then to the fewest whose mass reaches top_p
+    logits = torch.tensor([[2.0, 0.5, 1.0, -1.0, 1.5, 0.0]])
+    T, k, p = settings.get("temperature", 1.0), settings.get("top_k", 6), settings.get("top_p", 1.0)
+    probs = (logits[0] / T).softmax(-1)
+    order = probs.argsort(descending=True)[:k]
+    kept, mass = [], 0.0
+    for i in order.tolist():
+        if mass >= p:
+            break
+        kept.append(i)
+        mass += probs[i].item() / probs[order].sum().item()
+    expected = torch.zeros(6)
+    expected[kept] = probs[kept] / probs[kept].sum()
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(logits.expand(20000, 6), generator=g, **settings).view(-1)
+    seen = torch.bincount(draws, minlength=6) / 20000
+    assert (seen - expected).abs().max() < 0.015, (seen, expected)  # 4 standard deviations at most
+    assert (seen[expected == 0] == 0).all()  # a token cut away is never drawn
+
+
+def test_each_row_of_a_batch_samples_with_its_own_settings_as_if_alone():
+    # a server samples its whole batch in one call: row b's token depends on its own logits,
+    # settings and random number only, never on the other rows (or how many there are)
+    g = torch.Generator().manual_seed(0)
+    logits, u = torch.randn(5, 512, generator=g) * 3, torch.rand(5, 1, generator=g)
+    rows = [dict(temperature=0.0, top_k=0, top_p=1.0), dict(temperature=1.0, top_k=0, top_p=1.0),
+            dict(temperature=0.8, top_k=20, top_p=1.0), dict(temperature=1.2, top_k=0, top_p=0.5),
+            dict(temperature=0.9, top_k=50, top_p=0.9)]
+    per_row = {name: torch.tensor([r[name] for r in rows]) for name in ("temperature", "top_k", "top_p")}
+    together = sample_next(logits, uniform=u, **per_row)
+    alone = torch.cat([sample_next(logits[b:b + 1], uniform=u[b:b + 1], **rows[b]) for b in range(5)])
+    assert torch.equal(together, alone)
+    assert together[0].item() == logits[0].argmax().item()  # temperature 0: greedy
+    last_two = sample_next(logits[3:], uniform=u[3:], **{n: t[3:] for n, t in per_row.items()})
+    assert torch.equal(last_two, together[3:])
 
 
 def test_too_long_generation_is_refused():
