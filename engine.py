@@ -127,7 +127,7 @@ class Step:
     graph ("reduce-overhead"), on a CPU with a C++ wrapper around the generated kernels
     (cpp_wrapper: no Python between them). The weights are traced as the module's own
     attributes, not as inputs (inline_inbuilt_nn_modules off): hundreds fewer arguments
-    to pass and check at every call (bench/NOTES.md, entry 16)."""
+    to pass and check at every call (bench/NOTES.md, entry 19)."""
 
     def __init__(self, model, compile=False):
         self.model, self.compile, self.compiled = model, compile, set()

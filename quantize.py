@@ -113,7 +113,7 @@ def check(kind, device, dtype):
 class SharedInput(nn.Module):
     """Linear layers that read the same input (q, k and v; gate and up) as one quantised
     matrix: one product per step instead of two or three, which streams the weights better
-    and makes fewer calls (bench/NOTES.md, entry 16). A Part stands in each layer's place.
+    and makes fewer calls (bench/NOTES.md, entry 19). A Part stands in each layer's place.
     smol.py calls them one after another on the same input: the first computes the whole
     product, each returns its own columns, the last lets it go, so nothing is kept
     between steps (a part called on another input computes the product again)."""

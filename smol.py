@@ -117,11 +117,9 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """The keys and values of every position seen so far: one pair of tensors per layer,
-    each (B, nkv, max_len, hd), allocated once so that decoding never re-allocates, and
-    written at the positions the forward pass is given. Kept apart from the model: one
-    model can fill many caches. A cache may also be a view of the first slots of a bigger
-    one (engine.py attends over the filled slots only): the tensors are all there is."""
+    """The keys and values of the positions seen so far: a pair of tensors per layer, each
+    (B, nkv, max_len, hd), allocated once and written at the positions the forward pass is
+    given. Kept apart from the model; may be a view of a bigger cache's first slots."""
 
     def __init__(self, k, v):
         self.k, self.v = k, v  # n_layer tensors each, (B, nkv, max_len, hd)
@@ -278,9 +276,9 @@ class SmolLM(nn.Module):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # in the activations' dtype, as the reference
         mask = None
         if kv_cache is not None:  # query (b, t) sees the cache slots 0..input_pos[b, t]
-            slots = torch.arange(kv_cache.max_len, device=idx.device)
-            mask = (slots <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, max_len)
-            mask = mask.repeat(1, 1, self.config.n_head // self.config.n_kv_head, 1)  # (B, 1, g*T, ...): see Attention
+            mask = torch.arange(kv_cache.max_len, device=idx.device) <= input_pos.unsqueeze(-1)  # (B, T, max_len)
+            g = self.config.n_head // self.config.n_kv_head  # query heads per k/v head (see Attention)
+            mask = mask.unsqueeze(1).repeat(1, 1, g, 1)  # (B, 1, g*T, max_len)
         for block in self.model.layers:
             x = block(x, cos, sin, kv_cache, input_pos, mask)
         x = self.model.norm(x)
@@ -373,6 +371,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
     u. So a row's token depends on its own logits, settings and u only, whatever else is
     in the batch, and a draw costs one random number, not one per vocabulary entry."""
     B, V = logits.shape
+    logits = logits.float()  # the draw in fp32 (and argmax over bf16 ran 5x slower on a CPU)
     greedy = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
     temperature = torch.as_tensor(temperature, dtype=torch.float32).reshape(-1, 1)  # (B or 1, 1), on the host
     if not temperature.any():
@@ -381,7 +380,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
     k = k.where((k > 0) & (k < V), V)  # V: every token
     p = torch.as_tensor(1.0 if top_p is None else top_p, dtype=torch.float32).reshape(-1, 1)
     on_device = dict(device=logits.device)
-    logits = logits.float() / temperature.clamp(min=1e-6).to(**on_device)  # greedy rows are picked at the end
+    logits = logits / temperature.clamp(min=1e-6).to(**on_device)  # greedy rows are picked at the end
     filtered = (k < V) | (p < 1)  # (B or 1, 1): the rows that drop tokens
     if filtered.any():
         # sort the likeliest tokens (all of them if a row has top_p but no top_k), drop the
