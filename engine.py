@@ -27,7 +27,7 @@ import sys
 import threading
 import traceback
 from collections import deque
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
@@ -126,12 +126,10 @@ class Step:
     slots. compile=True: through torch.compile, over the filled slots rounded up to a
     bucket, so that it compiles once per shape (batch rows, bucket): on CUDA as a CUDA
     graph ("reduce-overhead"), on a CPU with a C++ wrapper around the generated kernels
-    (cpp_wrapper: no Python between them). The weights are traced as the module's own
-    attributes, not as inputs (inline_inbuilt_nn_modules off): hundreds fewer arguments
-    to pass and check at every call (bench/NOTES.md, entry 19)."""
+    (cpp_wrapper: no Python between them; bench/NOTES.md, entry 19)."""
 
     def __init__(self, model, compile=False):
-        self.model, self.compile, self.compiled = model, compile, set()
+        self.model, self.compile = model, compile
         self.cuda_graphs = compile and model.model.norm.weight.is_cuda
         self.run = self.forward
         if compile:
@@ -146,16 +144,10 @@ class Step:
     def __call__(self, token, block, input_pos, filled):
         shape = (token.size(0), bucket(filled, block.slots) if self.compile else filled)
         view = block.step_view(*shape)
-        # a new shape is traced (and compiled) here, with the weights as attributes
-        tracing = torch._dynamo.config.patch(inline_inbuilt_nn_modules=False) \
-            if self.compile and shape not in self.compiled else nullcontext()
-        with step_kernels(token.size(0), view), tracing:
+        with step_kernels(token.size(0), view):
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are done with
-            logits = self.run(token, view, input_pos)
-        if self.compile:
-            self.compiled.add(shape)
-        return logits
+            return self.run(token, view, input_pos)
 
 
 class Decoder:

@@ -13,10 +13,11 @@ first text arrives and when its stream ends. Per N:
     TTFT       time to first token (median and worst over the clients)
     per-req    each client's tokens / (its end - its first token), median
     peak RSS   the server process's VmHWM from /proc (Linux), after this N
-The ratio line compares the largest N's tok/s with N = 1's, in the same run. Then, with
-the server stopped, sample.py on the same weights, dtype and prompt (client 0's), as many
-new tokens, the server's sampling (temperature 0.8, no top-k): its own tokens/s line beside
-the one client's rate.
+The ratio line compares the largest N's tok/s with N = 1's, in the same run. Then one
+client alone against sample.py on the same weights, dtype and prompt (client 0's), as
+many new tokens, the server's sampling (temperature 0.8, no top-k), in turns for
+--rounds rounds while the server idles between its requests, best of each: sample.py's
+own tokens/s line beside the client's.
 """
 import argparse
 import asyncio
@@ -89,6 +90,7 @@ def main():
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--max_tokens", type=int, default=64)
     p.add_argument("--max_batch", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3, help="one client against sample.py: rounds in turns")
     args = p.parse_args()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -121,17 +123,19 @@ def main():
         if 1 in rates and len(rates) > 1:
             top = max(rates)
             print(f"{top} clients together: {rates[top] / rates[1]:.2f}x the tokens/s of one client alone")
+        one = sample = 0.0
+        for _ in range(args.rounds):  # in turns: this machine's speed drifts by tens of percent
+            one = max(one, asyncio.run(round_of(url, 1, args.max_tokens))[0])
+            sample = max(sample, sample_py_speed(args))
+        print(f"sample.py, same weights, dtype and prompt: {sample:.1f} tok/s; one client of serve.py: "
+              f"{one:.1f} tok/s = {one / sample:.2f}x (best of {args.rounds} rounds each, in turns)")
     finally:
         server.terminate()
         server.wait(30)
-    if 1 in rates:
-        speed = sample_py_speed(args)
-        print(f"sample.py, same weights, dtype and prompt: {speed:.1f} tok/s; one client of serve.py: "
-              f"{rates[1]:.1f} tok/s = {rates[1] / speed:.2f}x")
 
 
 def sample_py_speed(args):
-    """tokens/s of sample.py's own report, for client 0's prompt and settings (best of two samples)."""
+    """tokens/s of sample.py's own report, for client 0's prompt and settings (the better of two samples)."""
     proc = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--init_from", args.init_from,
                            "--out_dir", args.out_dir, "--dtype", args.dtype, "--start", prompt_of(0),
                            "--max_new_tokens", str(args.max_tokens), "--temperature", "0.8", "--top_k", "0",
