@@ -8,8 +8,9 @@ in one run, on one device, with the SmolLM2-135M config:
                 process's peak resident size). CUDA: smol compiled (train.py's default) and
                 eager, transformers eager and compiled, all bf16 autocast. CPU: smol with
                 train.py's default dtype (bf16 autocast where the CPU has it) and fp32,
-                transformers fp32 and bf16 autocast. Plus smol with the plain, unchunked
-                cross-entropy, to weigh the chunked one.
+                transformers fp32 and bf16 autocast. Plus smol with the loss the other way
+                (train.py takes it in one piece where the logits fit a quarter of the
+                device's memory, else in pieces): plain and in pieces, to weigh the rule.
     generation: tokens/s at batch 1 and 16, prompt 16 tokens, 256 new, prefill included;
                 ours as sample.py runs it (engine.Decoder), eager and with the compiled
                 step; smol.py's plain generate beside it; fp32 beside the default dtype;
@@ -38,10 +39,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-import smol
-from common import Parser, autocast_for, cpu_has_native_bf16, inference_dtype, peak_flops, pick_device
+from common import (Parser, autocast_for, cpu_has_native_bf16, inference_dtype, loss_rows_per_piece, peak_flops,
+                    pick_device)
 from engine import Block, Decoder, Step
 from hf import config_to_hf
 from quantize import check, quantize
@@ -128,17 +128,28 @@ def configure_like_train(model, device_type):
                              fused=device_type == "cuda")
 
 
-def plain_cross_entropy(x, weight, targets):
-    """The textbook loss, all the logits at once, whatever their size: what chunked_cross_entropy
-    replaces where they are big."""
-    return F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=-1)
+class RandomBatches:
+    """Random token ids for train_step, made on the device (the data loader is not measured)."""
+
+    def __init__(self, B, T, vocab_size, device):
+        self.shape, self.vocab_size, self.device = (B, T + 1), vocab_size, device
+        self.gen = torch.Generator(device=device).manual_seed(0)
+
+    def next(self):
+        xy = torch.randint(0, self.vocab_size, self.shape, device=self.device, generator=self.gen)
+        return xy[:, :-1], xy[:, 1:].contiguous()
+
+    def prefetch(self):
+        pass
 
 
 def train_cases(cuda, skip_hf, hf_compile):
-    """(name, implementation, dtype, compiled, loss) of every training row."""
-    if cuda:  # train.py's CUDA default: bf16 autocast and compile
-        cases = [("smol (compiled)", "smol", "auto", True, "chunked"), ("smol (eager)", "smol", "auto", False, "chunked"),
-                 ("smol (compiled, plain loss)", "smol", "auto", True, "plain")]
+    """(name, implementation, dtype, compiled, loss) of every training row. loss: "auto" as
+    train.py chooses it, "plain" in one piece, "pieces" in pieces (common.loss_rows_per_piece)."""
+    if cuda:  # train.py's CUDA default: autocast (bf16, fp16 before compute capability 8.0) and compile
+        cases = [("smol (compiled)", "smol", "auto", True, "auto"), ("smol (eager)", "smol", "auto", False, "auto"),
+                 ("smol (compiled, plain loss)", "smol", "auto", True, "plain"),
+                 ("smol (compiled, loss in pieces)", "smol", "auto", True, "pieces")]
         hf = [("transformers (eager)", "hf", "auto", False, None)]
         hf += [("transformers (compiled)", "hf", "auto", True, None)] if hf_compile else []
     else:  # train.py's CPU default: no compile, bf16 autocast where the CPU computes bf16
@@ -146,9 +157,10 @@ def train_cases(cuda, skip_hf, hf_compile):
         # (0.4x fp32 on an AVX2-only CPU, bench/NOTES.md)
         native = cpu_has_native_bf16()
         dtype = "bfloat16" if native else "float32"  # train.py's --dtype auto
-        cases = [(f"smol {dtype}", "smol", "auto", False, "chunked")]
-        cases += [("smol float32", "smol", "float32", False, "chunked")] if native else []
-        cases += [(f"smol {dtype}, plain loss", "smol", "auto", False, "plain")]
+        cases = [(f"smol {dtype}", "smol", "auto", False, "auto")]
+        cases += [("smol float32", "smol", "float32", False, "auto")] if native else []
+        cases += [(f"smol {dtype}, plain loss", "smol", "auto", False, "plain"),
+                  (f"smol {dtype}, loss in pieces", "smol", "auto", False, "pieces")]
         hf = [("transformers float32 (eager)", "hf", "float32", False, None)]
         hf += [("transformers bfloat16 (eager)", "hf", "bfloat16", False, None)] if native else []
         hf += [("transformers float32 (compiled)", "hf", "float32", True, None)] if hf_compile else []
@@ -161,31 +173,28 @@ def run_train_case(case, args, device):
     torch.manual_seed(0)
     config = SmolConfig(block_size=args.block_size, n_layer=args.n_layer)
     device_type = device.split(":")[0]
+    B, T = args.batch_size, args.block_size
     if impl == "smol":
-        if loss == "plain":
-            smol.chunked_cross_entropy = plain_cross_entropy  # SmolLM.forward looks it up at each call
         model = SmolLM(config).to(device)
+        model.loss_rows_per_piece = {"auto": loss_rows_per_piece(device, B * T, config.vocab_size), "plain": None,
+                                     "pieces": loss_rows_per_piece(device, float("inf"), config.vocab_size)}[loss]
         optimizer = model.configure_optimizers(TrainConfig.weight_decay, TrainConfig.learning_rate,
                                                (TrainConfig.beta1, TrainConfig.beta2), device_type)
     else:
         model = HFAdapter(hf_model(config, device))
         optimizer = configure_like_train(model, device_type)
-    _, ctx = autocast_for(device_type, dtype)
+    dtype, _, ctx = autocast_for(device, dtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # as train.py
     run_model = torch.compile(model) if compile_it else model
-    B, T = args.batch_size, args.block_size
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def next_batch():
-        xy = torch.randint(0, config.vocab_size, (B, T + 1), device=device, generator=gen)
-        return xy[:, :-1], xy[:, 1:].contiguous()
+    batches = RandomBatches(B, T, config.vocab_size, device)
 
     reset_peak(device)
     for _ in range(args.warmup):  # compilation and allocator warm-up happen here
-        train_step(run_model, optimizer, next_batch, 1, ctx, TrainConfig.grad_clip)
+        train_step(run_model, optimizer, scaler, batches, 1, ctx, TrainConfig.grad_clip)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        train_step(run_model, optimizer, next_batch, 1, ctx, TrainConfig.grad_clip)
+        train_step(run_model, optimizer, scaler, batches, 1, ctx, TrainConfig.grad_clip)
     sync(device)
     dt = (time.perf_counter() - t0) / args.steps
     tok_s = B * T / dt

@@ -7,7 +7,9 @@ A checkpoint is the dict train.py saves with torch.save:
     optimizer      AdamW's state dict (both moments of every parameter, the step counts)
     config         the SmolConfig as a dict;  train_config  the TrainConfig as a dict
     iter_num       steps done;  best_val_loss  the lowest validation loss seen so far
-    rng            {"data": the batch sampler's generator state, "torch": the global one}
+    rng            {"data": the batch sampler's generator state before the next step's draw,
+                    "torch": the global one}
+    scaler         the fp16 GradScaler's state (scale, growth tracker); {} when not in use
     eos_token_ids  the ids where sampling and serving stop ([0], <|endoftext|>, for models
                    trained here)
 """
@@ -188,9 +190,9 @@ def load_resumable(path):
     return ckpt
 
 
-def training_checkpoint(model, optimizer, train_config, iter_num, best_val_loss, data_generator):
+def training_checkpoint(model, optimizer, scaler, train_config, iter_num, best_val_loss, data_state):
     """Everything the next step depends on. model: the unwrapped one (no "_orig_mod."
-    or "module." prefixes); data_generator: the batch sampler's."""
+    or "module." prefixes); data_state: BatchSampler.resume_state()."""
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -199,19 +201,22 @@ def training_checkpoint(model, optimizer, train_config, iter_num, best_val_loss,
         "train_config": asdict(train_config),
         "iter_num": iter_num,
         "best_val_loss": best_val_loss,
-        "rng": {"data": data_generator.get_state(), "torch": torch.get_rng_state()},
+        "rng": {"data": data_state, "torch": torch.get_rng_state()},
+        "scaler": scaler.state_dict(),
     }
 
 
-def restore_training(ckpt, optimizer, data_generator, path):
-    """Put the AdamW moments, the batch sampler's generator and the global RNG back where
-    the saved run stood (the weights: model_from_checkpoint). Returns (iter_num,
-    best_val_loss)."""
+def restore_training(ckpt, optimizer, scaler, data_generator, path):
+    """Put the AdamW moments, the fp16 loss scale, the batch sampler's generator and the
+    global RNG back where the saved run stood (the weights: model_from_checkpoint). Returns
+    (iter_num, best_val_loss)."""
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: the AdamW state does not fit the model ({e}); the file cannot be resumed "
                         f"exactly: train afresh in another --out_dir") from None
+    if scaler.is_enabled() and ckpt.get("scaler"):  # else a fresh scale (a run that was not fp16)
+        scaler.load_state_dict(ckpt["scaler"])
     data_generator.set_state(ckpt["rng"]["data"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     return ckpt["iter_num"], ckpt["best_val_loss"]

@@ -15,10 +15,29 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the repository: tokenizer.json, serve.html, input.txt
 
-# bf16 dense tensor-core peak FLOP/s by device name, for MFU (none for CPU and MPS)
-PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
-              ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12),
-              ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
+# Dense bf16 tensor-core peak FLOP/s (fp16 on the cards without bf16: V100, T4), for MFU,
+# by the exact name torch.cuda.get_device_name returns: a substring would give an H100 NVL
+# the SXM's figure and an L40 the L4's. A card not named here logs no MFU.
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # SXM5
+    "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12,
+    "NVIDIA GH200 480GB": 989e12, "NVIDIA GH200 144G HBM3e": 989e12,
+    "NVIDIA H800": 989e12, "NVIDIA H800 80GB HBM3": 989e12, "NVIDIA H800 PCIe": 756e12,
+    "NVIDIA B200": 2250e12,
+    "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A10": 125e12,
+    "NVIDIA A10G": 70e12,  # AWS's GA102: no NVIDIA datasheet; fp32-accumulate tensor math at half the A10's rate
+    "NVIDIA L4": 121e12, "NVIDIA L40": 181e12, "NVIDIA L40S": 362e12,
+    "NVIDIA GeForce RTX 3090": 71e12, "NVIDIA GeForce RTX 4090": 165e12,  # fp32 accumulate, as autocast runs
+    "Tesla V100-SXM2-16GB": 125e12, "Tesla V100-SXM2-32GB": 125e12,
+    "Tesla V100-PCIE-16GB": 112e12, "Tesla V100-PCIE-32GB": 112e12,
+    "Tesla T4": 65e12,
+}
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype of every script
 
 
 class UserError(Exception):
@@ -66,8 +85,9 @@ def add_model_flags(parser, verb):
                         help="resume: out_dir/ckpt.pt (default); or a Hugging Face checkpoint directory or hub id")
     parser.add_argument("--out_dir", default="out", help="folder holding ckpt.pt (default out)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                        help=f"weights while {verb}; auto: bfloat16 where the hardware computes it natively")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help=f"weights while {verb}; auto: bfloat16 where the hardware computes it natively, "
+                             f"float16 on older CUDA cards, float32 elsewhere")
     parser.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
                         help="int8: weight-only int8 matrices (one scale per output channel); int4 (CPU): 4-bit, "
                              "a scale and offset per 32 inputs; activations in --dtype")
@@ -95,30 +115,48 @@ def cpu_has_native_bf16():
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def native_bf16(device_type):
-    return (device_type == "cuda" and torch.cuda.is_bf16_supported()) or \
-        (device_type == "cpu" and cpu_has_native_bf16())
+def cuda_capability(device="cuda"):
+    return torch.cuda.get_device_capability(device)
+
+
+def native_bf16(device):
+    """Whether the hardware computes bf16 itself. CUDA: compute capability 8.0 or newer
+    (A100, RTX 30xx and later); torch.cuda.is_bf16_supported() also says yes on a T4 or a
+    V100, where bf16 is emulated and slower than fp32. CPU: AVX-512 BF16 or AMX."""
+    kind = device.split(":")[0]
+    return (kind == "cuda" and cuda_capability(device) >= (8, 0)) or (kind == "cpu" and cpu_has_native_bf16())
+
+
+def pick_dtype(device, setting="auto"):
+    """(dtype name, why) for --dtype: the dtype the matmuls run in, training (autocast) and
+    decoding (the weights) alike. auto: bf16 where the hardware computes it; fp16 on CUDA
+    cards older than compute capability 8.0 (T4, V100: fp16 tensor cores, no bf16); fp32
+    elsewhere (a CPU without native bf16, MPS)."""
+    if setting != "auto":
+        return setting, "--dtype"
+    kind = device.split(":")[0]
+    if native_bf16(device):
+        return "bfloat16", ("compute capability {}.{}".format(*cuda_capability(device)) if kind == "cuda"
+                            else "native bf16 on this CPU")
+    if kind == "cuda":
+        return "float16", "compute capability {}.{} computes fp16, not bf16".format(*cuda_capability(device))
+    return "float32", "no native bf16 on this CPU" if kind == "cpu" else f"auto on {kind}"
 
 
 def inference_dtype(device, setting="auto"):
-    """Decoding one token reads every weight once, so its speed is bytes over memory
-    bandwidth: bf16 weights halve the bytes. Used where the hardware has native bf16
-    (CUDA with bf16, CPUs with AVX-512 BF16 or AMX); elsewhere bf16 would be emulated
-    and slower, so fp32."""
-    if setting != "auto":
-        return getattr(torch, setting)
-    return torch.bfloat16 if native_bf16(device.split(":")[0]) else torch.float32
+    """The weights' dtype for sampling and serving. Decoding one token reads every weight
+    once, so its speed is bytes over memory bandwidth: 16-bit weights halve the bytes."""
+    return getattr(torch, pick_dtype(device, setting)[0])
 
 
-def autocast_for(device_type, dtype):
-    """(dtype name, context) for train.py's --dtype setting: autocast runs the matmuls
-    in bf16 while the weights and AdamW state stay fp32."""
-    if dtype == "auto":
-        # bf16 where the hardware computes it: about 1.6x faster than fp32 on a CPU with
-        # AVX-512 BF16 (bench/NOTES.md); emulated bf16 elsewhere would be slower than fp32
-        dtype = "bfloat16" if native_bf16(device_type) else "float32"
-    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    return dtype, ctx
+def autocast_for(device, setting):
+    """(dtype name, why, context) for train.py's --dtype: autocast runs the matmuls in bf16
+    or fp16 while the weights and AdamW state stay fp32 (fp16 also needs a GradScaler:
+    train.py). bf16 is about 1.6x faster than fp32 on a CPU with AVX-512 BF16 (bench/NOTES.md)."""
+    dtype, why = pick_dtype(device, setting)
+    kind = device.split(":")[0]
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(kind, dtype=getattr(torch, dtype))
+    return dtype, why, ctx
 
 
 def use_compile(setting, device, long_lived=True):
@@ -130,8 +168,31 @@ def use_compile(setting, device, long_lived=True):
     return setting == "true" or (setting == "auto" and device.startswith("cuda") and long_lived)
 
 
-def peak_flops(device):
-    if not device.startswith("cuda"):
+def device_memory(device):
+    """The device's total memory in bytes (a CPU's and MPS's: the machine's RAM), or None."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+
+
+LOGITS_PER_PIECE = 1 << 26  # 64M logits: a piece of the chunked loss, about 1 GiB at its peak
+BYTES_PER_LOGIT = 16  # the plain loss at its peak: 16-bit logits, their fp32 copy, log-softmax, gradient
+
+
+def loss_rows_per_piece(device, rows, vocab_size):
+    """SmolLM.loss_rows_per_piece for a training step of `rows` tokens per micro step: None
+    (the plain loss, the fastest) when all its logits take at most a quarter of the
+    device's memory; else pieces of 64M logits, recomputed in the backward pass (about 6%
+    more FLOPs for the head's extra matmul). By total memory, never free memory: a run and
+    its resume must take the same path, as the two add up the loss in a different order."""
+    total = device_memory(device)
+    if total is not None and BYTES_PER_LOGIT * rows * vocab_size <= total // 4:
+        return None
+    return max(1, LOGITS_PER_PIECE // vocab_size)
+
+
+def peak_flops(device):
+    return PEAK_FLOPS.get(torch.cuda.get_device_name(device)) if device.startswith("cuda") else None

@@ -90,19 +90,40 @@ def load_splits(path, block_size, vocab_size):
     return splits
 
 
+def shard(batch_size, accum, world):
+    """How `world` processes share an optimizer step of `accum` micro steps of `batch_size`
+    rows, so that the tokens of a step, and with the same seed its rows, are those of one
+    process: (micro steps, rows per micro step) of each. Whole micro steps where they divide
+    (fewer, bigger matmuls); else a share of every micro step's rows (the defaults, 1 x 16,
+    on 2, 4 or 8 GPUs)."""
+    if accum % world == 0:
+        return accum // world, batch_size
+    if batch_size % world == 0:
+        return accum, batch_size // world
+    raise UserError(f"{world} processes cannot share a step of --gradient_accumulation_steps {accum} x --batch_size "
+                    f"{batch_size} rows equally: make one of the two a multiple of {world}")
+
+
 class BatchSampler:
     """Random windows of block_size + 1 tokens from a split: x is the first block_size
     tokens of each, y the same shifted by one. Every process draws the offsets of the
-    whole global step from identically seeded generators and keeps its own rows: the
-    data of a step is the same for 1 process x 2a micro steps as for 2 processes x a,
-    and resuming needs only one generator state whatever the number of processes."""
+    whole global step (micro_steps x batch_size) from identically seeded generators and
+    keeps its own share (see shard()): the rows of a step are the same for 1 process as
+    for N, and resuming needs only one generator state whatever the number of processes.
 
-    def __init__(self, splits, block_size, batch_size, device, seed):
+    Training batches come one ahead: prefetch() builds the next micro batch and starts its
+    copy to the device while the device still works on the current one."""
+
+    def __init__(self, splits, block_size, batch_size, device, seed, share=(0, 1, 1)):
         self.splits, self.block_size, self.batch_size = splits, block_size, batch_size
         self.device, self.seed = device, seed
+        self.rank, self.world, self.micro_steps = share  # (this process, processes, micro steps of a step)
         # the training draws come from this generator alone, and the checkpoint saves its
         # state, so a resumed run draws exactly the batches the uninterrupted run would have
         self.generator = torch.Generator().manual_seed(seed)
+        self.todo = iter(())  # the offsets of this step's micro batches not built yet
+        self.ahead = None  # the next micro batch, built: (x, y, the generator's state before its
+                           # step was drawn if it is a step's first, else None)
 
     def offsets(self, split, generator, micro_steps):
         # (micro_steps, B) window starts
@@ -114,15 +135,41 @@ class BatchSampler:
         data = self.splits[split]
         xy = torch.from_numpy(np.stack([data[i:i + self.block_size + 1] for i in offsets.tolist()]).astype(np.int64))
         x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
-        if self.device.startswith("cuda"):
+        if self.device.startswith("cuda"):  # pinned: the copy runs while the device computes
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
-    def train_batches(self, micro_steps, rank, accum):
-        """The (x, y) micro batches of this process (rows rank*accum ... of the
-        micro_steps the global step has), drawn now and built as they are used."""
-        mine = self.offsets("train", self.generator, micro_steps)[rank * accum:(rank + 1) * accum]
-        return (self.batch("train", offsets) for offsets in mine)
+    def my_offsets(self):
+        """This process's share of a new step's offsets: (micro steps, rows) of shard()."""
+        steps = self.offsets("train", self.generator, self.micro_steps)  # (micro_steps, B), every process alike
+        accum, rows = shard(self.batch_size, self.micro_steps, self.world)
+        if rows == self.batch_size:  # whole micro steps
+            return steps[self.rank * accum:(self.rank + 1) * accum]
+        return steps[:, self.rank * rows:(self.rank + 1) * rows]
+
+    def prefetch(self):
+        """Build the next training micro batch now (a no-op if it is built)."""
+        if self.ahead is not None:
+            return
+        offsets, starts = next(self.todo, None), False
+        if offsets is None:  # the step is read: draw the next one
+            state = self.generator.get_state()
+            self.todo, starts = iter(self.my_offsets()), True
+            offsets = next(self.todo)
+        self.ahead = (*self.batch("train", offsets), state if starts else None)
+
+    def next(self):
+        """The next training micro batch (x, y), on the device."""
+        self.prefetch()
+        (x, y, _), self.ahead = self.ahead, None
+        return x, y
+
+    def resume_state(self):
+        """The generator state a resumed run starts from: the one before the draw of the
+        first step not yet trained (that step's first batch may already be built ahead)."""
+        if self.ahead is not None and self.ahead[2] is not None:
+            return self.ahead[2]
+        return self.generator.get_state()
 
     def eval_batches(self, split, n):
         # a fresh generator with the run's seed: the same n batches at every evaluation,

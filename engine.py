@@ -202,6 +202,16 @@ class Decoder:
         return torch.cat([idx] + new, dim=1)
 
 
+class ModelOverflow(Exception):
+    """The model's activations overflowed its dtype (fp16's largest number is 65,504): the
+    logits are inf or NaN, and sample_next gave the id -1."""
+
+    def __init__(self, dtype):
+        name = str(dtype).removeprefix("torch.")
+        super().__init__(f"the model's activations overflowed {name} (its logits are inf or NaN); run it with "
+                         f"--dtype float32, or bfloat16 where the hardware computes it")
+
+
 class Busy(Exception):
     """Every row of the batch and every place in the waiting line is taken: try again later."""
 
@@ -409,6 +419,10 @@ class Batcher:
         u = torch.tensor([[uniform(seq.seed, seq.made)] for seq in rows], device=self.device)  # (n, 1)
         tokens = sample_next(logits, settings[:, 0].float(), settings[:, 1].long(), settings[:, 2].float(), uniform=u)
         for seq, token in zip(rows, tokens.view(-1).tolist()):  # the one copy to the host of this step
+            if token < 0:  # this row's logits overflowed: the request fails, the others go on
+                seq.finished = True
+                seq.on_token(ModelOverflow(logits.dtype))
+                continue
             seq.last, seq.made = token, seq.made + 1
             self.generated += 1
             seq.finished = token in seq.stop_ids or seq.made == seq.max_new_tokens

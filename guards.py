@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint import save_checkpoint
-from common import UserError
+from common import UserError, device_memory
 from smol import EOT_ID, SmolLM
 
 # ---- fault injection, for the tests only ----
@@ -53,15 +53,6 @@ def memory_needed(mcfg, batch_size):
     rope = 2 * 4 * mcfg.max_position_embeddings * mcfg.head_dim
     activations = 4 * batch_size * mcfg.block_size * mcfg.n_embd * (mcfg.n_layer + 1)
     return params, 16 * params + rope + activations
-
-
-def device_memory(device):
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # CPU (and MPS: unified memory)
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def before_first_step(cfg, mcfg, device, master, resuming):
@@ -215,9 +206,12 @@ class Guard:
             signal.signal(sig, lambda signum, frame: self.signals.append(signum))
 
     def stop_requested(self):
-        flag = torch.tensor([self.signals[0] if self.signals else 0], device=self.device)
-        if self.ddp:  # all processes stop after the same step, whichever got the signal
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = self.signals[0] if self.signals else 0
+        if not self.ddp:  # read in Python: no trip to the device
+            return signum
+        # all processes stop after the same step, whichever got the signal
+        flag = torch.tensor([signum], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
 
     def exit_stopped(self, signum, step):

@@ -17,7 +17,7 @@ import torch
 from chat import TextStream, chat_stop_ids, fit_chat, is_chat_model
 from common import Parser, UserError, add_model_flags, fail, use_compile
 from data import load_tokenizer
-from engine import Decoder, load_from_flags
+from engine import Decoder, ModelOverflow, load_from_flags
 from smol import EOT_ID
 
 
@@ -81,10 +81,12 @@ def main(argv=None):
         text, out, made, t0 = TextStream(tokenizer), "", 0, time.perf_counter()
         for token in decoder.stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                                     top_p=args.top_p, generator=generator, stop_ids=stop_ids):
-            made += 1
-            if token.item() in stop_ids:  # the model ended its text (or its turn)
+            made, token = made + 1, token.item()
+            if token < 0:  # sample_next's sign of logits that overflowed the dtype
+                raise UserError(str(ModelOverflow(model.model.norm.weight.dtype)))
+            if token in stop_ids:  # the model ended its text (or its turn)
                 break
-            piece = text.push(token.item())
+            piece = text.push(token)
             sys.stdout.write(piece)
             sys.stdout.flush()
             out += piece

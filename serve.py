@@ -37,7 +37,7 @@ from typing import Annotated, Literal
 
 from access import Access, error_body, host_names
 from chat import ROLES, StopStrings, TextStream, chat_stop_ids, is_chat_model, render_chat
-from common import HERE, Parser, UserError, add_model_flags, fail, use_compile
+from common import HERE, Parser, UserError, add_model_flags, fail, pick_dtype, use_compile
 
 try:
     import uvicorn
@@ -52,7 +52,7 @@ except ImportError as e:
 import torch
 
 from data import load_tokenizer
-from engine import Batcher, Busy, Sequence, load_from_flags
+from engine import Batcher, Busy, ModelOverflow, Sequence, load_from_flags
 from smol import EOT_ID, SmolLM
 
 # what one request may ask for: every bound answers a client's mistake with a 400, not a 500
@@ -262,6 +262,8 @@ def create_app(served):
     @app.exception_handler(Exception)
     async def server_error(request, e):  # a bug of ours: the detail goes to the server's log, not the client
         print(f"error: {request.method} {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr)
+        if isinstance(e, ModelOverflow):  # not a bug: the server runs the model in too small a dtype
+            return JSONResponse(APIError(500, str(e), type="server_error").body, status_code=500)
         traceback.print_exception(e)
         return JSONResponse(APIError(500, "internal error", type="server_error").body, status_code=500)
 
@@ -382,7 +384,8 @@ def main(argv=None):
     kind = "chat" if served.chat else "base (completion; chat replies end at <|endoftext|> or <|im_end|>)"
     with torch.device("meta"):  # counted from the config: --quantize keeps the matrices as buffers
         n_params = SmolLM(served.model.config).num_params()
-    print(f"serving {served.name} ({kind}, {n_params:,} parameters, {device}) on {url}"
+    dtype, why = pick_dtype(device, args.dtype)
+    print(f"serving {served.name} ({kind}, {n_params:,} parameters, {device}, {dtype}: {why}) on {url}"
           + (f"  (the page: {url}/#key={args.api_key})" if args.api_key else ""), flush=True)
     fixed = served.batcher.fixed
     print(f"up to {args.max_batch} requests decode together, {args.max_waiting} more wait; KV cache budget "

@@ -247,6 +247,9 @@ class SmolLM(nn.Module):
         # the ids that end a generation: <|endoftext|> for models trained here; a Hugging Face
         # checkpoint names its own (the instruct models end their turn with <|im_end|>)
         self.eos_token_ids = (EOT_ID,)
+        # the training loss in pieces of this many rows (None: the plain loss, all the logits
+        # at once); train.py sets it where a device could not hold all the logits
+        self.loss_rows_per_piece = None
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -283,7 +286,8 @@ class SmolLM(nn.Module):
             x = block(x, cos, sin, kv_cache, input_pos, mask)
         x = self.model.norm(x)
         if targets is not None:
-            return None, chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+            return None, chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                               self.loss_rows_per_piece)
         return self.lm_head(x[:, -1:] if last_only else x), None  # (B, T, V) or (B, 1, V)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -333,20 +337,15 @@ class SmolLM(nn.Module):
         return idx
 
 
-LOGITS_PER_PIECE = 1 << 26  # 64M logits, 256 MiB in fp32: the most the loss makes at once
-
-
-def chunked_cross_entropy(x, weight, targets):
-    """Mean cross-entropy of the logits x @ weight.T against targets (-1 = ignore),
-    without holding all the logits at once: at 16 x 2048 tokens they are
-    (32768, 49152), 6.4 GB in fp32, and as much again for their gradient. The rows
-    go through in pieces of at most LOGITS_PER_PIECE logits (one row at least), and each
-    piece's logits are recomputed in the backward pass instead of kept (activation
-    checkpointing): one piece's logits exist at a time, for one extra matmul of the
-    head. Small batches (4 x 256 tokens: 50M logits) are one piece, the plain loss.
+def chunked_cross_entropy(x, weight, targets, rows=None):
+    """Mean cross-entropy of the logits x @ weight.T against targets (-1 = ignore).
+    rows None: the plain loss, all (N, V) logits at once. Else the rows go through in
+    pieces of `rows`, and each piece's logits are recomputed in the backward pass instead
+    of kept (activation checkpointing): one piece's logits exist at a time, for one extra
+    matmul of the head. At 16 x 2048 tokens the logits are (32768, 49152), 6.4 GB in fp32
+    and as much again for their gradient: train.py takes pieces where they would not fit.
     x: (N, C) final features, weight: (V, C) the tied head, targets: (N,)"""
-    rows = max(1, LOGITS_PER_PIECE // weight.size(0))  # rows per piece: 1,365 for 49,152 classes
-    if x.size(0) <= rows:  # one piece: nothing to save, so no recompute either
+    if rows is None or x.size(0) <= rows:  # one piece: nothing to save, so no recompute either
         total = _cross_entropy_sum(x, weight, targets)
     else:
         total = sum(checkpoint(_cross_entropy_sum, x_part, weight, t_part, use_reentrant=False)
@@ -369,10 +368,12 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
     The draw is an inverse CDF: one number u per row, uniform in [0, 1) (`uniform` (B, 1),
     else drawn from generator), picks the first token whose cumulative probability passes
     u. So a row's token depends on its own logits, settings and u only, whatever else is
-    in the batch, and a draw costs one random number, not one per vocabulary entry."""
+    in the batch, and a draw costs one random number, not one per vocabulary entry.
+    A row whose logits hold inf or NaN (activations that overflowed fp16) gets the id -1."""
     B, V = logits.shape
     logits = logits.float()  # the draw in fp32 (and argmax over bf16 ran 5x slower on a CPU)
-    greedy = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+    overflowed = ~logits.isfinite().all(dim=-1, keepdim=True)  # (B, 1)
+    greedy = logits.argmax(dim=-1, keepdim=True).masked_fill(overflowed, -1)  # (B, 1)
     temperature = torch.as_tensor(temperature, dtype=torch.float32).reshape(-1, 1)  # (B or 1, 1), on the host
     if not temperature.any():
         return greedy
@@ -392,12 +393,13 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
         probs = values.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # the mass of the likelier tokens
         values = values.masked_fill((before >= p.to(**on_device)) & (p < 1).to(**on_device), float("-inf"))
-        floor = values.gather(-1, values.isfinite().sum(dim=-1, keepdim=True) - 1)  # (B, 1); the top token stays
+        kept = values.isfinite().sum(dim=-1, keepdim=True)  # (B, 1), 0 only in a row that overflowed
+        floor = values.gather(-1, (kept - 1).clamp(min=0))  # (B, 1); the top token stays
         logits = logits.masked_fill((logits < floor) & filtered.to(**on_device), float("-inf"))
     cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V), in vocabulary order
     if uniform is None:
         uniform = torch.rand(B, 1, generator=generator, **on_device)
     total = cdf[:, -1:]  # 1 up to rounding; u stays below it, so the token found has a probability above 0
     u = torch.minimum(uniform.to(**on_device) * total, torch.nextafter(total, torch.zeros_like(total)))
-    token = torch.searchsorted(cdf, u, right=True)  # (B, 1)
+    token = torch.searchsorted(cdf, u, right=True).masked_fill(overflowed, -1)  # (B, 1)
     return torch.where(temperature.to(**on_device) == 0, greedy, token)

@@ -27,8 +27,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import guards
 from checkpoint import load_resumable, model_from_checkpoint, restore_training, training_checkpoint
-from common import Parser, UserError, autocast_for, fail, peak_flops, pick_device, use_compile
-from data import BatchSampler, load_splits, load_tokenizer
+from common import (DTYPES, Parser, UserError, autocast_for, fail, loss_rows_per_piece, peak_flops, pick_device,
+                    use_compile)
+from data import BatchSampler, load_splits, load_tokenizer, shard
 from hf import from_pretrained
 from metrics import TrainingLog, param_breakdown
 from smol import SmolConfig, SmolLM
@@ -62,8 +63,9 @@ class TrainConfig:
     grad_clip: float = 1.0           # 0 disables clipping
     # system
     device: str = "auto"             # auto: cuda, then mps, then cpu
-    dtype: str = "auto"              # auto: bfloat16 autocast on CUDA and on CPUs with native bf16,
-                                     # float32 elsewhere
+    dtype: str = "auto"              # auto: bfloat16 autocast where the hardware computes it (CUDA
+                                     # compute capability 8.0+, CPUs with AVX-512 BF16 or AMX),
+                                     # float16 + GradScaler on older CUDA cards, float32 elsewhere
     compile: str = "auto"            # auto: torch.compile on CUDA only
     backend: str = "auto"            # torchrun only: auto = nccl on CUDA, gloo on CPU
     seed: int = 1337
@@ -73,7 +75,7 @@ class TrainConfig:
 # the short context keeps the default run quick; --block_size changes it
 MODEL_DEFAULTS = SmolConfig(block_size=512)
 ARCH_FIELDS = [f.name for f in fields(SmolConfig) if f.name not in ("block_size", "init_std")]
-CHOICES = {"dtype": ("auto", "bfloat16", "float32"),
+CHOICES = {"dtype": DTYPES,
            "compile": ("auto", "true", "false"), "backend": ("auto", "nccl", "gloo")}
 
 
@@ -100,13 +102,15 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def train_step(model, optimizer, next_batch, accum, ctx, grad_clip):
+def train_step(model, optimizer, scaler, batches, accum, ctx, grad_clip):
     """One optimizer step: forward and backward over `accum` micro batches, clip,
-    update. Returns the mean loss; raises FloatingPointError before the update if
-    the loss is not finite, so a diverged step never reaches the weights."""
+    update. batches.next() gives a micro batch already on the device; batches.prefetch()
+    builds the following one while the device still works on this one. Returns the mean
+    loss, the step's one wait for the device; raises FloatingPointError before the update
+    if the loss is not finite, so a diverged step never reaches the weights."""
     loss_sum = 0.0
     for micro in range(accum):
-        x, y = next_batch()
+        x, y = batches.next()
         # under DDP, gradients are averaged across processes only on the last micro
         # step; the earlier ones just accumulate locally
         sync = nullcontext() if not isinstance(model, DDP) or micro == accum - 1 else model.no_sync()
@@ -114,18 +118,23 @@ def train_step(model, optimizer, next_batch, accum, ctx, grad_clip):
             with ctx:
                 _, loss = model(x, y)
             loss = loss / accum  # the sum over micro steps is the batch mean
-            loss.backward()
+            # fp16: the loss times a scale, so that small gradients do not round to zero
+            # (GradScaler); otherwise the loss as it is
+            scaler.scale(loss).backward()
         loss_sum = loss_sum + loss.detach()
+        batches.prefetch()  # the host builds the next batch while the device runs this one
     if isinstance(model, DDP):  # report the mean over all processes' micro steps
         dist.all_reduce(loss_sum)
         loss_sum = loss_sum / dist.get_world_size()
     if grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    lossf = loss_sum.item()  # also waits for the GPU, so step timings are real
+    lossf = loss_sum.item()  # the one wait for the device (so step timings are real too)
     if not math.isfinite(lossf):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(lossf)
-    optimizer.step()
+    scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, and the scale lowered; normal
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return lossf
 
@@ -207,10 +216,7 @@ def main(argv=None):
     # ---- one process, or one of many under torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE) ----
     ddp = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    if cfg.gradient_accumulation_steps % world:
-        raise UserError(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} must be a multiple of "
-                        f"the number of processes ({world}): each process runs an equal share of the micro steps")
-    accum = cfg.gradient_accumulation_steps // world  # this process's share
+    accum, rows = shard(cfg.batch_size, cfg.gradient_accumulation_steps, world)  # this process's share
     if ddp:
         if device_type == "cuda":
             device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
@@ -219,7 +225,10 @@ def main(argv=None):
         dist.init_process_group(backend)
     master = rank == 0  # logs, samples and writes checkpoints
     log = print if master else (lambda *args, **kwargs: None)
-    dtype, ctx = autocast_for(device_type, cfg.dtype)
+    dtype, dtype_why, ctx = autocast_for(device, cfg.dtype)
+    # fp16's range is small: the loss is scaled up before backward and the gradients back down
+    # before the update (a no-op unless enabled); its state is saved with the checkpoint
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     compiled = use_compile(cfg.compile, device)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast on tensor cores
@@ -232,7 +241,8 @@ def main(argv=None):
     splits = load_splits(cfg.data, mcfg.block_size, mcfg.vocab_size)
     tokenizer = load_tokenizer()
     sample_ids = guards.sample_prompt_ids(tokenizer, cfg, mcfg)
-    sampler = BatchSampler(splits, mcfg.block_size, cfg.batch_size, device, cfg.seed)
+    sampler = BatchSampler(splits, mcfg.block_size, cfg.batch_size, device, cfg.seed,
+                           share=(rank, world, cfg.gradient_accumulation_steps))
 
     # ---- model and optimizer: new, fine-tuned, or restored from the checkpoint ----
     torch.manual_seed(cfg.seed)
@@ -244,12 +254,13 @@ def main(argv=None):
     else:
         model = SmolLM(mcfg)
     model.config = mcfg  # the same architecture, with this run's block_size
+    model.loss_rows_per_piece = loss_rows_per_piece(device, rows * mcfg.block_size, mcfg.vocab_size)
     log(param_breakdown(model))
     model.to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
-        iter_num, best_val_loss = restore_training(ckpt, optimizer, sampler.generator, ckpt_path)
+        iter_num, best_val_loss = restore_training(ckpt, optimizer, scaler, sampler.generator, ckpt_path)
         log(f"resuming from {ckpt_path} at step {iter_num} (best val loss {best_val_loss:.4f})")
     resumed, ckpt = ckpt is not None, None  # drop the host copy of the weights and moments
     raw_model = model  # checkpoints save this one: no "_orig_mod." or "module." prefixes
@@ -264,8 +275,11 @@ def main(argv=None):
 
     tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.gradient_accumulation_steps
     peak = peak_flops(device)
-    log(f"device {device}{f' x {world} processes ({backend})' if ddp else ''}, {dtype}, compile {compiled}; "
-        f"{len(splits['train']):,} train / {len(splits['val']):,} val tokens; {tokens_per_step:,} tokens per step")
+    pieces = raw_model.loss_rows_per_piece
+    share = f" x {world} processes ({backend}), each {accum} micro step(s) x {rows} rows" if ddp else ""
+    log(f"device {device}{share}, {dtype} ({dtype_why}{', GradScaler' if scaler.is_enabled() else ''}), "
+        f"compile {compiled}, the loss in " + ("one piece" if pieces is None else f"pieces of {pieces:,} rows")
+        + f"; {len(splits['train']):,} train / {len(splits['val']):,} val tokens; {tokens_per_step:,} tokens per step")
     guard = guards.Guard(cfg, mcfg, device, n_params, ddp, master, saved_step=iter_num if resumed else None)
     flops_per_token = raw_model.flops_per_token(mcfg.block_size)
     mfu = (lambda tok_s: flops_per_token * tok_s / world / peak) if peak else None  # share of the peak
@@ -273,15 +287,17 @@ def main(argv=None):
                          guard.last_saved, micro_steps=accum)
     guard.catch_signals()
 
+    def checkpoint_now():  # everything the next step depends on, as it stands after iter_num steps
+        return training_checkpoint(raw_model, optimizer, scaler, cfg, iter_num, best_val_loss, sampler.resume_state())
+
     # ---- the loop: one iteration = one optimizer step ----
     model.train()
     while iter_num < cfg.max_iters:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = sampler.train_batches(cfg.gradient_accumulation_steps, rank, accum)
         with guard.step(iter_num + 1):
-            lossf = train_step(model, optimizer, lambda: next(micro_batches), accum, ctx, cfg.grad_clip)
+            lossf = train_step(model, optimizer, scaler, sampler, accum, ctx, cfg.grad_clip)
         iter_num += 1
         report.step(iter_num, lossf, lr)
 
@@ -295,11 +311,10 @@ def main(argv=None):
             diverged = not all(map(math.isfinite, losses.values()))
             sample = sample_text(raw_model, tokenizer, sample_ids, cfg, device, ctx) if master and not diverged else None
             report.eval(iter_num, losses, best_val_loss, sample)
-            guard.save(training_checkpoint(raw_model, optimizer, cfg, iter_num, best_val_loss, sampler.generator),
-                       losses)
+            guard.save(checkpoint_now(), losses)
             report.saved(ckpt_path, iter_num)
         elif stop:
-            guard.save(training_checkpoint(raw_model, optimizer, cfg, iter_num, best_val_loss, sampler.generator))
+            guard.save(checkpoint_now())
         if stop and iter_num < cfg.max_iters:
             guard.exit_stopped(stop, iter_num)
     report.close()

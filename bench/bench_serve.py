@@ -87,6 +87,7 @@ def main():
     p.add_argument("--init_from", required=True, help="a Hugging Face checkpoint directory (or resume)")
     p.add_argument("--out_dir", default="out")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto", help="for serve.py and sample.py alike")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--max_tokens", type=int, default=64)
     p.add_argument("--max_batch", type=int, default=16)
@@ -96,6 +97,7 @@ def main():
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), "--port", str(port),
                                "--init_from", args.init_from, "--out_dir", args.out_dir, "--dtype", args.dtype,
+                               "--device", args.device,
                                "--max_batch", str(args.max_batch)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, cwd=HERE)
     try:
@@ -137,7 +139,7 @@ def main():
 def sample_py_speed(args):
     """tokens/s of sample.py's own report, for client 0's prompt and settings (the better of two samples)."""
     proc = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--init_from", args.init_from,
-                           "--out_dir", args.out_dir, "--dtype", args.dtype, "--start", prompt_of(0),
+                           "--out_dir", args.out_dir, "--dtype", args.dtype, "--device", args.device, "--start", prompt_of(0),
                            "--max_new_tokens", str(args.max_tokens), "--temperature", "0.8", "--top_k", "0",
                            "--seed", "0", "--num_samples", "2"], capture_output=True, text=True, cwd=HERE)
     if proc.returncode != 0:

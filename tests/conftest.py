@@ -34,7 +34,8 @@ QA = [("What is the capital of France?", "Paris."), ("What is the capital of Ita
 TINY_CHAT = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",
              "--block_size", "64", "--batch_size", "8", "--max_iters", "100", "--eval_interval", "100",
              "--eval_iters", "1", "--learning_rate", "1e-2", "--min_lr", "1e-3", "--warmup_iters", "5",
-             "--lr_decay_iters", "100", "--log_interval", "50", "--sample_tokens", "1"]
+             "--lr_decay_iters", "100", "--log_interval", "50", "--sample_tokens", "1",
+             "--device", "cpu"]  # what these tests assert is a CPU's behaviour, even on a machine with a GPU
 
 
 TEST_TIMEOUT_S = 600  # per test, fixtures included: a minute or two here, more on a loaded machine
@@ -100,10 +101,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+def on_cpu(args):
+    """A script's arguments with --device cpu unless they name a device: the suite checks a
+    CPU's behaviour (dtypes, kernels, exact numbers), also on a machine with a GPU."""
+    args = [str(a) for a in args]
+    return args if "--device" in args else [*args, "--device", "cpu"]
+
+
 class Server:
-    """serve.py as a subprocess on a free port of 127.0.0.1."""
+    """serve.py as a subprocess on a free port of 127.0.0.1, on the CPU (on_cpu)."""
 
     def __init__(self, *args):
+        args = on_cpu(args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), "--port", str(self.port),
@@ -178,6 +187,19 @@ def error_of(response):
     body = response.json()
     assert set(body["error"]) == {"message", "type", "param", "code"}, body
     return body["error"]
+
+
+def fp16_overflowing_model():
+    """A 2-layer model whose weights fit fp16 (at most ~1,720) but whose residual stream
+    passes fp16's largest number, 65,504 (about 1.4e5 in fp32): MLPs scaled up."""
+    from smol import SmolConfig, SmolLM
+    torch.manual_seed(0)
+    model = SmolLM(SmolConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight.mul_(100)
+            layer.mlp.down_proj.weight.mul_(1e4)
+    return model.eval()
 
 
 def trained_tiny_model(steps=100):

@@ -6,7 +6,8 @@ import threading
 import pytest
 import torch
 
-from engine import Batcher, Busy, Sequence
+from conftest import fp16_overflowing_model
+from engine import Batcher, Busy, ModelOverflow, Sequence
 from smol import SmolConfig, SmolLM
 
 CONFIG = dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128, block_size=64,
@@ -204,3 +205,18 @@ def test_the_compiled_batch_step_reads_only_its_bucket_and_compiles_once_per_buc
     assert graphs == len(buckets) == counters["stats"]["unique_graphs"] and len(buckets) >= 2
     with pytest.raises(ValueError, match="do not fit in a row of 256 positions"):
         batcher.submit(Sequence([1] * 200, 100, lambda t: None))
+
+
+def test_a_request_whose_logits_overflow_fails_with_the_reason():
+    # fp16 activations past 65,504: the logits are inf or NaN, and the request ends with the
+    # reason instead of tokens drawn from garbage
+    got, done = [], threading.Event()
+
+    def on_token(token):
+        got.append(token)
+        if token is None:
+            done.set()
+    Batcher(fp16_overflowing_model().to(torch.float16)).submit(Sequence([1, 2, 3], 5, on_token))
+    assert done.wait(120)
+    assert isinstance(got[0], ModelOverflow) and got[1:] == [None]
+    assert str(got[0]).startswith("the model's activations overflowed float16 (its logits are inf or NaN)")

@@ -21,7 +21,7 @@ def test_bench_runs_and_reports_every_row(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--n_layer", "2", "--steps", "1",
                            "--warmup", "0", "--batch_size", "1", "--block_size", "32", "--new_tokens", "4",
                            "--gen_batches", "1", "--repeat", "1", "--compile_decode", "true", "--llama_cpp", "skip",
-                           "--json", str(out)],
+                           "--json", str(out), "--device", "cpu"],
                           capture_output=True, text=True, cwd=HERE, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.load(open(out))
@@ -108,7 +108,8 @@ def test_bench_serve_drives_the_real_server(chat_model):
     for name in ("fastapi", "uvicorn"):
         need_module(name, "pip install -r requirements-serve.txt")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "bench", "bench_serve.py"), "--init_from",
-                           str(chat_model["hf"]), "--dtype", "float32", "--clients", "1", "3", "--max_tokens", "5", "--rounds", "1"],
+                           str(chat_model["hf"]), "--dtype", "float32", "--clients", "1", "3", "--max_tokens", "5", "--rounds", "1",
+                           "--device", "cpu"],
                           capture_output=True, text=True, cwd=HERE, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines() if len(line.split()) == 6 and line.split()[0].isdigit()]

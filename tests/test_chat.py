@@ -17,7 +17,7 @@ import torch
 
 from chat import DEFAULT_SYSTEM_PROMPT, StopStrings, fit_chat, render_chat
 from common import HERE
-from conftest import need_module
+from conftest import need_module, on_cpu
 from data import load_tokenizer
 from hf import eos_ids_from_hf, from_pretrained, save_pretrained
 from smol import SmolConfig, SmolLM
@@ -96,7 +96,7 @@ def test_checkpoints_and_exports_carry_the_eos_ids(chat_model, tmp_path):
 
 def chat(*args, stdin):
     return subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--chat", "--temperature", "0",
-                           *map(str, args)], input=stdin, capture_output=True, text=True, timeout=120, cwd=HERE)
+                           *on_cpu(args)], input=stdin, capture_output=True, text=True, timeout=120, cwd=HERE)
 
 
 def test_piped_chat_answers_each_line_and_stops_at_the_end_of_its_turn(chat_model):
@@ -169,7 +169,7 @@ def terminal_chat(chat_model, *args, sigint_ignored=False):
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         os.chdir(HERE)
         os.execv(sys.executable, [sys.executable, "sample.py", "--init_from", str(chat_model["hf"]), "--chat",
-                                  *args])
+                                  *on_cpu(args)])
     statuses = []
 
     def finish():

@@ -12,6 +12,7 @@ TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2",
         "--block_size", "32", "--batch_size", "2", "--eval_iters", "1", "--sample_tokens", "2", "--log_interval", "1",
         "--learning_rate", "3e-3", "--warmup_iters", "2", "--lr_decay_iters", "12", "--min_lr", "3e-4",
         "--dtype", "float32",  # bf16 autocast (auto on CPUs with native bf16) rounds each process apart
+        "--device", "cpu",  # gloo on CPU processes, also on a machine with GPUs
         "--data", os.path.join(HERE, "input.txt")]
 
 
@@ -33,12 +34,14 @@ def weights(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
 
 
-def test_two_processes_equal_one_process_with_double_accumulation(tmp_path):
-    one = train(*TINY, "--max_iters", 12, "--eval_interval", 6, "--gradient_accumulation_steps", 4,
-                "--out_dir", "one", cwd=tmp_path)
-    two = train(*TINY, "--max_iters", 12, "--eval_interval", 6, "--gradient_accumulation_steps", 4,
-                "--out_dir", "two", procs=2, cwd=tmp_path)
-    assert "x 2 processes (gloo)" in two.stdout
+def test_two_processes_with_the_defaults_equal_one_process(tmp_path):
+    # --gradient_accumulation_steps 1 (the default) on 2 processes: each takes half the rows
+    # of every micro step, so the step's rows, loss and update are those of one process
+    one = train(*TINY, "--max_iters", 12, "--eval_interval", 6, "--out_dir", "one", cwd=tmp_path)
+    two = train(*TINY, "--max_iters", 12, "--eval_interval", 6, "--out_dir", "two", procs=2, cwd=tmp_path)
+    assert "device cpu x 2 processes (gloo), each 1 micro step(s) x 1 rows" in two.stdout
+    assert "; 64 tokens per step" in two.stdout  # 2 rows x 32, as one process
+    assert "device cpu, float32" in one.stdout
     assert sum(line.startswith("step 12 |") for line in two.stdout.splitlines()) == 1  # rank 0 logs
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 13))
@@ -61,13 +64,15 @@ def test_resume_under_torchrun_is_exact(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_accumulation_must_split_evenly_across_processes(tmp_path):
+def test_a_step_the_processes_cannot_share_equally_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            os.path.join(HERE, "train.py"), *TINY, "--gradient_accumulation_steps", "3",
-                           "--out_dir", "x"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                           "--batch_size", "3", "--out_dir", "x"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
     assert proc.returncode != 0
-    assert "must be a multiple of the number of processes (2)" in proc.stderr
-    assert proc.stderr.count("error: --gradient_accumulation_steps") == 1  # one copy, from rank 0
+    assert ("error: 2 processes cannot share a step of --gradient_accumulation_steps 3 x --batch_size 3 rows "
+            "equally: make one of the two a multiple of 2") in proc.stderr
+    assert proc.stderr.count("error: ") == 1  # one copy, from rank 0
 
 
 def test_prepared_corpus_trains_and_resumes_exactly(tmp_path):

@@ -21,7 +21,8 @@ from smol import PRESETS, SmolLM
 
 TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",
         "--block_size", "32", "--batch_size", "2", "--eval_iters", "1", "--sample_tokens", "2",
-        "--max_position_embeddings", "128", "--log_interval", "1", "--data", os.path.join(HERE, "input.txt")]
+        "--max_position_embeddings", "128", "--log_interval", "1", "--data", os.path.join(HERE, "input.txt"),
+        "--device", "cpu"]
 
 
 def command(script, *args):
@@ -362,3 +363,16 @@ def test_empty_prompt_samples(work):
     assert proc.returncode == 0, proc.stderr
     # stderr: only the sample's speed, as llama.cpp's tools report it (the prompt: <|endoftext|>)
     assert re.fullmatch(r"\[1 prompt tokens, [123] new tokens in \d+\.\d\d s: \d+\.\d tokens/s\]\n", proc.stderr), proc.stderr
+
+
+def test_a_model_that_overflows_fp16_is_one_line(tmp_path):
+    from conftest import fp16_overflowing_model
+    from hf import save_pretrained
+    save_pretrained(fp16_overflowing_model(), tmp_path)
+    args = ["--init_from", tmp_path, "--max_new_tokens", 3, "--start", "Hello", "--device", "cpu"]
+    fp16 = run("sample.py", *args, "--dtype", "float16", cwd=tmp_path)
+    assert fp16.returncode == 1 and "Traceback" not in fp16.stderr
+    assert fp16.stderr.strip().splitlines() == [
+        "error: the model's activations overflowed float16 (its logits are inf or NaN); run it with --dtype float32, "
+        "or bfloat16 where the hardware computes it"]
+    assert run("sample.py", *args, "--dtype", "float32", cwd=tmp_path).returncode == 0  # fp32 holds it

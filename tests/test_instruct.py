@@ -12,7 +12,7 @@ import pytest
 
 from chat import render_chat
 from common import HERE
-from conftest import need_module
+from conftest import need_module, on_cpu
 from data import load_tokenizer
 from hf import from_pretrained
 from smol import IM_END_ID
@@ -30,7 +30,7 @@ def test_export_from_gguf_writes_the_instruct_model(instruct_dir):
 
 
 def run_sample(*args, stdin=None):
-    return subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *map(str, args)], input=stdin,
+    return subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *on_cpu(args)], input=stdin,
                           capture_output=True, text=True, timeout=300, cwd=HERE)
 
 
@@ -49,6 +49,20 @@ def test_quantized_gives_the_same_greedy_answers(instruct_dir, kind):
                       stdin=f"{FRANCE}\nAnd of Italy?\n")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "The capital of France is Paris.\nThe capital of Italy is Rome.\n"
+
+
+def test_fp16_gives_fp32_greedy_tokens(instruct_dir):
+    # --dtype float16, what a T4 or a V100 gets by default: the instruct model's residual stream
+    # peaks near 2.3e4 on input.txt, under fp16's 65,504, so 100 greedy tokens are fp32's
+    prompt = f"<|im_start|>user\n{FRANCE} Tell me about its history.<|im_end|>\n<|im_start|>assistant\n"
+    out = {}
+    for dtype in ("float32", "float16"):
+        proc = run_sample("--init_from", instruct_dir, "--temperature", 0, "--num_samples", 1, "--max_new_tokens", 100,
+                          "--start", prompt, "--dtype", dtype)
+        assert proc.returncode == 0, proc.stderr
+        out[dtype] = proc.stdout
+    assert "The capital of France is Paris." in out["float16"] and len(out["float16"]) > 300
+    assert out["float16"] == out["float32"]
 
 
 def test_sample_with_a_chatml_prompt_stops_at_im_end(instruct_dir):

@@ -374,19 +374,19 @@ def test_the_compiled_step_writes_the_cache_in_place():
     torch.testing.assert_close(compiled, eager)
 
 
-@pytest.mark.parametrize("logits_per_piece, pieces", [(60 * 512, 0), (8 * 512, 8), (7 * 512, 9), (512, 60), (1, 60)])
-def test_chunked_loss_equals_plain_cross_entropy_with_its_gradients(monkeypatch, logits_per_piece, pieces):
-    # 60 rows x 512 classes: one piece when they fit (no checkpointing), else pieces of at most the bound
-    monkeypatch.setattr(smol, "LOGITS_PER_PIECE", logits_per_piece)
+@pytest.mark.parametrize("rows, pieces", [(None, 0), (60, 0), (8, 8), (7, 9), (1, 60)])
+def test_chunked_loss_equals_plain_cross_entropy_with_its_gradients(monkeypatch, rows, pieces):
+    # 60 rows x 512 classes: one piece (no checkpointing) for None or when they fit, else pieces of `rows`
     calls = []
     monkeypatch.setattr(smol, "checkpoint", lambda f, x, *a, **kw: calls.append(x.size(0)) or checkpoint(f, x, *a, **kw))
     m = tiny()
+    m.loss_rows_per_piece = rows
     x, y = torch.randint(0, 512, (3, 20)), torch.randint(0, 512, (3, 20))
     y[0, :4] = -1  # ignored positions count in neither loss
     _, loss = m(x, y)
     loss.backward()
     assert len(calls) == pieces and sum(calls) == (60 if pieces else 0)
-    assert all(rows * 512 <= max(logits_per_piece, 512) for rows in calls)  # one row at least
+    assert all(n <= rows for n in calls)
     chunked = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
     # the textbook path: all the logits at once

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import HERE
-from conftest import Server, trained_tiny_model
+from conftest import Server, on_cpu, trained_tiny_model
 from engine import Decoder
 from quantize import GROUP, Int4Linear, Int8Embedding, Int8Linear, check, quantize, quantize_groups, quantize_rows
 
@@ -107,7 +107,7 @@ def test_one_matrix_for_the_layers_that_share_an_input_gives_the_same_logits(mon
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_sample_py_quantize(chat_model, kind):
     args = ["--init_from", str(chat_model["hf"]), "--dtype", "float32", "--temperature", "0", "--chat"]
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *args, "--quantize", kind],
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *on_cpu(args), "--quantize", kind],
                           input="What is the capital of France?\n", capture_output=True, text=True, timeout=300,
                           cwd=HERE)
     assert proc.returncode == 0, proc.stderr
@@ -119,7 +119,7 @@ def test_a_model_int4_cannot_pack_is_one_line(tmp_path):
     from smol import SmolConfig, SmolLM
     save_pretrained(SmolLM(SmolConfig(n_layer=1, n_embd=48, n_head=4, n_kv_head=2, intermediate_size=96)), tmp_path)
     proc = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--init_from", str(tmp_path),
-                           "--quantize", "int4", "--max_new_tokens", "2"], capture_output=True, text=True,
+                           "--quantize", "int4", "--max_new_tokens", "2", "--device", "cpu"], capture_output=True, text=True,
                           timeout=300, cwd=HERE)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
@@ -138,4 +138,5 @@ def test_serve_py_quantize(chat_model, kind):
         out = server.stop()
     # the banner counts the model's parameters, not the few float ones quantisation leaves
     from hf import from_pretrained
-    assert f", {from_pretrained(str(chat_model['hf'])).num_params():,} parameters, cpu)" in out, out
+    # and says the device and the activations' dtype, and why that dtype
+    assert f", {from_pretrained(str(chat_model['hf'])).num_params():,} parameters, cpu, float32: --dtype)" in out, out

@@ -12,7 +12,7 @@ import torch
 
 from chat import render_chat
 from common import HERE
-from conftest import error_of, need_module, wait_for
+from conftest import error_of, need_module, on_cpu, wait_for
 from data import load_tokenizer
 from hf import from_pretrained
 
@@ -331,7 +331,7 @@ def run_serve(*args, prelude="pass"):
     """serve.py's command line in a subprocess; prelude runs first in the same interpreter."""
     code = f"{prelude}; import runpy, sys; sys.argv = ['serve.py', *sys.argv[1:]]; " \
            f"runpy.run_path('serve.py', run_name='__main__')"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code, *on_cpu(args)], capture_output=True, text=True,
                           timeout=120, cwd=HERE)
 
 

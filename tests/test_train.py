@@ -13,7 +13,8 @@ from conftest import need_module
 ROOT = HERE
 TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",
         "--block_size", "64", "--batch_size", "4", "--eval_iters", "2", "--sample_tokens", "4",
-        "--learning_rate", "3e-3", "--warmup_iters", "4", "--lr_decay_iters", "30", "--min_lr", "3e-4"]
+        "--learning_rate", "3e-3", "--warmup_iters", "4", "--lr_decay_iters", "30", "--min_lr", "3e-4",
+        "--device", "cpu"]  # the claims checked here (dtype, no compile, bit-exact resume) are a CPU's
 
 
 def run(script, *args, check=True):
@@ -33,20 +34,21 @@ def load(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
 
 
-# fp32, and the bf16 autocast of CUDA and capable CPUs (fewer steps: on CPUs without
-# native bf16 it is emulated and slow)
-@pytest.mark.parametrize("dtype, total, split_at, every", [("float32", 24, 14, 7), ("bfloat16", 8, 5, 3)])
+# fp32, the bf16 autocast of CUDA and capable CPUs, and the fp16 autocast with a GradScaler
+# of older CUDA cards (fewer steps: on CPUs without native bf16 or fp16 they are emulated and slow)
+@pytest.mark.parametrize("dtype, total, split_at, every", [("float32", 24, 14, 7), ("bfloat16", 8, 5, 3),
+                                                           ("float16", 6, 4, 2)])
 def test_resume_is_exact(tmp_path, dtype, total, split_at, every):
     one, split = tmp_path / "one", tmp_path / "split"
     # `total` steps in one go, versus split_at + a resume to total; evaluation every few steps,
     # so the split run also evaluates (and samples) mid-way without disturbing anything
     first = run("train.py", *TINY, "--max_iters", total, "--eval_interval", every, "--log_interval", 1,
                 "--out_dir", one, "--dtype", dtype)
-    assert f", {dtype}, compile False" in first.stdout
+    assert f", {dtype} (--dtype{', GradScaler' if dtype == 'float16' else ''}), compile False" in first.stdout
     run("train.py", *TINY, "--max_iters", split_at, "--eval_interval", every, "--log_interval", 1, "--out_dir", split,
         "--dtype", dtype)
     resumed = run("train.py", "--init_from", "resume", "--max_iters", total, "--out_dir", split)
-    assert f", {dtype}, compile False" in resumed.stdout  # the checkpoint's dtype carries over
+    assert f", {dtype} (--dtype" in resumed.stdout  # the checkpoint's dtype carries over
     lines = [line for line in resumed.stdout.splitlines() if line.startswith("step ")]
     assert lines[0].startswith(f"step {split_at + 1} ") and lines[-1].startswith(f"step {total} ")
     assert train_losses(one) == train_losses(split)  # every step's loss and lr, bit for bit
@@ -56,12 +58,15 @@ def test_resume_is_exact(tmp_path, dtype, total, split_at, every):
         assert torch.equal(a["model"][k], b["model"][k]), k
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+    # fp16: the loss scale and the count of steps since it last changed carry over too
+    assert a["scaler"] == b["scaler"] and (a["scaler"]["_growth_tracker"] == total if dtype == "float16" else 1)
 
 
 def test_checkpoint_contents(tmp_path):
     out = run("train.py", *TINY, "--max_iters", 6, "--eval_interval", 3, "--out_dir", tmp_path)
     ckpt = load(tmp_path)  # weights_only=True: plain data
-    assert {"model", "optimizer", "config", "train_config", "iter_num", "best_val_loss", "rng"} <= ckpt.keys()
+    assert {"model", "optimizer", "config", "train_config", "iter_num", "best_val_loss", "rng", "scaler"} <= ckpt.keys()
+    assert ckpt["scaler"] == {}  # no fp16 here: no GradScaler state
     assert ckpt["iter_num"] == 6 and ckpt["config"]["n_layer"] == 2
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     vals = [json.loads(x)["val_loss"] for x in open(tmp_path / "metrics.jsonl") if "val_loss" in x]
@@ -138,7 +143,9 @@ def test_first_step_is_logged_at_once_with_an_eta(tmp_path):
     steps = [line.split(" |")[0] for line in out.stdout.splitlines() if line.startswith("step ")]
     assert steps == ["step 1", "step 10", "step 12"]
     from common import cpu_has_native_bf16  # --dtype auto: bf16 autocast exactly where the CPU computes it
-    assert f"device cpu, {'bfloat16' if cpu_has_native_bf16() else 'float32'}, compile False" in out.stdout
+    dtype = "bfloat16 (native bf16 on this CPU)" if cpu_has_native_bf16() else "float32 (no native bf16 on this CPU)"
+    # 4 x 64 tokens' logits (50 MB at 16 bytes each) fit any machine: the loss in one piece
+    assert f"device cpu, {dtype}, compile False, the loss in one piece;" in out.stdout
     first = next(line for line in out.stdout.splitlines() if line.startswith("step 1 |"))
     assert " ms | " in first and "| eta " in first
     resumed = run("train.py", "--init_from", "resume", "--max_iters", 30, "--out_dir", tmp_path)
