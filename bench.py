@@ -137,7 +137,7 @@ class RandomBatches:
 
     def next(self):
         xy = torch.randint(0, self.vocab_size, self.shape, device=self.device, generator=self.gen)
-        return xy[:, :-1], xy[:, 1:].contiguous()
+        return xy[:, :-1], xy[:, 1:].contiguous(), 1.0  # one micro step a step: the whole weight
 
     def prefetch(self):
         pass

@@ -7,7 +7,8 @@ A checkpoint is the dict train.py saves with torch.save:
     optimizer      AdamW's state dict (both moments of every parameter, the step counts)
     config         the SmolConfig as a dict;  train_config  the TrainConfig as a dict
     iter_num       steps done;  best_val_loss  the lowest validation loss seen so far
-    rng            {"data": the batch sampler's generator state before the next step's draw,
+    rng            {"data": the batch sampler's state before the next step's draw (for
+                    conversations: how many rows were drawn),
                     "torch": the global one}
     scaler         the fp16 GradScaler's state (scale, growth tracker); {} when not in use
     eos_token_ids  the ids where sampling and serving stop ([0], <|endoftext|>, for models
@@ -206,9 +207,9 @@ def training_checkpoint(model, optimizer, scaler, train_config, iter_num, best_v
     }
 
 
-def restore_training(ckpt, optimizer, scaler, data_generator, path):
-    """Put the AdamW moments, the fp16 loss scale, the batch sampler's generator and the
-    global RNG back where the saved run stood (the weights: model_from_checkpoint). Returns
+def restore_training(ckpt, optimizer, scaler, sampler, path):
+    """Put the AdamW moments, the fp16 loss scale, the batch sampler and the global RNG
+    back where the saved run stood (the weights: model_from_checkpoint). Returns
     (iter_num, best_val_loss)."""
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -217,6 +218,6 @@ def restore_training(ckpt, optimizer, scaler, data_generator, path):
                         f"exactly: train afresh in another --out_dir") from None
     if scaler.is_enabled() and ckpt.get("scaler"):  # else a fresh scale (a run that was not fp16)
         scaler.load_state_dict(ckpt["scaler"])
-    data_generator.set_state(ckpt["rng"]["data"])
+    sampler.restore(ckpt["rng"]["data"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     return ckpt["iter_num"], ckpt["best_val_loss"]

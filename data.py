@@ -159,10 +159,11 @@ class BatchSampler:
         self.ahead = (*self.batch("train", offsets), state if starts else None)
 
     def next(self):
-        """The next training micro batch (x, y), on the device."""
+        """The next training micro batch (x, y) on the device, and its weight in the step's
+        loss: every micro batch holds as many targets, so 1 / this process's micro steps."""
         self.prefetch()
         (x, y, _), self.ahead = self.ahead, None
-        return x, y
+        return x, y, 1 / shard(self.batch_size, self.micro_steps, self.world)[0]
 
     def resume_state(self):
         """The generator state a resumed run starts from: the one before the draw of the
@@ -170,6 +171,9 @@ class BatchSampler:
         if self.ahead is not None and self.ahead[2] is not None:
             return self.ahead[2]
         return self.generator.get_state()
+
+    def restore(self, state):
+        self.generator.set_state(state)
 
     def eval_batches(self, split, n):
         # a fresh generator with the run's seed: the same n batches at every evaluation,

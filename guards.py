@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from chat import render_chat
 from checkpoint import save_checkpoint
 from common import UserError, device_memory
 from smol import EOT_ID, SmolLM
@@ -83,10 +84,12 @@ def before_first_step(cfg, mcfg, device, master, resuming):
     return n_params, lock
 
 
-def sample_prompt_ids(tokenizer, cfg, mcfg):
+def sample_prompt_ids(tokenizer, cfg, mcfg, chat=False):
     """The ids of the sample printed at every evaluation, checked now rather than after
-    the first eval_interval steps."""
-    ids = tokenizer.encode(cfg.sample_prompt).ids or [EOT_ID]  # an empty prompt starts a fresh document
+    the first eval_interval steps. chat: the prompt as a user's message, the assistant's
+    turn opened (ChatML, as sample.py --chat)."""
+    text = render_chat([{"role": "user", "content": cfg.sample_prompt}]) if chat else cfg.sample_prompt
+    ids = tokenizer.encode(text).ids or [EOT_ID]  # an empty prompt starts a fresh document
     if max(ids) >= mcfg.vocab_size:
         raise UserError(f"--sample_prompt encodes to id {max(ids)}, not below vocab_size {mcfg.vocab_size}")
     if len(ids) + cfg.sample_tokens > mcfg.max_position_embeddings:

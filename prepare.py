@@ -13,6 +13,12 @@ data.py's load_tokens splits train.py's --data (pieces stripped, empty ones drop
 is (empty ones dropped); a folder gives all of those under it, in sorted path order; any
 other owner/name is streamed from the Hugging Face hub with the `datasets` package.
 
+Conversations: when the first .jsonl or .parquet record has a "messages" field, the source
+is conversations for fine-tuning (docs/training.md): ids.bin (uint16), targets.bin (uint8, 1
+where the assistant speaks) and bounds.bin (int64, where each conversation starts, then the
+end), as conversations.encode_all lays them out; train.py holds every 20th out for
+validation itself, so --val_fraction does not apply.
+
 Output: train.bin and val.bin are uint16 token ids (49,152 < 65,536), every document
 followed by <|endoftext|> (id 0): the token stream of load_tokens. Read them with
 np.memmap(path, dtype=np.uint16, mode="r"). meta.json holds the counts.
@@ -167,6 +173,80 @@ def batches(docs, max_docs, max_bytes):
         yield batch, size
 
 
+def message_records(path):
+    """(record, where) for each record of a .jsonl or .parquet file of conversations."""
+    if path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["messages"]):
+            yield from (({"messages": m}, path) for m in batch.column(0).to_pylist())
+        return
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line), f"{path} line {n}"
+                except json.JSONDecodeError:
+                    raise UserError(f"{path} line {n} is not JSON; a .jsonl file holds one JSON object per line")
+
+
+def holds_conversations(paths):
+    """Is the source conversations: its first .jsonl or .parquet record has "messages"?"""
+    for path in paths or []:
+        if path.lower().endswith(".parquet"):
+            try:
+                import pyarrow.parquet as pq
+                return "messages" in pq.ParquetFile(path).schema_arrow.names
+            except Exception:
+                return False  # read_documents says what is wrong with it
+        if path.lower().endswith(".jsonl"):
+            first = next(message_records(path), (None, None))[0]
+            return isinstance(first, dict) and "messages" in first
+    return False
+
+
+def prepare_conversations(args, paths):
+    """Conversations into ids.bin (uint16), targets.bin (uint8: 1 where the model learns to
+    say the token) and bounds.bin (int64, n + 1: conversation i is ids[bounds[i]:bounds[i + 1]]),
+    as conversations.encode_all lays them out; train.py --data FOLDER reads them."""
+    from conversations import check_messages, encode
+    text = [p for p in paths if not p.lower().endswith((".jsonl", ".parquet"))]
+    if text:
+        raise UserError(f"{text[0]} is text, but {args.source} holds conversations; prepare them apart")
+    tokenizer = load_tokenizer()
+    names = ("ids.bin", "targets.bin", "bounds.bin", "meta.json")
+    outputs = [os.path.join(args.out, name) for name in names]
+    files = [open(path + ".tmp", "wb") for path in outputs[:3]]
+    n, total, learned, t0 = 0, 0, 0, time.time()
+    try:
+        np.zeros(1, dtype=np.int64).tofile(files[2])
+        for path in paths:
+            for record, where in message_records(path):
+                ids, targets = encode(check_messages(record, where), tokenizer)
+                ids.tofile(files[0])
+                targets.astype(np.uint8).tofile(files[1])
+                n, total, learned = n + 1, total + len(ids), learned + int(targets.sum())
+                np.array([total], dtype=np.int64).tofile(files[2])
+        if learned == 0:
+            raise UserError(f"{args.source} has no assistant turn: there is nothing to learn to say")
+        with open(outputs[3] + ".tmp", "w") as f:
+            f.write(json.dumps({"conversations": n, "tokens": total, "targets": learned, "dtype": "uint16",
+                                "source": args.source}, indent=2) + "\n")
+        for f in files:
+            f.flush()
+            os.fsync(f.fileno())
+        for path in outputs:  # meta.json last
+            os.replace(path + ".tmp", path)
+    finally:
+        for f in files:
+            f.close()
+        for path in outputs:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+    print(f"{n:,} conversations: {total:,} tokens, {learned:,} of them the assistant's, in {args.out} | "
+          f"{time.time() - t0:.2f}s")
+    return {"conversations": n, "tokens": total, "targets": learned}
+
+
 def prepare(args):
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
@@ -177,8 +257,11 @@ def prepare(args):
     try:
         os.makedirs(args.out, exist_ok=True)
         open(os.path.join(args.out, "train.bin.tmp"), "wb").close()
+        os.remove(os.path.join(args.out, "train.bin.tmp"))
     except OSError as e:
         raise UserError(f"cannot write to --out {args.out} ({e.strerror}); pass a writable folder")
+    if holds_conversations(paths):
+        return prepare_conversations(args, paths)
     tokenizer = load_tokenizer()
     # encode_batch_fast (tokenizers >= 0.20) gives the same ids as encode_batch without
     # computing character offsets, about 10% sooner; both spread a batch over all cores

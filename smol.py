@@ -350,7 +350,7 @@ def chunked_cross_entropy(x, weight, targets, rows=None):
     else:
         total = sum(checkpoint(_cross_entropy_sum, x_part, weight, t_part, use_reentrant=False)
                     for x_part, t_part in zip(x.split(rows), targets.split(rows)))
-    return total / (targets != -1).sum()
+    return total / (targets != -1).sum().clamp(min=1)  # a batch without targets: 0, not 0/0
 
 
 def _cross_entropy_sum(x, weight, targets):

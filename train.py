@@ -5,6 +5,8 @@ Train SmolLM2 from scratch on a text file, or resume a run exactly.
     python train.py --init_from resume --max_iters 5050  # continue: logs steps 5001..5050
     python train.py --n_layer 2 --n_embd 64 --n_head 4 --n_kv_head 2 --intermediate_size 128 \
         --block_size 64 --batch_size 4 --max_iters 50    # a tiny model, seconds on a CPU
+    python train.py --init_from HuggingFaceTB/SmolLM2-135M-Instruct --data chats.jsonl --out_dir out-chat
+                                                         # fine-tune on conversations (docs/training.md)
 
 Every setting in TrainConfig and SmolConfig is a `--name value` flag. On resume
 the checkpoint's settings are the defaults and only the flags you pass change
@@ -26,22 +28,24 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import guards
-from checkpoint import load_resumable, model_from_checkpoint, restore_training, training_checkpoint
+from checkpoint import load_checkpoint, load_resumable, model_from_checkpoint, restore_training, training_checkpoint
 from common import (DTYPES, Parser, UserError, autocast_for, fail, loss_rows_per_piece, peak_flops, pick_device,
                     use_compile)
+from conversations import ConversationSampler, is_conversations, load_conversations
 from data import BatchSampler, load_splits, load_tokenizer, shard
 from hf import from_pretrained
 from metrics import TrainingLog, param_breakdown
-from smol import SmolConfig, SmolLM
+from smol import IM_END_ID, SmolConfig, SmolLM
 
 
 @dataclass
 class TrainConfig:
     # I/O
     out_dir: str = "out"
-    data: str = "input.txt"          # a UTF-8 text file; documents separated by <|endoftext|>
-    init_from: str = "scratch"       # "scratch", "resume" (out_dir/ckpt.pt), or a Hugging Face
-                                     # checkpoint directory / hub id to fine-tune from
+    data: str = "input.txt"          # a UTF-8 text file, documents separated by <|endoftext|>; a
+                                     # prepare.py folder; or conversations, a .jsonl of {"messages": [...]}
+    init_from: str = "scratch"       # "scratch", "resume" (out_dir/ckpt.pt), a Hugging Face checkpoint
+                                     # directory or hub id, or a ckpt.pt file (its weights) to fine-tune
     # evaluation, logging, checkpointing
     eval_interval: int = 250         # evaluate, print a sample and save a checkpoint every N steps
     eval_iters: int = 20             # batches per loss estimate
@@ -55,6 +59,7 @@ class TrainConfig:
     learning_rate: float = 6e-4      # the official 3e-3 is for 1M-token batches; ours are 8K
     min_lr: float = 6e-5             # learning rate after lr_decay_iters
     max_iters: int = 5000            # train until this many steps are done
+    epochs: float = 0.0              # > 0: instead, this many passes over the conversations
     warmup_iters: int = 200
     lr_decay_iters: int = 5000       # end of the cosine decay; constant min_lr after it
     weight_decay: float = 0.1        # official 0.01; more here because a 100 KB corpus overfits fast
@@ -77,6 +82,13 @@ MODEL_DEFAULTS = SmolConfig(block_size=512)
 ARCH_FIELDS = [f.name for f in fields(SmolConfig) if f.name not in ("block_size", "init_std")]
 CHOICES = {"dtype": DTYPES,
            "compile": ("auto", "true", "false"), "backend": ("auto", "nccl", "gloo")}
+
+
+# fine-tuning a trained model on a few conversations: pretraining's 6e-4 for 5,000 steps with
+# weight decay 0.1 would wreck it. A few passes at a low rate, the model's whole context
+# (rows are padded to their longest conversation, so a long context costs nothing unused)
+FINETUNE_DEFAULTS = dict(learning_rate=1e-4, min_lr=1e-5, warmup_iters=0, weight_decay=0.0, epochs=3.0,
+                         batch_size=8, eval_interval=50, sample_prompt="Who are you?", sample_tokens=64)
 
 
 def parse_args(argv):
@@ -104,20 +116,23 @@ def get_lr(it, cfg):
 
 def train_step(model, optimizer, scaler, batches, accum, ctx, grad_clip):
     """One optimizer step: forward and backward over `accum` micro batches, clip,
-    update. batches.next() gives a micro batch already on the device; batches.prefetch()
+    update. batches.next() gives a micro batch already on the device and its weight in
+    the step's loss (1 / accum unless micro batches hold unequal targets); batches.prefetch()
     builds the following one while the device still works on this one. Returns the mean
     loss, the step's one wait for the device; raises FloatingPointError before the update
     if the loss is not finite, so a diverged step never reaches the weights."""
     loss_sum = 0.0
     for micro in range(accum):
-        x, y = batches.next()
+        x, y, weight = batches.next()
         # under DDP, gradients are averaged across processes only on the last micro
         # step; the earlier ones just accumulate locally
         sync = nullcontext() if not isinstance(model, DDP) or micro == accum - 1 else model.no_sync()
         with sync:
             with ctx:
                 _, loss = model(x, y)
-            loss = loss / accum  # the sum over micro steps is the batch mean
+            # the micro batch's share of the step's targets: the sum over micro steps (and the
+            # mean over processes) is the mean over every target token of the step
+            loss = loss * weight
             # fp16: the loss times a scale, so that small gradients do not round to zero
             # (GradScaler); otherwise the loss as it is
             scaler.scale(loss).backward()
@@ -149,14 +164,24 @@ def resolve_settings(given):
         ckpt = load_resumable(os.path.join(given.get("out_dir", TrainConfig.out_dir), "ckpt.pt"))
         train = {**asdict(TrainConfig()), **ckpt.get("train_config", {})}
         model = dict(ckpt["config"])
-    elif init_from != "scratch":  # fine-tune official (or exported) weights
-        try:
-            pretrained = from_pretrained(init_from)
-        except ValueError as e:
-            raise UserError(f"--init_from {init_from}: {e}")
+    elif init_from != "scratch":  # fine-tune official (or exported) weights, or a checkpoint's
+        if os.path.isfile(init_from):
+            pretrained = model_from_checkpoint(load_checkpoint(init_from))  # weights only: a fresh optimizer
+        else:
+            try:
+                pretrained = from_pretrained(init_from)
+            except ValueError as e:
+                raise UserError(f"--init_from {init_from}: {e}")
         train, model = asdict(TrainConfig()), {**asdict(pretrained.config), "block_size": MODEL_DEFAULTS.block_size}
+        if is_conversations(given.get("data", TrainConfig.data)):
+            train.update(FINETUNE_DEFAULTS)
+            model["block_size"] = pretrained.config.max_position_embeddings
     else:
         train, model = asdict(TrainConfig()), asdict(MODEL_DEFAULTS)
+    if "max_iters" in given and "epochs" in given and given["epochs"] > 0:
+        raise UserError("pass --epochs or --max_iters, not both: --epochs N sets max_iters to N passes")
+    if "max_iters" in given:  # steps asked for: no passes to count
+        train["epochs"] = 0.0
     if init_from != "scratch":
         for k in ARCH_FIELDS:
             if k in given and given[k] != model.get(k):
@@ -173,7 +198,7 @@ def resolve_settings(given):
                  "eval_iters", "log_interval", "learning_rate", "lr_decay_iters"):
         if getattr(tcfg, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(tcfg, name)}")
-    for name in ("min_lr", "warmup_iters", "weight_decay", "grad_clip", "sample_tokens"):
+    for name in ("min_lr", "warmup_iters", "weight_decay", "grad_clip", "sample_tokens", "epochs"):
         if getattr(tcfg, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(tcfg, name)}")
     if not (0 <= tcfg.beta1 < 1 and 0 <= tcfg.beta2 < 1):
@@ -201,12 +226,15 @@ def evaluate(model, sampler, eval_iters, ctx):
 
 
 @torch.no_grad()
-def sample_text(model, tokenizer, ids, cfg, device, ctx):
+def sample_text(model, tokenizer, ids, cfg, device, ctx, chat):
+    """The sample printed at each evaluation: a continuation of the sample prompt, or for
+    conversations the reply to it as a user's message."""
     prompt = torch.tensor([ids], device=device)  # (1, T)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # leaves the global RNG untouched
     with ctx:
-        out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=200, generator=gen)
-    return tokenizer.decode(out[0].tolist())
+        out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=200, generator=gen,
+                             stop_ids={IM_END_ID} if chat else ())
+    return tokenizer.decode(out[0, len(ids) if chat else 0:].tolist())
 
 
 def main(argv=None):
@@ -238,11 +266,24 @@ def main(argv=None):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
     # ---- data ----
-    splits = load_splits(cfg.data, mcfg.block_size, mcfg.vocab_size)
     tokenizer = load_tokenizer()
-    sample_ids = guards.sample_prompt_ids(tokenizer, cfg, mcfg)
-    sampler = BatchSampler(splits, mcfg.block_size, cfg.batch_size, device, cfg.seed,
-                           share=(rank, world, cfg.gradient_accumulation_steps))
+    share = (rank, world, cfg.gradient_accumulation_steps)
+    chat = is_conversations(cfg.data)  # one conversation a row, the loss on the assistant's words
+    if chat:
+        sampler = ConversationSampler(load_conversations(cfg.data, tokenizer), mcfg.block_size, cfg.batch_size,
+                                      device, cfg.seed, share)
+        data_line = sampler.describe()
+        seq_len, mean_len = sampler.lengths()  # rows are padded to their batch's longest, not to block_size
+        cfg.eval_iters = min(cfg.eval_iters, sampler.eval_size())  # each validation conversation once
+        if cfg.epochs > 0:  # N passes over the training conversations, the learning rate decaying over them
+            rows = cfg.batch_size * cfg.gradient_accumulation_steps
+            cfg.max_iters = cfg.lr_decay_iters = max(1, math.ceil(cfg.epochs * len(sampler.splits["train"]) / rows))
+    else:
+        splits = load_splits(cfg.data, mcfg.block_size, mcfg.vocab_size)
+        sampler = BatchSampler(splits, mcfg.block_size, cfg.batch_size, device, cfg.seed, share)
+        data_line = f"{len(splits['train']):,} train / {len(splits['val']):,} val tokens"
+        seq_len = mean_len = mcfg.block_size
+    sample_ids = guards.sample_prompt_ids(tokenizer, cfg, mcfg, chat)
 
     # ---- model and optimizer: new, fine-tuned, or restored from the checkpoint ----
     torch.manual_seed(cfg.seed)
@@ -250,17 +291,22 @@ def main(argv=None):
         model = model_from_checkpoint(ckpt)
     elif pretrained is not None:
         model = pretrained
-        log(f"fine-tuning from {cfg.init_from}")
+        passes = f"{cfg.epochs:g} passes = {cfg.max_iters:,} steps" if cfg.epochs > 0 else f"{cfg.max_iters:,} steps"
+        log(f"fine-tuning from {cfg.init_from}" + (
+            f" on conversations, {passes}; defaults for fine-tuning unless given: "
+            + ", ".join(f"{k} {v}" for k, v in FINETUNE_DEFAULTS.items()) if chat else ""))
     else:
         model = SmolLM(mcfg)
+    if chat:  # a chat model: sample.py --chat and serve.py stop its replies at <|im_end|>
+        model.eos_token_ids = tuple(sorted(set(model.eos_token_ids) | {IM_END_ID}))
     model.config = mcfg  # the same architecture, with this run's block_size
-    model.loss_rows_per_piece = loss_rows_per_piece(device, rows * mcfg.block_size, mcfg.vocab_size)
+    model.loss_rows_per_piece = loss_rows_per_piece(device, rows * seq_len, mcfg.vocab_size)
     log(param_breakdown(model))
     model.to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
-        iter_num, best_val_loss = restore_training(ckpt, optimizer, scaler, sampler.generator, ckpt_path)
+        iter_num, best_val_loss = restore_training(ckpt, optimizer, scaler, sampler, ckpt_path)
         log(f"resuming from {ckpt_path} at step {iter_num} (best val loss {best_val_loss:.4f})")
     resumed, ckpt = ckpt is not None, None  # drop the host copy of the weights and moments
     raw_model = model  # checkpoints save this one: no "_orig_mod." or "module." prefixes
@@ -273,15 +319,17 @@ def main(argv=None):
             else "broadcast_buffers"
         model = DDP(model, device_ids=[device] if device_type == "cuda" else None, **{no_buffer_sync: False})
 
-    tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.gradient_accumulation_steps
+    # for conversations: their own tokens on average, not the padding
+    tokens_per_step = round(cfg.batch_size * mean_len * cfg.gradient_accumulation_steps)
     peak = peak_flops(device)
     pieces = raw_model.loss_rows_per_piece
     share = f" x {world} processes ({backend}), each {accum} micro step(s) x {rows} rows" if ddp else ""
     log(f"device {device}{share}, {dtype} ({dtype_why}{', GradScaler' if scaler.is_enabled() else ''}), "
         f"compile {compiled}, the loss in " + ("one piece" if pieces is None else f"pieces of {pieces:,} rows")
-        + f"; {len(splits['train']):,} train / {len(splits['val']):,} val tokens; {tokens_per_step:,} tokens per step")
+        + f"; {data_line}; " + (f"{cfg.batch_size * cfg.gradient_accumulation_steps:,} conversations per step"
+                                if chat else f"{tokens_per_step:,} tokens per step"))
     guard = guards.Guard(cfg, mcfg, device, n_params, ddp, master, saved_step=iter_num if resumed else None)
-    flops_per_token = raw_model.flops_per_token(mcfg.block_size)
+    flops_per_token = raw_model.flops_per_token(seq_len)
     mfu = (lambda tok_s: flops_per_token * tok_s / world / peak) if peak else None  # share of the peak
     report = TrainingLog(cfg, master, resumed, iter_num + 1, tokens_per_step, mfu, device_type == "cpu",
                          guard.last_saved, micro_steps=accum)
@@ -309,7 +357,8 @@ def main(argv=None):
             best_val_loss = min(best_val_loss, losses["val"])  # only an improvement replaces it, never a NaN
             # weights that diverged give no sample, and the save below refuses them
             diverged = not all(map(math.isfinite, losses.values()))
-            sample = sample_text(raw_model, tokenizer, sample_ids, cfg, device, ctx) if master and not diverged else None
+            sample = sample_text(raw_model, tokenizer, sample_ids, cfg, device, ctx, chat) if master and not diverged \
+                else None
             report.eval(iter_num, losses, best_val_loss, sample)
             guard.save(checkpoint_now(), losses)
             report.saved(ckpt_path, iter_num)

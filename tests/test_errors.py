@@ -69,6 +69,10 @@ def work(tmp_path_factory):
     (root / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
     (root / "short.txt").write_text("Just a few words, far fewer than one block of tokens.")
     (root / "a_file").write_text("not a folder")
+    good_chat = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+    (root / "not_json.jsonl").write_text(good_chat + "{oops\n")
+    (root / "bad_role.jsonl").write_text(good_chat + '{"messages": [{"role": "bot", "content": "hi"}]}\n')
+    (root / "no_reply.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     good = torch.load(root / "good" / "ckpt.pt", weights_only=True)
     os.makedirs(root / "truncated")
     data = open(root / "good" / "ckpt.pt", "rb").read()
@@ -122,6 +126,10 @@ CASES = [
     ("train.py", [*RESUME, "--data", "empty.txt"], 1, "is empty"),
     ("train.py", [*RESUME, "--data", "latin1.txt"], 1, "not UTF-8"),
     ("train.py", [*RESUME, "--data", "short.txt"], 1, "smaller --block_size"),
+    ("train.py", [*RESUME, "--data", "not_json.jsonl"], 1, "not_json.jsonl line 2 is not JSON"),
+    ("train.py", [*RESUME, "--data", "bad_role.jsonl"], 1, "bad_role.jsonl line 2, message 1: unknown role 'bot'"),
+    ("train.py", [*RESUME, "--data", "no_reply.jsonl"], 1, "no_reply.jsonl has no assistant turn"),
+    ("train.py", [*RESUME, "--epochs", 2], 1, "pass --epochs or --max_iters, not both"),
     ("train.py", ["--init_from", "resume", "--out_dir", "nothing_here"], 1, "no checkpoint at"),
     ("train.py", ["--init_from", "resume", "--out_dir", "truncated", "--max_iters", 20], 1, "truncated or corrupt"),
     ("train.py", ["--init_from", "resume", "--out_dir", "pickled", "--max_iters", 20], 1, "pickled Python objects"),
