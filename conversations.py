@@ -21,6 +21,7 @@ import torch
 
 from chat import ROLES, render_chat
 from common import UserError
+from data import shard
 from smol import IM_END_ID
 
 PAD_TO = 64  # rows are padded to a multiple of this: few distinct shapes for torch.compile
@@ -165,7 +166,6 @@ class ConversationSampler:
     row ever drawn is a function of k alone, so resuming needs only how many were drawn."""
 
     def __init__(self, data, block_size, batch_size, device, seed, share=(0, 1, 1)):
-        from data import shard
         ids, targets, bounds = data
         self.ids, self.targets = ids, targets
         spans, self.cut, self.dropped = fit(ids, targets, bounds, block_size + 1)  # x and y: one more token

@@ -118,6 +118,7 @@ class BatchSampler:
         self.splits, self.block_size, self.batch_size = splits, block_size, batch_size
         self.device, self.seed = device, seed
         self.rank, self.world, self.micro_steps = share  # (this process, processes, micro steps of a step)
+        self.accum, self.rows = shard(batch_size, self.micro_steps, self.world)  # this process's share
         # the training draws come from this generator alone, and the checkpoint saves its
         # state, so a resumed run draws exactly the batches the uninterrupted run would have
         self.generator = torch.Generator().manual_seed(seed)
@@ -142,10 +143,9 @@ class BatchSampler:
     def my_offsets(self):
         """This process's share of a new step's offsets: (micro steps, rows) of shard()."""
         steps = self.offsets("train", self.generator, self.micro_steps)  # (micro_steps, B), every process alike
-        accum, rows = shard(self.batch_size, self.micro_steps, self.world)
-        if rows == self.batch_size:  # whole micro steps
-            return steps[self.rank * accum:(self.rank + 1) * accum]
-        return steps[:, self.rank * rows:(self.rank + 1) * rows]
+        if self.rows == self.batch_size:  # whole micro steps
+            return steps[self.rank * self.accum:(self.rank + 1) * self.accum]
+        return steps[:, self.rank * self.rows:(self.rank + 1) * self.rows]
 
     def prefetch(self):
         """Build the next training micro batch now (a no-op if it is built)."""
@@ -163,7 +163,7 @@ class BatchSampler:
         loss: every micro batch holds as many targets, so 1 / this process's micro steps."""
         self.prefetch()
         (x, y, _), self.ahead = self.ahead, None
-        return x, y, 1 / shard(self.batch_size, self.micro_steps, self.world)[0]
+        return x, y, 1 / self.accum
 
     def resume_state(self):
         """The generator state a resumed run starts from: the one before the draw of the

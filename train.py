@@ -237,6 +237,25 @@ def sample_text(model, tokenizer, ids, cfg, device, ctx, chat):
     return tokenizer.decode(out[0, len(ids) if chat else 0:].tolist())
 
 
+def open_data(cfg, mcfg, tokenizer, device, rank, world, chat):
+    """(sampler, its log line, the rows' length, their mean own length). Conversations are
+    padded to their batch's longest, not to block_size; they set the step count when
+    --epochs asks for passes, and each validation conversation is scored once."""
+    share = (rank, world, cfg.gradient_accumulation_steps)
+    if not chat:
+        splits = load_splits(cfg.data, mcfg.block_size, mcfg.vocab_size)
+        sampler = BatchSampler(splits, mcfg.block_size, cfg.batch_size, device, cfg.seed, share)
+        data_line = f"{len(splits['train']):,} train / {len(splits['val']):,} val tokens"
+        return sampler, data_line, mcfg.block_size, mcfg.block_size
+    sampler = ConversationSampler(load_conversations(cfg.data, tokenizer), mcfg.block_size, cfg.batch_size,
+                                  device, cfg.seed, share)
+    cfg.eval_iters = min(cfg.eval_iters, sampler.eval_size())
+    if cfg.epochs > 0:  # N passes over the training conversations, the learning rate decaying over them
+        per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        cfg.max_iters = cfg.lr_decay_iters = max(1, math.ceil(cfg.epochs * len(sampler.splits["train"]) / per_step))
+    return (sampler, sampler.describe(), *sampler.lengths())
+
+
 def main(argv=None):
     cfg, mcfg, ckpt, pretrained = resolve_settings(parse_args(sys.argv[1:] if argv is None else argv))
     device = pick_device(cfg.device)
@@ -267,22 +286,8 @@ def main(argv=None):
 
     # ---- data ----
     tokenizer = load_tokenizer()
-    share = (rank, world, cfg.gradient_accumulation_steps)
     chat = is_conversations(cfg.data)  # one conversation a row, the loss on the assistant's words
-    if chat:
-        sampler = ConversationSampler(load_conversations(cfg.data, tokenizer), mcfg.block_size, cfg.batch_size,
-                                      device, cfg.seed, share)
-        data_line = sampler.describe()
-        seq_len, mean_len = sampler.lengths()  # rows are padded to their batch's longest, not to block_size
-        cfg.eval_iters = min(cfg.eval_iters, sampler.eval_size())  # each validation conversation once
-        if cfg.epochs > 0:  # N passes over the training conversations, the learning rate decaying over them
-            rows = cfg.batch_size * cfg.gradient_accumulation_steps
-            cfg.max_iters = cfg.lr_decay_iters = max(1, math.ceil(cfg.epochs * len(sampler.splits["train"]) / rows))
-    else:
-        splits = load_splits(cfg.data, mcfg.block_size, mcfg.vocab_size)
-        sampler = BatchSampler(splits, mcfg.block_size, cfg.batch_size, device, cfg.seed, share)
-        data_line = f"{len(splits['train']):,} train / {len(splits['val']):,} val tokens"
-        seq_len = mean_len = mcfg.block_size
+    sampler, data_line, seq_len, mean_len = open_data(cfg, mcfg, tokenizer, device, rank, world, chat)
     sample_ids = guards.sample_prompt_ids(tokenizer, cfg, mcfg, chat)
 
     # ---- model and optimizer: new, fine-tuned, or restored from the checkpoint ----
@@ -323,8 +328,8 @@ def main(argv=None):
     tokens_per_step = round(cfg.batch_size * mean_len * cfg.gradient_accumulation_steps)
     peak = peak_flops(device)
     pieces = raw_model.loss_rows_per_piece
-    share = f" x {world} processes ({backend}), each {accum} micro step(s) x {rows} rows" if ddp else ""
-    log(f"device {device}{share}, {dtype} ({dtype_why}{', GradScaler' if scaler.is_enabled() else ''}), "
+    processes = f" x {world} processes ({backend}), each {accum} micro step(s) x {rows} rows" if ddp else ""
+    log(f"device {device}{processes}, {dtype} ({dtype_why}{', GradScaler' if scaler.is_enabled() else ''}), "
         f"compile {compiled}, the loss in " + ("one piece" if pieces is None else f"pieces of {pieces:,} rows")
         + f"; {data_line}; " + (f"{cfg.batch_size * cfg.gradient_accumulation_steps:,} conversations per step"
                                 if chat else f"{tokens_per_step:,} tokens per step"))
