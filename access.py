@@ -8,8 +8,9 @@ now points at 127.0.0.1, can even read the answers. So, before any route runs:
              a rebinding page's requests carry its own name, and get 403
     Origin   if present, must be this server's own origin (its page) or one given
              with --allow_origin: other pages get 403
-    API key  with --api_key (or SMOL_API_KEY), every /v1/ call needs
-             "Authorization: Bearer KEY", as OpenAI clients send it: 401 otherwise
+    API key  with --api_key (or SMOL_API_KEY), every call of the API (/v1/, /tokenize,
+             /detokenize, /tokenizer_info) needs "Authorization: Bearer KEY", as OpenAI
+             clients send it: 401 otherwise
     body     at most max_body bytes, counted as it arrives: 413 past it
 
 Errors come back in OpenAI's error shape, as every other error of serve.py.
@@ -19,6 +20,7 @@ import ipaddress
 import json
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+API_PATHS = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")  # what --api_key guards
 
 
 def error_body(message, code=None, type="invalid_request_error", param=None):
@@ -77,7 +79,7 @@ class Access:
                 (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
                 (b"access-control-allow-headers", b"authorization, content-type"),
                 (b"access-control-max-age", b"600")])
-        if self.api_key is not None and scope["path"].startswith("/v1/"):
+        if self.api_key is not None and scope["path"].startswith(API_PATHS):
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode("latin-1"), f"Bearer {self.api_key}".encode("latin-1")):
                 return await reply(send, 401, "Incorrect or missing API key: send 'Authorization: Bearer KEY' "

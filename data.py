@@ -21,6 +21,21 @@ def load_tokenizer(path=os.path.join(HERE, "tokenizer.json")):
     return Tokenizer.from_file(path)
 
 
+def token_bytes(tokenizer):
+    """The bytes each token id stands for (a list by id), exact even for the tokens that
+    hold part of a character. Byte-level BPE spells every byte as one printable character:
+    the 188 printable bytes (33-126, 161-172, 174-255) as themselves, the other 68 as
+    chr(256), chr(257), ... in byte order (GPT-2's table). Special tokens are their text."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    out = [b""] * tokenizer.get_vocab_size()
+    for text, i in tokenizer.get_vocab().items():
+        out[i] = text.encode() if text in specials else bytes(byte_of[c] for c in text)
+    return out
+
+
 def load_tokens(path, tokenizer):
     """The text file as one long (N,) array of token ids, each document followed by EOT."""
     if not os.path.isfile(path):

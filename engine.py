@@ -224,7 +224,7 @@ class Sequence:
     string was seen) and it leaves the batch before the next step."""
 
     def __init__(self, prompt_ids, max_new_tokens, on_token, temperature=1.0, top_k=None, top_p=None,
-                 seed=None, stop_ids=()):
+                 seed=None, stop_ids=(), logprobs=None, score_prompt=False):
         self.prompt, self.max_new_tokens, self.on_token = list(prompt_ids), max_new_tokens, on_token
         # as sample_next takes them per row: top_k 0 and top_p 1 filter nothing
         self.temperature, self.top_k, self.top_p = temperature, top_k or 0, 1.0 if top_p is None else top_p
@@ -234,6 +234,11 @@ class Sequence:
         self.cancelled = self.finished = False
         self.pos = self.made = 0  # positions in its cache row; tokens made
         self.last = None
+        # log-probabilities, for evaluators: logprobs=N scores each new token and keeps the N
+        # likeliest beside it; score_prompt also scores every prompt token after the first.
+        # scores gets one (logprob, [(id, logprob)] * N) per scored token, the prompt's first,
+        # each appended before on_token hands over its token
+        self.logprobs, self.score_prompt, self.scores = logprobs, score_prompt, []
 
 
 MASK64 = (1 << 64) - 1
@@ -247,6 +252,19 @@ def uniform(seed, n):
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
     return ((z ^ (z >> 31)) >> 40) / (1 << 24)
+
+
+def token_scores(logits, next_ids, top_n):
+    """[(logprob of next_ids[i], [(id, logprob)] of the top_n likeliest)] for logits (n, V):
+    one fp32 log-softmax, from which both are read, so that a token that is the likeliest
+    has a log-probability equal to the first of the top ones, bit for bit (evaluators test
+    "was it greedy?" by comparing the two)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+    chosen = lp.gather(1, next_ids.view(-1, 1)).view(-1).tolist()  # (n,)
+    if not top_n:
+        return [(c, []) for c in chosen]
+    values, ids = lp.topk(top_n, dim=-1)  # (n, top_n) each
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]
 
 
 def _pow2(n):
@@ -282,6 +300,11 @@ class Batcher:
         self.model, self.max_batch, self.cache_bytes, self.max_waiting = model, max_batch, cache_bytes, max_waiting
         self.device, self.dtype, self.context = weight.device, weight.dtype, cfg.max_position_embeddings
         self.slot_bytes = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * weight.element_size()  # k and v
+        # scoring a prompt (score_prompt) holds score_rows positions' logits at a time in three
+        # copies (the model's, fp32, log-softmax): an eighth of the budget (compiled: what the
+        # fixed block leaves), counted against it when such a request is admitted
+        self.score_row_bytes = 3 * 4 * cfg.vocab_size
+        self.score_rows = min(512, cache_bytes // 8 // self.score_row_bytes)
         self.block, self.rows, self.waiting = None, [], deque()  # rows[i] decodes in cache row i
         self.lock = threading.Condition()
         self.steps = self.generated = self.last_batch = 0  # counters for /health and the tests
@@ -294,6 +317,8 @@ class Batcher:
                 raise ValueError(f"a cache budget of {cache_bytes / 2**20:.0f} MiB cannot hold {max_batch} rows of "
                                  f"{slots} positions; raise it or lower max_batch")
             self.fixed = (max_batch, slots)
+            self.score_rows = min(512, (cache_bytes - max_batch * slots * self.slot_bytes) // self.score_row_bytes)
+        self.score_bytes = self.score_rows * self.score_row_bytes
         if thread:  # else the caller runs run() in a thread of its own (serve.py: the one that loaded the model)
             threading.Thread(target=self.run, name="batcher", daemon=True).start()
 
@@ -310,21 +335,31 @@ class Batcher:
         rows, slots = shape or self.block_shape()
         return rows * slots * self.slot_bytes
 
-    def submit(self, seq):
-        """Queue seq; ValueError if it could never fit in the cache budget, Busy if the line is full."""
-        if self.fixed and seq.slots > self.fixed[1]:
-            raise ValueError(f"{seq.slots} tokens (prompt + max_tokens) do not fit in a row of {self.fixed[1]} "
-                             f"positions (the cache budget over {self.max_batch} rows)")
-        alone = self.cache_size(self._shape(1, seq.slots))
-        if alone > self.cache_bytes:
-            most = self.cache_bytes // self.slot_bytes
-            raise ValueError(f"{seq.slots} tokens (prompt + max_tokens) need {alone / 2**20:.0f} MiB of KV cache; "
-                             f"this server's cache budget is {self.cache_bytes / 2**20:.0f} MiB (at most about "
-                             f"{most} tokens in one request)")
+    def scratch(self, seq):
+        """Bytes seq needs beyond its cache slots while its prompt is read: the scoring pieces."""
+        return self.score_bytes if seq.score_prompt else 0
+
+    def submit(self, *seqs):
+        """Queue the seqs, all or none; ValueError if one could never fit in the cache
+        budget, Busy if the line has no room for them all."""
+        for seq in seqs:
+            if seq.score_prompt and not self.score_rows:
+                raise ValueError(f"scoring a prompt needs {self.score_row_bytes / 2**20:.1f} MiB beside the KV cache, "
+                                 f"and this server's cache budget leaves none")
+            if self.fixed and seq.slots > self.fixed[1]:
+                raise ValueError(f"{seq.slots} tokens (prompt + max_tokens) do not fit in a row of {self.fixed[1]} "
+                                 f"positions (the cache budget over {self.max_batch} rows)")
+            alone = self.cache_size(self._shape(1, seq.slots)) + self.scratch(seq)
+            if alone > self.cache_bytes:
+                most = self.cache_bytes // self.slot_bytes
+                raise ValueError(f"{seq.slots} tokens (prompt + max_tokens) need {alone / 2**20:.0f} MiB of KV cache"
+                                 f"{' and scoring' if seq.score_prompt else ''}; "
+                                 f"this server's cache budget is {self.cache_bytes / 2**20:.0f} MiB (at most about "
+                                 f"{most} tokens in one request)")
         with self.lock:
-            if len(self.waiting) >= self.max_waiting:
+            if len(self.waiting) + len(seqs) > self.max_waiting:
                 raise Busy(f"{len(self.rows)} requests are generating and {len(self.waiting)} are waiting")
-            self.waiting.append(seq)
+            self.waiting.extend(seqs)
             self.lock.notify()
 
     def ahead(self, seq, for_a_row=False):
@@ -374,10 +409,13 @@ class Batcher:
             if not self.waiting or len(self.rows) >= self.max_batch:
                 return None
             seq = self.waiting[0]
+            if not self.rows and not self.fixed:
+                self.block = None  # an empty batch gives its block back: the next one is sized afresh
             wanted = self._shape(len(self.rows) + 1, max([seq.slots] + [r.slots for r in self.rows]))
             shape = tuple(max(a, b) for a, b in zip(wanted, self.block_shape()))  # never shrinks while in use
             grow = shape != self.block_shape()
-            if grow and self.cache_size() + self.cache_size(shape) > self.cache_bytes:
+            # while a block grows, the old and the new one are both held (the rows are copied over)
+            if (self.cache_size() if grow else 0) + self.cache_size(shape) + self.scratch(seq) > self.cache_bytes:
                 return None  # waits for rows to leave (when the batch empties, the block goes)
             self.waiting.popleft()
         if grow:
@@ -392,12 +430,24 @@ class Batcher:
         return seq
 
     def _prefill(self, seq):
-        row = len(self.rows)
+        row, T = len(self.rows), len(seq.prompt)
         self.rows.append(seq)
         idx = torch.tensor([seq.prompt], device=self.device)  # (1, T)
-        view = self.block.view(1, len(seq.prompt), first_row=row)
-        logits = self.model(idx, kv_cache=view, last_only=True)[0][:, -1]  # (1, V)
-        seq.pos = len(seq.prompt)
+        if not seq.score_prompt:  # the last position's logits only
+            logits = self.model(idx, kv_cache=self.block.view(1, T, first_row=row), last_only=True)[0][:, -1]
+        else:  # every position's, score_rows at a time: never all T x V logits at once
+            for start in range(0, T, self.score_rows):
+                end = min(T, start + self.score_rows)
+                pos = torch.arange(start, end, device=self.device).view(1, -1)  # (1, p)
+                logits = self.model(idx[:, start:end], kv_cache=self.block.view(1, end, first_row=row),
+                                    input_pos=pos)[0][0]  # (p, V)
+                scored = min(end, T - 1) - start  # position i scores prompt token i + 1
+                seq.scores += token_scores(logits[:scored], idx[0, start + 1:start + 1 + scored], seq.logprobs)
+            logits = logits[-1:]  # (1, V)
+        seq.pos = T
+        if seq.max_new_tokens == 0:  # scored, nothing to generate
+            seq.finished = True
+            return
         self._emit([seq], logits)
 
     def _step(self):
@@ -418,6 +468,10 @@ class Batcher:
         settings = torch.tensor([[seq.temperature, seq.top_k, seq.top_p] for seq in rows], dtype=torch.float64)
         u = torch.tensor([[uniform(seq.seed, seq.made)] for seq in rows], device=self.device)  # (n, 1)
         tokens = sample_next(logits, settings[:, 0].float(), settings[:, 1].long(), settings[:, 2].float(), uniform=u)
+        if scored := [i for i, seq in enumerate(rows) if seq.logprobs is not None]:  # (an evaluator's rows)
+            top = max(rows[i].logprobs for i in scored)
+            for i, (lp, best) in zip(scored, token_scores(logits[scored], tokens[scored].clamp(min=0), top)):
+                rows[i].scores.append((lp, best[:rows[i].logprobs]))
         for seq, token in zip(rows, tokens.view(-1).tolist()):  # the one copy to the host of this step
             if token < 0:  # this row's logits overflowed: the request fails, the others go on
                 seq.finished = True

@@ -118,9 +118,16 @@ def save_pretrained(model, out_dir):
         json.dump({"bos_token_id": EOT_ID, "eos_token_id": eos}, f, indent=2)
     shutil.copy(os.path.join(HERE, "tokenizer.json"), out_dir)
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-                   "unk_token": "<|endoftext|>", "add_prefix_space": False,
-                   "model_max_length": model.config.max_position_embeddings}, f, indent=2)
+        json.dump(tokenizer_config(model.config), f, indent=2)
+
+
+def tokenizer_config(config):
+    """tokenizer_config.json of an exported directory, and what serve.py's /tokenizer_info
+    says, so that an evaluator sees the same special tokens through either: cosmo2 adds
+    no bos, and <|endoftext|> (id 0) is its bos, eos and unk."""
+    return {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>", "add_bos_token": False, "add_prefix_space": False,
+            "model_max_length": config.max_position_embeddings}
 
 
 def find_gguf():

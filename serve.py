@@ -6,8 +6,12 @@ Serve one model over HTTP: a chat page for people, an OpenAI-compatible API for 
 
     GET  /                       the page: chat (instruct models) or completion (base models)
     POST /v1/chat/completions    messages -> reply, as OpenAI's API (stream: true for SSE)
-    POST /v1/completions         prompt -> continuation
+    POST /v1/completions         prompt -> continuation; a list of prompts (text or token ids) -> one choice
+                                 each; echo and logprobs score the prompt too (max_tokens 0: only that),
+                                 as lm-evaluation-harness's local-completions asks (docs/evaluate.md)
     GET  /v1/models
+    POST /tokenize, /detokenize  text <-> token ids with the server's tokenizer (as vLLM's)
+    GET  /tokenizer_info         its special tokens and chat template
     GET  /health                 {"status": "ok", "model", "chat", "context_length", "active_requests":
                                  generating or waiting, "decoding": rows in the batch, "waiting",
                                  "decode_steps" and "last_batch": batched steps so far and the rows
@@ -24,6 +28,7 @@ memory model and measured throughput.
 Needs fastapi and uvicorn: pip install -r requirements-serve.txt
 """
 import asyncio
+import codecs
 import json
 import os
 import queue
@@ -36,7 +41,7 @@ import uuid
 from typing import Annotated, Literal
 
 from access import Access, error_body, host_names
-from chat import ROLES, StopStrings, TextStream, chat_stop_ids, is_chat_model, render_chat
+from chat import CHAT_TEMPLATE, ROLES, StopStrings, TextStream, chat_stop_ids, is_chat_model, render_chat
 from common import HERE, Parser, UserError, add_model_flags, fail, pick_dtype, use_compile
 
 try:
@@ -44,28 +49,36 @@ try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, ConfigDict, Field, field_validator
+    from pydantic_core import PydanticCustomError
     from starlette.exceptions import HTTPException
 except ImportError as e:
     fail(f"serve.py needs {e.name}: pip install -r requirements-serve.txt")
 
 import torch
 
-from data import load_tokenizer
+from data import load_tokenizer, token_bytes
 from engine import Batcher, Busy, ModelOverflow, Sequence, load_from_flags
+from hf import tokenizer_config
 from smol import EOT_ID, SmolLM
 
 # what one request may ask for: every bound answers a client's mistake with a 400, not a 500
 MAX_BODY = 1 << 20  # bytes of JSON (413 past it): a whole context of text fits many times over
 MAX_MESSAGES = 1024
-MAX_STOPS, MAX_STOP_CHARS = 4, 1024  # OpenAI's API allows 4 stop strings
+MAX_STOPS, MAX_STOP_CHARS = 16, 1024  # OpenAI's API allows 4; evaluators add the eos string to a task's own
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (each one a row of the batch, admitted together)
+MAX_LOGPROBS = 20  # the likeliest tokens a scored position may list, as OpenAI's API allows
+# fields of OpenAI's API (or vLLM's) that would change the answer and that this server does not
+# implement: accepted at the value that changes nothing, else refused with a 400 naming them
+INERT = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": {}, "best_of": 1,
+         "suffix": "", "min_tokens": 0, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none"}
 
 
 # ---- requests, as OpenAI's API defines them (the fields this server honours) ----
 # strict: "5" is not 5 and 0 is not false; a client sending those has a bug worth hearing about
 
 class Request_(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")  # a field this server does not know: 400, by name
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, lt=1 << 31)
     max_completion_tokens: int | None = Field(None, ge=1, lt=1 << 31)  # the newer name of max_tokens
@@ -78,6 +91,19 @@ class Request_(BaseModel):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
+    user: str | None = None  # OpenAI's id of the client's end user: changes nothing
+    presence_penalty: float | None = None  # the rest: only at their INERT value
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict | None = None
+    min_tokens: int | None = None
+
+    def refuse_inert(self):
+        for name, inert in INERT.items():
+            value = getattr(self, name, None)
+            if value is not None and value != inert:
+                raise APIError(400, f"{name}: this server does not implement it (only {json.dumps(inert)}, or "
+                                    f"leave it out)", param=name, code="unsupported_parameter")
 
 
 class TextPart(BaseModel):
@@ -97,13 +123,61 @@ class Message(BaseModel):
 
 class ChatRequest(Request_):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    logprobs: bool = False  # each token of the reply with its log-probability
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # ... and the N likeliest (needs logprobs)
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class CompletionRequest(Request_):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]  # one prompt: no batches
+    # one prompt or a list, each text or token ids: one choice per prompt, in order
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    max_tokens: int | None = Field(None, ge=0, lt=1 << 31)  # 0: nothing generated (echo and logprobs: scoring)
+    echo: bool = False  # the prompt comes back before the completion (and is scored, with logprobs)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # each token's log-probability and the N likeliest
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def plain_mistakes(cls, prompt):  # said plainly, before each member of the union says it its own way
+        if not isinstance(prompt, list):
+            return prompt
+        if prompt == [] or [] in prompt:
+            raise PydanticCustomError("empty", "a prompt may be a string or token ids, never an empty list")
+        ids = prompt if isinstance(prompt[0], int) else [i for p in prompt if isinstance(p, list) for i in p]
+        if any(isinstance(i, int) and i < 0 for i in ids):
+            raise PydanticCustomError("negative", "token ids are 0 or more")
+        if not isinstance(prompt[0], int) and len(prompt) > MAX_PROMPTS:
+            raise PydanticCustomError("too_many", f"at most {MAX_PROMPTS} prompts in one request, got {len(prompt)}")
+        return prompt
+
+    def prompts(self):
+        """The prompts, each a string or a list of token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return self.prompt
 
 
-UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "none"}
+class TokenizeRequest(BaseModel):  # as vLLM's /tokenize
+    model_config = ConfigDict(strict=True, extra="forbid")
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True  # either way: cosmo2 adds no special tokens to a text
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "none", "constrained-int"}
 
 
 class APIError(Exception):
@@ -138,6 +212,7 @@ class ServedModel:
         self.chat = is_chat_model(model)
         # no prompt longer than this many characters can fit: checked before tokenizing
         self.max_chars = self.context * max(len(t) for t in tokenizer.get_vocab())
+        self.token_bytes = token_bytes(tokenizer)  # what each id stands for, for log-probabilities
 
     def check(self, req):
         if req.model is not None and req.model != self.name:
@@ -152,6 +227,47 @@ class ServedModel:
         # off the event loop: a long prompt must not hold up the other clients
         return (await asyncio.to_thread(self.tokenizer.encode, text)).ids
 
+    def check_ids(self, ids, param):
+        vocab = len(self.token_bytes)
+        if (bad := next((i for i in ids if i >= vocab), None)) is not None:
+            raise APIError(400, f"{param}: token id {bad} is not in this model's vocabulary (0..{vocab - 1})",
+                           param=param)
+        return ids
+
+    def token_text(self, token_id):
+        """A token's own text; a token holding part of a character shows U+FFFD for it."""
+        return self.token_bytes[token_id].decode("utf-8", errors="replace")
+
+    def text(self, ids):
+        """The text of some token ids, special tokens included (what echo sends back)."""
+        return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+    def completion_logprobs(self, ids, scores):
+        """The completions API's logprobs of the tokens ids, scores[i] = (logprob, top) for
+        ids[i] ((None, None) for a prompt's first token, which nothing predicts): the top
+        ones as {text: logprob}, the token itself among them as OpenAI's API has it, and
+        where each token's text starts (a character split over tokens counts at its last)."""
+        utf8, at, offsets, tops = codecs.getincrementaldecoder("utf-8")(errors="replace"), 0, [], []
+        for token_id, (lp, top) in zip(ids, scores):
+            offsets.append(at)
+            at += len(utf8.decode(self.token_bytes[token_id]))
+            if top is None:
+                tops.append(None)
+                continue
+            shown = {}
+            for i, value in top + [(token_id, lp)]:
+                shown.setdefault(self.token_text(i), value)  # two ids may decode alike: the likelier one
+            tops.append(shown)
+        return {"tokens": [self.token_text(i) for i in ids], "token_logprobs": [lp for lp, _ in scores],
+                "top_logprobs": tops, "text_offset": offsets}
+
+    def chat_logprobs(self, ids, scores):
+        """The chat API's logprobs: per token its text, logprob, bytes and the top ones."""
+        def entry(token_id, lp):
+            return {"token": self.token_text(token_id), "logprob": lp, "bytes": list(self.token_bytes[token_id])}
+        return {"content": [{**entry(i, lp), "top_logprobs": [entry(j, v) for j, v in top]}
+                            for i, (lp, top) in zip(ids, scores)]}
+
     def budget(self, req, n_prompt):
         """max_tokens, or all the room the context (a compiled batch: its row) has left when none is asked for."""
         limit = self.batcher.fixed[1] if self.batcher.fixed else self.context
@@ -165,30 +281,36 @@ class ServedModel:
         if wanted is not None and wanted > room:
             raise APIError(400, f"{what}; the prompt has {n_prompt} and max_tokens asks for {wanted} more "
                                 f"(at most {room})", param="max_tokens", code="context_length_exceeded")
-        return wanted or room
+        return room if wanted is None else wanted
 
-    def submit(self, prompt_ids, req, stop_ids):
-        """Queue the request in the batcher; its tokens arrive on the returned asyncio
-        queue (then None, or an Exception if the model failed)."""
-        loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
-        seq = Sequence(prompt_ids, self.budget(req, len(prompt_ids)),
-                       lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token),
-                       temperature=req.temperature, top_k=req.top_k or None, top_p=req.top_p, seed=req.seed,
-                       stop_ids=stop_ids)
+    def submit(self, prompts, req, stop_ids, logprobs=None, score_prompt=False):
+        """Queue one request per prompt (ids), all admitted together or none; each one's
+        tokens arrive on its own asyncio queue (then None, or an Exception if the model
+        failed). Returns [(Sequence, queue)]."""
+        loop, queued = asyncio.get_running_loop(), []
+        for n, prompt_ids in enumerate(prompts):
+            tokens = asyncio.Queue()
+            seq = Sequence(prompt_ids, self.budget(req, len(prompt_ids)),
+                           lambda token, tokens=tokens: loop.call_soon_threadsafe(tokens.put_nowait, token),
+                           temperature=req.temperature, top_k=req.top_k or None, top_p=req.top_p,
+                           seed=None if req.seed is None else (req.seed + n) % (1 << 64),  # a prompt's own stream
+                           stop_ids=stop_ids, logprobs=logprobs, score_prompt=score_prompt)
+            queued.append((seq, tokens))
         try:
-            self.batcher.submit(seq)
+            self.batcher.submit(*(seq for seq, _ in queued))
         except Busy as e:
             raise APIError(429, f"The server is busy ({e}); try again shortly", code="server_busy",
                            type="rate_limit_error", headers={"Retry-After": "1"}) from None
         except ValueError as e:
             raise APIError(400, f"This request does not fit in this server's memory: {e}; ask for fewer "
                                 f"max_tokens", param="max_tokens", code="context_length_exceeded") from None
-        return seq, tokens
+        return queued
 
-    async def generate(self, seq, tokens, req, stop_ids, request):
+    async def generate(self, seq, tokens, req, stop_ids, request, ids=None):
         """Yield (text, None) pieces as they are decoded, then (text, finish_reason) with
         finish_reason "stop" (a stop id or stop string) or "length". While the request waits
-        for a row: (None, n), n the requests ahead of it in line, at once and every second."""
+        for a row: (None, n), n the requests ahead of it in line, at once and every second.
+        ids: a list that gets every token id generated, a stop id included."""
         text, stops, finish = TextStream(self.tokenizer), StopStrings(stop_strings(req)), "length"
         n = 0
         try:
@@ -210,6 +332,8 @@ class ServedModel:
                     break
                 if isinstance(token, Exception):
                     raise token
+                if ids is not None:
+                    ids.append(token)
                 n += 1
                 request.state.completion_tokens = n
                 if token in stop_ids:
@@ -250,6 +374,9 @@ def create_app(served):
             message, param = f"The request body is not valid JSON ({reason})", None
         elif err["type"] == "missing" and not loc:
             message, param = "The request needs a JSON body", None
+        elif err["type"] == "extra_forbidden":
+            param = ".".join(loc)
+            message = f"{param}: this server does not know this field"
         else:
             param = ".".join(loc) or None
             message = f"{param}: {err['msg']}" if param else err["msg"]
@@ -286,45 +413,99 @@ def create_app(served):
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         served.check(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         prompt_ids = await served.encode(render_chat(messages), "messages")
-        return await respond(req, request, prompt_ids, chat_stop_ids(served.model), chat=True)
+        return await respond(req, request, [prompt_ids], chat_stop_ids(served.model), chat=True,
+                             logprobs=(req.top_logprobs or 0) if req.logprobs else None)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         served.check(req)
-        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        prompt_ids = await served.encode(prompt, "prompt") or [EOT_ID]  # nothing: start a fresh document
-        return await respond(req, request, prompt_ids, set(served.model.eos_token_ids), chat=False)
+        prompts = req.prompts()
+        if len(prompts) > max(1, served.batcher.max_waiting):
+            raise APIError(400, f"prompt: this server takes at most {served.batcher.max_waiting} prompts in one "
+                                f"request (--max_waiting), got {len(prompts)}", param="prompt")
+        # text is tokenized here (nothing: start a fresh document); ids are taken as they are
+        prompts = [served.check_ids(p, "prompt") if isinstance(p, list) else
+                   await served.encode(p, "prompt") or [EOT_ID] for p in prompts]
+        return await respond(req, request, prompts, set(served.model.eos_token_ids), chat=False, echo=req.echo,
+                             logprobs=req.logprobs)
 
-    async def respond(req, request, prompt_ids, stop_ids, chat):
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        served.check(req)
+        ids = await served.encode(req.prompt, "prompt")
+        return {"count": len(ids), "max_model_len": served.context, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        served.check(req)
+        ids = served.check_ids(req.tokens, "tokens")
+        return {"prompt": b"".join(served.token_bytes[i] for i in ids).decode("utf-8", errors="replace")}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return {**tokenizer_config(served.model.config), "chat_template": CHAT_TEMPLATE}
+
+    async def respond(req, request, prompts, stop_ids, chat, echo=False, logprobs=None):
+        req.refuse_inert()
         stop_ids = set() if req.ignore_eos else stop_ids
         stop_strings(req)  # checked before the request is queued
-        seq, tokens = served.submit(prompt_ids, req, stop_ids)  # refused (400, 429) before any streaming starts
+        if req.stream and (len(prompts) > 1 or echo or logprobs is not None):
+            raise APIError(400, "stream: this server streams one prompt without echo or logprobs; ask for these "
+                                "without stream", param="stream")
+        # refused (400, 429) before any streaming starts
+        queued = served.submit(prompts, req, stop_ids, logprobs, score_prompt=echo and logprobs is not None)
         request.state.completion_tokens = 0
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": served.name}
 
-        def usage():
-            n = request.state.completion_tokens
-            return {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "total_tokens": len(prompt_ids) + n}
+        def usage(completion_tokens):
+            n_prompt = sum(len(p) for p in prompts)
+            return {"prompt_tokens": n_prompt, "completion_tokens": completion_tokens,
+                    "total_tokens": n_prompt + completion_tokens}
 
-        def choice(text, finish, delta):
+        def choice(text, finish, delta, index=0, logprobs=None):
             if not chat:
-                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+                return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
             body = {"content": text} if text or not delta else {}
-            return {"index": 0, ("delta" if delta else "message"): body if delta else {"role": "assistant", **body},
-                    "logprobs": None, "finish_reason": finish}
+            return {"index": index, ("delta" if delta else "message"): body if delta else {"role": "assistant", **body},
+                    "logprobs": logprobs, "finish_reason": finish}
 
-        pieces = served.generate(seq, tokens, req, stop_ids, request)
         if not req.stream:  # waits in line without a word, as OpenAI's API does
-            text, finish = "", "length"
-            async for piece, end in pieces:
-                if piece is not None:
-                    text, finish = text + piece, end
-            return {**head, "choices": [choice(text, finish, delta=False)], "usage": usage()}
+            async def one(seq, tokens):
+                text, finish, ids = "", "length", []
+                async for piece, end in served.generate(seq, tokens, req, stop_ids, request, ids):
+                    if piece is not None:
+                        text, finish = text + piece, end
+                return text, finish, ids
+            try:
+                done = await asyncio.gather(*(one(seq, tokens) for seq, tokens in queued))
+            finally:
+                for seq, _ in queued:  # one prompt failed: the others stop too
+                    seq.cancelled = True
+            choices = []
+            for i, ((seq, _), (text, finish, ids)) in enumerate(zip(queued, done)):
+                scores = seq.scores
+                if echo:
+                    text = served.text(prompts[i]) + text
+                if logprobs is None:
+                    shown = None
+                elif chat:  # the reply's tokens, not the stop id that ended it
+                    kept = ids[:-1] if ids and ids[-1] in stop_ids else ids
+                    shown = served.chat_logprobs(kept, scores[:len(kept)])
+                else:
+                    prompt_scores = [(None, None)] + scores[:len(prompts[i]) - 1] if seq.score_prompt else []
+                    made = scores[len(prompt_scores) - 1:][:len(ids)] if seq.score_prompt else scores[:len(ids)]
+                    shown = served.completion_logprobs((prompts[i] if echo else []) + ids, prompt_scores + made)
+                choices.append(choice(text, finish, delta=False, index=i, logprobs=shown))
+            return {**head, "choices": choices, "usage": usage(sum(len(ids) for _, _, ids in done))}
 
+        seq, tokens = queued[0]
+        pieces = served.generate(seq, tokens, req, stop_ids, request)
         chunk = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
 
         async def events():
@@ -339,7 +520,7 @@ def create_app(served):
                 elif piece or finish:
                     yield event({**chunk, "choices": [choice(piece, finish, delta=True)]})
             if (req.stream_options or {}).get("include_usage"):
-                yield event({**chunk, "choices": [], "usage": usage()})
+                yield event({**chunk, "choices": [], "usage": usage(request.state.completion_tokens)})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -364,7 +545,8 @@ def main(argv=None):
                    help="compile the batched decode step over a fixed block of max_batch rows, once per length "
                         "bucket (CUDA graphs on CUDA); auto: on CUDA only")
     p.add_argument("--api_key", default=os.environ.get("SMOL_API_KEY") or None,
-                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $SMOL_API_KEY, else none)")
+                   help="require 'Authorization: Bearer KEY' on /v1/ and the tokenizer routes (default: "
+                        "$SMOL_API_KEY, else none)")
     p.add_argument("--allow_origin", action="append", default=[],
                    help="a web origin (https://site.example, or *) whose pages may call this server; repeatable")
     p.add_argument("--allow_host", action="append", default=[],

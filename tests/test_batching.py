@@ -220,3 +220,59 @@ def test_a_request_whose_logits_overflow_fails_with_the_reason():
     assert done.wait(120)
     assert isinstance(got[0], ModelOverflow) and got[1:] == [None]
     assert str(got[0]).startswith("the model's activations overflowed float16 (its logits are inf or NaN)")
+
+
+def test_a_prompt_is_scored_in_pieces_of_score_rows_positions(model, monkeypatch):
+    """score_prompt: every prompt token after the first gets its log-probability and top
+    ones, computed score_rows positions at a time (never all T x V logits at once), equal
+    to the plain forward pass's log-softmax; then generation goes on as usual."""
+    batcher = Batcher(model, cache_bytes=1 << 20)  # 1 MiB: an eighth for scoring, 12 B per logit of 512
+    assert batcher.score_rows == (1 << 20) // 8 // (12 * 512) == 21
+    widths, forward = [], SmolLM.forward
+
+    def counting(self, idx, *args, **kw):
+        widths.append(idx.size(1))
+        return forward(self, idx, *args, **kw)
+    monkeypatch.setattr(SmolLM, "forward", counting)
+    prompt = prompts(1, seed=3)[0] * 3  # 100 tokens or so
+    run = Run(batcher)
+    seq = run.submit("scored", prompt, 4, temperature=0, logprobs=2, score_prompt=True)
+    run.wait()
+    T = len(prompt)
+    assert widths[:-3] == [min(21, T - s) for s in range(0, T, 21)]  # the pieces, then 3 one-token steps
+    assert len(seq.scores) == T - 1 + 4
+    monkeypatch.setattr(SmolLM, "forward", forward)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([prompt + run.tokens["scored"]]))[0][0], dim=-1)  # (T + 4, V)
+    ids = prompt + run.tokens["scored"]
+    for i, (logprob, top) in enumerate(seq.scores):  # score i: token i + 1 given the ones before
+        assert abs(logprob - lp[i, ids[i + 1]].item()) < 1e-5
+        assert [j for j, _ in top] == lp[i].topk(2).indices.tolist()
+    # the generated tokens are greedy: each one's log-probability is its first top one, exactly
+    assert all(logprob == top[0][1] for logprob, top in seq.scores[T - 1:])
+
+
+def test_scoring_counts_against_the_budget_and_max_tokens_0_only_scores(model):
+    slot = Batcher(model, max_batch=1).slot_bytes
+    assert slot == 512 and Batcher(model).score_row_bytes == 12 * 512
+    batcher = Batcher(model, cache_bytes=70_000)  # 136 slots; an eighth is one scoring row's logits
+    assert batcher.score_rows == 1
+    with pytest.raises(ValueError, match="of KV cache and scoring"):  # 128 slots + the row: 71,680 bytes
+        batcher.submit(Sequence([1] * 100, 4, lambda t: None, score_prompt=True, logprobs=0))
+    batcher.submit(Sequence([1] * 100, 4, lambda t: None))  # the same without scoring fits
+    with pytest.raises(ValueError, match="leaves none"):
+        Batcher(model, cache_bytes=6000).submit(Sequence([1], 1, lambda t: None, score_prompt=True, logprobs=0))
+    run = Run(Batcher(model))
+    seq = run.submit("score only", [5, 6, 7, 8], 0, score_prompt=True, logprobs=0)
+    run.wait()
+    assert run.tokens["score only"] == [] and [top for _, top in seq.scores] == [[], [], []]
+
+
+def test_a_list_of_requests_is_queued_all_together_or_refused_together(model):
+    batcher = Batcher(model, max_batch=1, max_waiting=3, thread=False)  # no worker: the line only fills
+    batcher.submit(Sequence([1], 4, lambda t: None))
+    with pytest.raises(Busy):
+        batcher.submit(*(Sequence([1], 4, lambda t: None) for _ in range(3)))
+    assert len(batcher.waiting) == 1  # none of the three went in
+    batcher.submit(*(Sequence([1], 4, lambda t: None) for _ in range(2)))
+    assert len(batcher.waiting) == 3

@@ -151,7 +151,7 @@ def test_a_client_mistake_gets_an_openai_style_4xx(chat_server, name):
 
 
 def test_completion_mistakes_and_wrong_paths(chat_server, client, openai):
-    r = httpx.post(chat_server.url + "/v1/completions", json={"prompt": ["a", "b"]})
+    r = httpx.post(chat_server.url + "/v1/completions", json={"prompt": ["a", 1]})  # text and ids mixed
     assert r.status_code == 400 and error_of(r)["param"] == "prompt"
     r = httpx.get(chat_server.url + "/v1/chat/completions")
     assert r.status_code == 405 and error_of(r)["message"]
@@ -160,7 +160,7 @@ def test_completion_mistakes_and_wrong_paths(chat_server, client, openai):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="gpt-4o", messages=CHAT["messages"])
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
-        client.completions.create(model="hf", prompt="x", max_tokens=0)
+        client.chat.completions.create(model="hf", messages=CHAT["messages"], max_tokens=0)
 
 
 def test_sixteen_clients_streaming_at_once_all_get_their_answers(chat_server, reference):

@@ -3,6 +3,7 @@ full batch and a full line (429), a memory budget that holds under 64 requests,
 hostile and odd input (a 4xx each), and who may call (Host, Origin, API key)."""
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -36,7 +37,8 @@ def peak_mib(server):
 
 LONGEST_TOKEN = 81  # characters: the longest of the 49,152 tokens
 BAD = {  # request body -> (status, param, words the message must contain)
-    "five stop strings": ({**CHAT, "stop": list("abcde")}, 400, "stop", "at most 4 stop strings, got 5"),
+    "seventeen stop strings": ({**CHAT, "stop": list("abcdefghijklmnopq")}, 400, "stop",
+                               "at most 16 stop strings, got 17"),
     "a stop string too long": ({**CHAT, "stop": "x" * 1025}, 400, "stop", "at most 1024 characters"),
     "a stop list item too long": ({**CHAT, "stop": ["ok", "x" * 1025]}, 400, "stop", "at most 1024 characters"),
     "a stop list of numbers": ({**CHAT, "stop": [1, 2]}, 400, "stop", "valid string"),
@@ -168,7 +170,8 @@ def test_a_streaming_request_in_line_hears_its_place_at_once_and_while_it_waits(
             next(busy[-1])
         waiting = []
         for chat in (False, True):
-            body = {"messages": [{"role": "user", "content": "Hi"}], **STREAM} if chat else STREAM
+            body = {"messages": [{"role": "user", "content": "Hi"}],
+                    **{k: v for k, v in STREAM.items() if k != "prompt"}} if chat else STREAM
             r = streams.enter_context(http.stream("POST", "/v1/chat/completions" if chat else "/v1/completions",
                                                   json=body))
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -249,7 +252,7 @@ def keyed_server(chat_model):
     server.stop()
 
 
-def test_an_api_key_is_required_on_v1_only(keyed_server, openai_module):
+def test_an_api_key_is_required_on_the_api_only(keyed_server, openai_module):
     wrong = openai_module.OpenAI(base_url=keyed_server.url + "/v1", api_key="guess", max_retries=0)
     with pytest.raises(openai_module.AuthenticationError, match="Incorrect or missing API key"):
         wrong.chat.completions.create(model="hf", messages=CHAT["messages"])
@@ -257,6 +260,11 @@ def test_an_api_key_is_required_on_v1_only(keyed_server, openai_module):
     assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
     right = openai_module.OpenAI(base_url=keyed_server.url + "/v1", api_key="sesame", max_retries=0)
     assert right.chat.completions.create(model="hf", messages=CHAT["messages"], max_tokens=2).choices
+    for path, body in (("/tokenize", {"prompt": "Hi"}), ("/detokenize", {"tokens": [1]}), ("/tokenizer_info", None)):
+        call = functools.partial(httpx.get if body is None else httpx.post, keyed_server.url + path,
+                                 **({} if body is None else {"json": body}))
+        assert call().status_code == 401 and error_of(call())["code"] == "invalid_api_key", path
+        assert call(headers={"authorization": "Bearer sesame"}).status_code == 200, path
     assert httpx.get(keyed_server.url + "/health").status_code == 200  # the page's own calls need no key
     assert httpx.get(keyed_server.url + "/").status_code == 200
 
