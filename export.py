@@ -56,8 +56,8 @@ def main(argv=None):
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     to_gguf = args.to.lower().endswith(".gguf")
     if args.dtype == "q8_0" and not to_gguf:
-        raise UserError(f"--dtype q8_0 is for GGUF files only: name one with --to FILE.gguf "
-                        f"(a Hugging Face directory takes float32, float16 or bfloat16)")
+        raise UserError("--dtype q8_0 is for GGUF files only: name one with --to FILE.gguf "
+                        "(a Hugging Face directory takes float32, float16 or bfloat16)")
     if args.from_hf and args.from_gguf is not None:
         raise UserError("--from_hf and --from_gguf: pick one source")
     if args.from_gguf is not None:

@@ -95,8 +95,8 @@ def test_export_py_round_trip_gives_the_same_weights(files, tmp_path):
         assert torch.equal(back.state_dict()[k], v), k
 
 
-TEXTS = ["The year 2024 had 366 days.", "def add(a, b):\n    return a + b\n", "  multiple   spaces\n\n\ttabs",
-         "Café, naïve, Zürich; Москва; 東京; مرحبا", "I love pizza 🍕🙂!", "<|im_start|>user\nHi<|im_end|>\n"]
+TEXTS = ["The year 2024 had 366 days.", "def add(a, b):\n    return a + b\n",
+         "  multiple   spaces\n\n\ttabs", "Café, naïve, Zürich; Москва; 東京; مرحبا", "I love pizza 🍕🙂!", "<|im_start|>user\nHi<|im_end|>\n"]
 
 
 def test_the_files_tokenizer_encodes_like_tokenizer_json(files):
@@ -176,6 +176,12 @@ def test_nothing_is_overwritten_that_would_be_lost(tmp_path, args, message):
     with pytest.raises(UserError, match=message):
         export_main([a.format(tmp=tmp_path) for a in args])
     assert (tmp_path / "notes.gguf").read_text() == "my notes"
+
+
+def test_without_the_gguf_package_a_gguf_file_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed: its import fails
+    with pytest.raises(UserError, match="^--to FILE.gguf needs the gguf package: pip install gguf$"):
+        export_main(["--to", str(tmp_path / "x.gguf")])
 
 
 def test_a_model_without_the_cosmo2_vocabulary_is_refused(tmp_path):
