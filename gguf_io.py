@@ -1,0 +1,171 @@
+"""
+GGUF out: one file that llama.cpp, and what is built on it (llama-cli, llama-server,
+Ollama, llama-cpp-python), runs as a Llama: llama.cpp's metadata keys, its tensor names
+and row order, the cosmo2 tokenizer and the ChatML template, as the official SmolLM2
+GGUF files have them. (GGUF in is hf.from_gguf: transformers reads the file.)
+
+    from gguf_io import write_gguf
+    write_gguf(model, "smol.gguf", "q8_0")   # float32, float16, bfloat16 or q8_0
+
+The gguf package (pip install gguf) does the file format and the Q8_0 blocks.
+"""
+import json
+import os
+
+import torch
+
+from chat import DEFAULT_SYSTEM_PROMPT
+from common import HERE
+from smol import IM_END_ID
+
+GGUF_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
+
+# tokenizer.chat_template: what chat.render_chat writes, in Jinja (llama.cpp and Ollama
+# render it): the default system message first when the conversation has none, then
+# <|im_start|>ROLE\nTEXT<|im_end|>\n per turn; the same template as the official files'
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+# our parameter names -> llama.cpp's (blk.N. for model.layers.N.); the head is tied to
+# token_embd, so there is no output.weight: llama.cpp then reuses token_embd
+NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
+         "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+         "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+         "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+         "mlp.down_proj": "ffn_down"}
+
+
+def gguf_name(name):
+    """model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight"""
+    stem = name.removesuffix(".weight")
+    if stem.startswith("model.layers."):
+        layer, rest = stem.removeprefix("model.layers.").split(".", 1)
+        return f"blk.{layer}.{NAMES[rest]}.weight"
+    return NAMES[stem] + ".weight"
+
+
+def interleave_rope_rows(w, n_head):
+    """Reorder the rows of a q or k projection (n_head * hs, C) for llama.cpp's RoPE.
+    smol.py (like transformers) rotates halves: in each head, row i pairs with row
+    i + hs/2. llama.cpp's Llama rotates neighbours: rows 2i and 2i+1. So each head's
+    rows go from [x_0 .. x_{hs/2-1}, y_0 .. y_{hs/2-1}] to [x_0, y_0, x_1, y_1, ...];
+    the dot products q.k, and so the model, are unchanged. (transformers' GGUF reader
+    undoes exactly this when it loads a llama file.)"""
+    rows, C = w.shape
+    hs = rows // n_head
+    return w.view(n_head, 2, hs // 2, C).transpose(1, 2).reshape(rows, C)  # (nh, 2, hs/2, C) -> (nh, hs/2, 2, C)
+
+
+def encode(w, dtype):
+    """A tensor as (numpy data, ggml type or None for plain float arrays), in dtype.
+    The norms (1-D) stay float32 whatever the dtype, as llama.cpp's converter keeps them."""
+    import gguf
+    a = w.detach().to(torch.float32).cpu().numpy()
+    if a.ndim == 1 or dtype == "float32":
+        return a, None
+    if dtype == "float16":
+        return a.astype("float16"), None
+    qtype = gguf.GGMLQuantizationType.BF16 if dtype == "bfloat16" else gguf.GGMLQuantizationType.Q8_0
+    if qtype == gguf.GGMLQuantizationType.Q8_0 and a.shape[1] % 32:
+        return a.astype("float16"), None  # Q8_0 blocks are 32 along a row; llama.cpp's fallback is F16 too
+    return gguf.quants.quantize(a, qtype), qtype  # uint8 bytes; the writer takes the shape from qtype
+
+
+def cosmo2_vocab():
+    """(tokens by id, merges "a b", token types) from tokenizer.json: the 17 specials
+    (ids 0-16) are control tokens, llama.cpp's type 3, the rest normal, type 1."""
+    with open(os.path.join(HERE, "tokenizer.json"), encoding="utf-8") as f:
+        tok = json.load(f)
+    vocab = tok["model"]["vocab"]  # token -> id
+    tokens = sorted(vocab, key=vocab.get)
+    assert [vocab[t] for t in tokens] == list(range(len(tokens))), "tokenizer.json: ids are not 0..n-1"
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]  # both tokenizers formats
+    specials = {a["id"] for a in tok["added_tokens"] if a["special"]}
+    return tokens, merges, [3 if i in specials else 1 for i in range(len(tokens))]
+
+
+def check_target(path, source=None):
+    """Why writing path would lose something, or None: a directory, a file that is not
+    GGUF (an export replaces a GGUF file, as it rewrites a directory), or the source."""
+    if os.path.isdir(path):
+        return f"{path} is a directory; name a file ending in .gguf"
+    if source and os.path.exists(path) and os.path.samefile(path, source):
+        return f"{path} is the file being read; write to another name"
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return f"{path} exists and is not a GGUF file; not overwriting it"
+    return None
+
+
+def write_gguf(model, path, dtype="float32", name=None):
+    """Write model as one llama.cpp GGUF file at path (through a temporary file beside it,
+    so an interrupted export leaves the previous file whole). ValueError for a model
+    llama.cpp cannot be given with this tokenizer; ImportError without gguf."""
+    import gguf
+    c = model.config
+    tokens, merges, types = cosmo2_vocab()
+    if c.vocab_size != len(tokens):
+        raise ValueError(f"the model's vocab_size {c.vocab_size} is not the tokenizer's {len(tokens)}: "
+                         f"a GGUF file carries both and llama.cpp wants them equal")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    w = gguf.GGUFWriter(tmp, "llama")  # writes general.architecture = llama
+    w.add_type("model")
+    w.add_name(name or os.path.splitext(os.path.basename(path))[0])
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.n_embd)
+    w.add_block_count(c.n_layer)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.n_head)
+    w.add_head_count_kv(c.n_kv_head)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    file_type = {"float32": gguf.LlamaFileType.ALL_F32, "float16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bfloat16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    w.add_file_type(file_type)
+    w.add_vocab_size(c.vocab_size)
+    w.add_rope_dimension_count(c.head_dim)  # all of each head is rotated
+    if dtype == "q8_0":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    # the tokenizer as the official files carry it: byte-level BPE ("gpt2") with llama.cpp's
+    # "smollm" pre-tokenizer (digits one by one), no BOS and no space added in front
+    eos = model.eos_token_ids[0]  # 0 <|endoftext|> for a base model, 2 <|im_end|> for instruct
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)  # <|im_start|>, as in the official files; never added (add_bos_token False)
+    w.add_eos_token_id(eos)
+    if IM_END_ID in model.eos_token_ids:
+        w.add_eot_token_id(IM_END_ID)  # a chat model's turn ends there: llama-cli stops the reply
+    w.add_unk_token_id(0)
+    w.add_pad_token_id(eos)  # the official instruct file pads with its eos, 2
+    w.add_add_bos_token(False)
+    w.add_add_space_prefix(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue  # tied: the same tensor as token_embd.weight
+        if key.endswith("q_proj.weight"):
+            t = interleave_rope_rows(t, c.n_head)
+        elif key.endswith("k_proj.weight"):
+            t = interleave_rope_rows(t, c.n_kv_head)
+        data, qtype = encode(t, dtype)
+        w.add_tensor(gguf_name(key), data, raw_dtype=qtype)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

