@@ -14,22 +14,11 @@ import os
 
 import torch
 
-from chat import DEFAULT_SYSTEM_PROMPT
+from chat import CHAT_TEMPLATE  # render_chat in Jinja: llama.cpp and Ollama render it
 from common import HERE
 from smol import IM_END_ID
 
 GGUF_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
-
-# tokenizer.chat_template: what chat.render_chat writes, in Jinja (llama.cpp and Ollama
-# render it): the default system message first when the conversation has none, then
-# <|im_start|>ROLE\nTEXT<|im_end|>\n per turn; the same template as the official files'
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 # our parameter names -> llama.cpp's (blk.N. for model.layers.N.); the head is tied to
 # token_embd, so there is no output.weight: llama.cpp then reuses token_embd

@@ -21,7 +21,8 @@ gguf = need_module("gguf", "pip install gguf")
 transformers = need_module("transformers", "pip install transformers")
 need_module("accelerate", "pip install accelerate")
 from export import main as export_main  # noqa: E402
-from gguf_io import CHAT_TEMPLATE, write_gguf  # noqa: E402  (imports gguf lazily; checked above)
+from chat import CHAT_TEMPLATE  # noqa: E402
+from gguf_io import write_gguf  # noqa: E402  (imports gguf lazily; checked above)
 
 
 @pytest.fixture(autouse=True)
