@@ -51,7 +51,7 @@ from smol import SmolConfig, SmolLM
 from train import TrainConfig, train_step
 
 
-def parse_args(argv):
+def build_parser():
     p = Parser(prog="bench.py", description=__doc__.strip().splitlines()[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--batch_size", type=int, default=None, help="default 16 on CUDA, 4 on CPU")
@@ -80,7 +80,11 @@ def parse_args(argv):
     p.add_argument("--serve_steps", type=int, default=20, help="serving rows: timed steps per round (default 20)")
     p.add_argument("--train_case", default=None, help=argparse.SUPPRESS)  # internal: one training case, in a child
     p.add_argument("--llama_cpp_child", action="store_true", help=argparse.SUPPRESS)  # internal: the side by side
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def sync(device):

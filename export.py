@@ -43,7 +43,7 @@ def read_gguf(path):
         raise UserError(f"--from_gguf {path}: {e}") from None
 
 
-def main(argv=None):
+def build_parser():
     p = Parser(prog="export.py", description="Write a Hugging Face checkpoint directory, or one llama.cpp GGUF "
                                              "file, from out_dir/ckpt.pt, a Hugging Face directory or a GGUF file.")
     p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt (default out)")
@@ -53,7 +53,11 @@ def main(argv=None):
     p.add_argument("--to", required=True, help="directory to write, or FILE.gguf for llama.cpp")
     p.add_argument("--dtype", default="float32", choices=GGUF_DTYPES,
                    help="weight dtype (the official files are bfloat16); q8_0 for .gguf only")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     to_gguf = args.to.lower().endswith(".gguf")
     if args.dtype == "q8_0" and not to_gguf:
         raise UserError("--dtype q8_0 is for GGUF files only: name one with --to FILE.gguf "

@@ -16,12 +16,16 @@ from common import Parser, UserError, fail
 from metrics import read_metrics
 
 
-def main(argv=None):
+def build_parser():
     p = Parser(prog="plot.py", description="Plot train.py's metrics.jsonl as a PNG.")
     p.add_argument("--out_dir", default="out", help="folder holding metrics.jsonl (default out)")
     p.add_argument("--to", default=None, help="PNG to write (default OUT_DIR/loss.png)")
     p.add_argument("--title", default=None)
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     train, evals, resumes = read_metrics(os.path.join(args.out_dir, "metrics.jsonl"))
     try:
         import matplotlib

@@ -330,7 +330,7 @@ def prepare(args):
     return meta
 
 
-def main(argv=None):
+def build_parser():
     parser = Parser(prog="prepare.py", description="Tokenize a corpus into train.bin and val.bin (uint16 ids).")
     parser.add_argument("source", metavar="SOURCE", help="text file, .jsonl, .parquet, folder, or hub dataset name")
     parser.add_argument("--out", default="data", help="folder for train.bin, val.bin, meta.json (default data)")
@@ -338,7 +338,11 @@ def main(argv=None):
     parser.add_argument("--text_column", default="text", help="the text field of .jsonl, .parquet and hub records")
     parser.add_argument("--subset", default=None, help="Hugging Face dataset configuration, e.g. cosmopedia-v2")
     parser.add_argument("--batch_docs", type=int, default=1024, help="documents per encode_batch call")
-    return prepare(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    return parser
+
+
+def main(argv=None):
+    return prepare(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

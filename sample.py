@@ -21,7 +21,7 @@ from engine import Decoder, ModelOverflow, load_from_flags
 from smol import EOT_ID
 
 
-def parse_args(argv):
+def build_parser():
     p = Parser(prog="sample.py", description="Generate text from a SmolLM checkpoint.")
     add_model_flags(p, "sampling")
     p.add_argument("--start", default="Once upon a time", help="prompt text, or FILE:path to read it from a file")
@@ -40,7 +40,7 @@ def parse_args(argv):
     p.add_argument("--system", default=None, help="--chat: the system message (default: the model's own)")
     p.add_argument("--verbose", action="store_true",
                    help="--chat: after each reply, its speed on stderr (each sample reports it anyway)")
-    return p.parse_args(argv)
+    return p
 
 
 def read_prompt(start):
@@ -54,7 +54,7 @@ def read_prompt(start):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.temperature < 0:
         raise UserError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:

@@ -529,7 +529,7 @@ def create_app(served):
     return app
 
 
-def main(argv=None):
+def build_parser():
     p = Parser(prog="serve.py", description="Serve a model: a chat page and an OpenAI-compatible API.")
     add_model_flags(p, "serving")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -551,7 +551,11 @@ def main(argv=None):
                    help="a web origin (https://site.example, or *) whose pages may call this server; repeatable")
     p.add_argument("--allow_host", action="append", default=[],
                    help="another name this server may be called by (Host header); repeatable")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     for flag in ("max_batch", "max_waiting", "cache_mb"):

@@ -91,9 +91,10 @@ FINETUNE_DEFAULTS = dict(learning_rate=1e-4, min_lr=1e-5, warmup_iters=0, weight
                          batch_size=8, eval_interval=50, sample_prompt="Who are you?", sample_tokens=64)
 
 
-def parse_args(argv):
-    """Return {name: value} for the flags actually given (defaults are applied later,
-    because on resume they come from the checkpoint)."""
+def build_parser():
+    """One flag per field of TrainConfig and SmolConfig. The parser itself holds no
+    defaults (argparse.SUPPRESS): a flag not given is absent from the result, because on
+    resume the defaults come from the checkpoint; --help shows the fresh-run default."""
     parser = Parser(prog="train.py", argument_default=argparse.SUPPRESS,
                     description="Train SmolLM2. Every setting is a flag; see TrainConfig and SmolConfig.")
     for dc in (TrainConfig(), MODEL_DEFAULTS):
@@ -101,7 +102,12 @@ def parse_args(argv):
             default = getattr(dc, f.name)
             parser.add_argument(f"--{f.name}", type=type(default), choices=CHOICES.get(f.name),
                                 help=f"default {default}")
-    return vars(parser.parse_args(argv))
+    return parser
+
+
+def parse_args(argv):
+    """Return {name: value} for the flags actually given (defaults are applied later)."""
+    return vars(build_parser().parse_args(argv))
 
 
 def get_lr(it, cfg):
