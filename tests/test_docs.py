@@ -166,6 +166,8 @@ DERIVED = [
      "the issue's own measurement, before the fix"),
     ("docs/performance.md", "0.47x", "measured 21.9 against 46.6 (0.47x)", "derived: 21.9 / 46.6"),
     ("docs/training.md", "1,800", "(about 1,800 tokens/s)", "derived: the median of the log's 30 rates is 1,804"),
+    ("docs/training.md", "49,152", "(ln 49,152 = 10.8, a uniform guess)", "the vocabulary's size, not a measurement"),
+    ("docs/training.md", "10.8", "(ln 49,152 = 10.8, a uniform guess)", "derived: ln 49,152 = 10.80"),
 ]
 
 
