@@ -158,8 +158,6 @@ FIGURE = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d+(?=[x
 # figures that a citing block derives, or takes from elsewhere, rather than copies from
 # its asset: (page, figure, the words around it, why)
 DERIVED = [
-    ("docs/performance.md", "0.94x", "in the run before it", "a run of the same day that assets/ does not keep"),
-    ("docs/performance.md", "1.12x", "in the run before it", "a run of the same day that assets/ does not keep"),
     ("docs/performance.md", "7.7", "attention is about 1 ms of 7.7",
      "the compiled step's profile, bench/NOTES.md entry 19 (a probe); the file splits the eager step"),
     ("docs/performance.md", "21.9", "The issue that asked for this measured 21.9",
