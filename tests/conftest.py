@@ -130,6 +130,12 @@ class Server:
         self.stop()
         raise AssertionError("serve.py did not answer /health within 120 s")
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
     def stop(self):
         self.proc.terminate()
         try:

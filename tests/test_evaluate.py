@@ -39,9 +39,8 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def small_pieces_server(chat_model):
     """The chat model with a 64 MiB budget: prompts are scored 14 positions at a time."""
-    server = Server("--init_from", chat_model["hf"], "--dtype", "float32", "--cache_mb", "64")
-    yield server
-    server.stop()
+    with Server("--init_from", chat_model["hf"], "--dtype", "float32", "--cache_mb", "64") as server:
+        yield server
 
 
 def reference_logprobs(reference, ids):
@@ -188,8 +187,7 @@ def test_lm_eval_through_the_server_gives_what_its_transformers_backend_gives(in
     need_module("lm_eval", "pip install 'lm-eval[api]'")
     tasks = ["--tasks", "smol_mc,smol_gen", "--include_path", os.path.join(HERE, "tests", "lm_eval_tasks"),
              "--batch_size", "1", "--log_samples"]
-    server = Server("--init_from", instruct_dir, "--dtype", "float32")
-    try:
+    with Server("--init_from", instruct_dir, "--dtype", "float32") as server:
         runs = {
             "hf": ["--model", "hf", "--model_args", f"pretrained={instruct_dir},dtype=float32", "--device", "cpu"],
             "server": ["--model", "local-completions", "--model_args",
@@ -198,8 +196,6 @@ def test_lm_eval_through_the_server_gives_what_its_transformers_backend_gives(in
         logs = {name: subprocess.run([sys.executable, "-m", "lm_eval", *args, *tasks, "--output_path", tmp_path / name],
                                      cwd=HERE, env=OFFLINE, capture_output=True, text=True, timeout=400)
                 for name, args in runs.items()}
-    finally:
-        server.stop()
     for name, proc in logs.items():
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "Using remote tokenizer" in logs["server"].stderr + logs["server"].stdout  # none needed locally

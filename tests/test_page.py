@@ -216,9 +216,8 @@ def test_chat_with_the_official_instruct_weights(driver, instruct_server):
 
 @pytest.fixture(scope="module")
 def keyed_page_server(chat_model):
-    server = Server("--init_from", chat_model["hf"], "--dtype", "float32", "--api_key", "sesame")
-    yield server
-    server.stop()
+    with Server("--init_from", chat_model["hf"], "--dtype", "float32", "--api_key", "sesame") as server:
+        yield server
 
 
 def test_the_page_with_an_api_key(driver, keyed_page_server):
