@@ -122,38 +122,30 @@ def check_state(state, config, path):
 
 class RecordingWriter:
     """A file for torch.save that keeps the OSError of a failed write: torch.save
-    itself reports a full disk only as a RuntimeError about stream positions.
-    after_first_write: called once, with the first bytes on disk (the tests' window)."""
+    itself reports a full disk only as a RuntimeError about stream positions."""
 
-    def __init__(self, f, after_first_write=None):
-        self.f, self.error, self.after_first_write = f, None, after_first_write
+    def __init__(self, f):
+        self.f, self.error = f, None
 
     def write(self, data):
         try:
-            n = self.f.write(data)
+            return self.f.write(data)
         except OSError as e:
             self.error = e
             raise
-        if self.after_first_write is not None:
-            hook, self.after_first_write = self.after_first_write, None
-            self.f.flush()
-            hook()
-        return n
 
     def flush(self):
         return self.f.flush()
 
 
-def save_checkpoint(ckpt, path, during_write=None):
+def save_checkpoint(ckpt, path):
     """Write a temporary file in the same folder, fsync it, then rename it over the old
     checkpoint: a crash mid-write leaves the previous checkpoint intact. A failed write
-    (disk full, out_dir gone) removes the partial file and raises OSError.
-    during_write: called once the first bytes are written (the tests' window to kill
-    the writer in the middle of the file)."""
+    (disk full, out_dir gone) removes the partial file and raises OSError."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
-            writer = RecordingWriter(f, during_write)
+            writer = RecordingWriter(f)
             try:
                 torch.save(ckpt, writer)
             except RuntimeError:

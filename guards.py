@@ -3,8 +3,7 @@ What keeps a training run from wasting hours or losing a checkpoint: the checks 
 before the first step (so a mistake costs seconds, not eval_interval steps), the lock
 that keeps two runs out of one out_dir, SIGINT and SIGTERM turned into a save and a
 clean exit, and one line, naming the checkpoint that is intact, for running out of
-memory, a loss that is no longer finite and a failed save. The fault-injection hooks
-of tests/test_errors.py are named here and nowhere else.
+memory, a loss that is no longer finite and a failed save.
 """
 import fcntl
 import math
@@ -23,24 +22,6 @@ from chat import render_chat
 from checkpoint import save_checkpoint
 from common import UserError, device_memory
 from smol import EOT_ID, SmolLM
-
-# ---- fault injection, for the tests only ----
-# SMOL_TEST_SLOW_SAVE=seconds: a pause once the first bytes of a checkpoint's temporary
-#   file are written, the window in which a test kills the writer mid-file
-# SMOL_TEST_OOM_AT_EVAL=bytes: evaluate() raises the error the CPU allocator raises
-
-
-def slow_save():
-    """The pause as a hook for checkpoint.save_checkpoint, or None outside the tests."""
-    seconds = float(os.environ.get("SMOL_TEST_SLOW_SAVE", 0))
-    return (lambda: time.sleep(seconds)) if seconds else None
-
-
-def oom_at_eval():
-    if os.environ.get("SMOL_TEST_OOM_AT_EVAL"):
-        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
-                           f"{os.environ['SMOL_TEST_OOM_AT_EVAL']} bytes. Error code 12 (Cannot allocate memory)")
-
 
 # ---- before the first step ----
 
@@ -196,7 +177,7 @@ class Guard:
             return
         self.refuse_diverged(ckpt, losses)
         try:
-            save_checkpoint(ckpt, self.ckpt_path, during_write=slow_save())
+            save_checkpoint(ckpt, self.ckpt_path)
         except OSError as e:  # disk full, out_dir removed or read-only: stop rather than train on unsaved
             raise UserError(f"could not save {self.ckpt_path} at step {ckpt['iter_num']} ({e.strerror or e}); "
                             f"stopped. {self.last_saved()}") from None

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from common import UserError
 
@@ -35,20 +36,34 @@ def fmt_time(seconds):
     return f"{d}d{h:02d}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-class TrainingLog:
-    """The lines and metrics.jsonl rows of rank 0 (the other processes keep time only).
-    mfu: tokens/s -> fraction of the device's peak, or None where the peak is unknown;
-    last_saved: the sentence about the intact checkpoint, for a failed write."""
+@dataclass
+class RunFacts:
+    """What the log needs to know of a run besides its TrainConfig."""
+    master: bool               # rank 0 prints and writes metrics.jsonl; the other processes keep time only
+    resumed_at: int | None     # the checkpoint's step when resuming, else None
+    tokens_per_step: int
+    micro_steps: int = 1       # forward and backward passes a step, for the first guess of an evaluation's time
+    peak_share: float | None = None  # a token's FLOPs / the peak FLOP/s of all processes (MFU = this x tok/s);
+                                     # None where the peak is unknown
+    on_cpu: bool = False       # a CPU run that would take hours gets a note suggesting a small one
+    intact: str = ""           # the guard's sentence about the checkpoint on disk, for a failed write
 
-    def __init__(self, cfg, master, resumed, first_step, tokens_per_step, mfu, on_cpu, last_saved, micro_steps=1):
-        self.cfg, self.master, self.first_step, self.tokens_per_step = cfg, master, first_step, tokens_per_step
-        self.mfu, self.on_cpu, self.last_saved = mfu, on_cpu, last_saved
+
+class TrainingLog:
+    """The lines and metrics.jsonl rows of a run (cfg: its TrainConfig; run: RunFacts).
+    Told of every save, with the guard's new sentence about the intact checkpoint."""
+
+    def __init__(self, cfg, run):
+        resumed = run.resumed_at is not None
+        self.cfg, self.master, self.tokens_per_step = cfg, run.master, run.tokens_per_step
+        self.first_step = (run.resumed_at or 0) + 1  # this run's first step, logged whatever log_interval is
+        self.peak_share, self.on_cpu, self.intact = run.peak_share, run.on_cpu, run.intact
         # an evaluation runs 2 x eval_iters forward passes; a step runs micro_steps forward and
         # backward passes, about three forwards each: the guess until an evaluation is timed
-        self.eval_per_step = 2 * cfg.eval_iters / (3 * micro_steps)
+        self.eval_per_step = 2 * cfg.eval_iters / (3 * run.micro_steps)
         self.eval_s, self.eval_t0 = None, None  # the last evaluation's measured seconds
         self.file = None
-        if master:
+        if self.master:
             path = os.path.join(cfg.out_dir, "metrics.jsonl")
             torn = False
             if resumed and os.path.exists(path) and os.path.getsize(path):
@@ -59,7 +74,7 @@ class TrainingLog:
             if torn:
                 self.file.write("\n")
             if resumed:
-                self.write({"step": first_step - 1, "resumed": True})  # plot.py marks where the run went on
+                self.write({"step": run.resumed_at, "resumed": True})  # plot.py marks where the run went on
         self.t_last, self.steps_since_log, self.dt_ema, self.logs_done = time.time(), 0, None, 0
 
     def log(self, line):
@@ -74,7 +89,7 @@ class TrainingLog:
             self.file.flush()
         except OSError as e:
             raise UserError(f"cannot write {self.file.name} ({e.strerror}); stopped at step {row['step']}. "
-                            f"{self.last_saved()}") from None
+                            f"{self.intact}") from None
 
     def step(self, step, loss, lr):
         """After every step; logs the first of this run (also after a resume), every
@@ -89,7 +104,7 @@ class TrainingLog:
         self.dt_ema = dt if self.logs_done < 2 else 0.9 * self.dt_ema + 0.1 * dt
         self.logs_done += 1
         tok_s, left = self.tokens_per_step / dt, self.cfg.max_iters - step
-        mfu = f" | mfu {100 * self.mfu(tok_s):.1f}%" if self.mfu else ""
+        mfu = f" | mfu {100 * self.peak_share * tok_s:.1f}%" if self.peak_share else ""
         eta = left * self.dt_ema + self.evals_left(step) * self.eval_seconds()
         self.log(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s"
                  f"{mfu} | eta {fmt_time(eta)}")
@@ -127,8 +142,9 @@ class TrainingLog:
             self.log(f"sample: {sample!r}")
         self.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
 
-    def saved(self, path, step):
+    def saved(self, path, step, intact):
         self.log(f"saved {path} at step {step}")
+        self.intact = intact
         if self.eval_t0 is not None:
             self.eval_s = time.time() - self.eval_t0
         self.t_last = time.time()  # evaluating and saving is not training time

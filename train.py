@@ -34,7 +34,7 @@ from common import (DTYPES, Parser, UserError, autocast_for, fail, loss_rows_per
 from conversations import ConversationSampler, is_conversations, load_conversations
 from data import BatchSampler, load_splits, load_tokenizer, shard
 from hf import from_pretrained
-from metrics import TrainingLog, param_breakdown
+from metrics import RunFacts, TrainingLog, param_breakdown
 from smol import IM_END_ID, SmolConfig, SmolLM
 
 
@@ -218,7 +218,6 @@ def resolve_settings(given):
 @torch.no_grad()
 def evaluate(model, sampler, eval_iters, ctx):
     """The mean loss of each split over eval_iters batches, the same ones every time."""
-    guards.oom_at_eval()  # tests only
     model.eval()
     losses = {}
     for split in ("train", "val"):
@@ -340,10 +339,9 @@ def main(argv=None):
         + f"; {data_line}; " + (f"{cfg.batch_size * cfg.gradient_accumulation_steps:,} conversations per step"
                                 if chat else f"{tokens_per_step:,} tokens per step"))
     guard = guards.Guard(cfg, mcfg, device, n_params, ddp, master, saved_step=iter_num if resumed else None)
-    flops_per_token = raw_model.flops_per_token(seq_len)
-    mfu = (lambda tok_s: flops_per_token * tok_s / world / peak) if peak else None  # share of the peak
-    report = TrainingLog(cfg, master, resumed, iter_num + 1, tokens_per_step, mfu, device_type == "cpu",
-                         guard.last_saved, micro_steps=accum)
+    peak_share = raw_model.flops_per_token(seq_len) / (world * peak) if peak else None  # x tok/s = MFU
+    report = TrainingLog(cfg, RunFacts(master, iter_num if resumed else None, tokens_per_step, accum, peak_share,
+                                       on_cpu=device_type == "cpu", intact=guard.last_saved()))
     guard.catch_signals()
 
     def checkpoint_now():  # everything the next step depends on, as it stands after iter_num steps
@@ -372,7 +370,7 @@ def main(argv=None):
                 else None
             report.eval(iter_num, losses, best_val_loss, sample)
             guard.save(checkpoint_now(), losses)
-            report.saved(ckpt_path, iter_num)
+            report.saved(ckpt_path, iter_num, guard.last_saved())
         elif stop:
             guard.save(checkpoint_now())
         if stop and iter_num < cfg.max_iters:

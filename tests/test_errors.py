@@ -225,14 +225,14 @@ def test_signal_saves_and_resume_matches_uninterrupted_run(tmp_path, sig):
 
 def test_killed_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path):
     # the save at step 4 succeeds; the one at step 8 pauses after its first bytes
-    # (SMOL_TEST_SLOW_SAVE), and the writer is SIGKILLed there, in the middle of the file
+    # (tests/faults.py slow_save), and the writer is SIGKILLed there, in the middle of the file
     assert run("train.py", *TINY, "--max_iters", 4, "--eval_interval", 4, "--out_dir", "run",
                cwd=tmp_path).returncode == 0
     first, size = digest(tmp_path / "run" / "ckpt.pt"), os.path.getsize(tmp_path / "run" / "ckpt.pt")
     tmp = tmp_path / "run" / "ckpt.pt.tmp"
-    proc = subprocess.Popen(command("train.py", "--init_from", "resume", "--out_dir", "run", "--max_iters", 12),
-                            cwd=tmp_path, env={**os.environ, "SMOL_TEST_SLOW_SAVE": "120"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command("tests/faults.py", "slow_save=120", "--", "--init_from", "resume", "--out_dir",
+                                    "run", "--max_iters", 12),
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: tmp.exists() and tmp.stat().st_size > 0, "the save never began writing", 120)
     proc.kill()
     proc.wait()
@@ -301,14 +301,14 @@ def test_out_of_memory_at_the_first_step_is_one_line(work):
 
 
 def test_out_of_memory_at_the_first_evaluation_keeps_the_checkpoint(work, tmp_path):
-    # simulated: SMOL_TEST_OOM_AT_EVAL makes evaluate() raise the CPU allocator's own
-    # error. A real one cannot be provoked here: an evaluation (no gradients) needs less
-    # memory than the training step before it, so any cap that lets the step run lets
-    # the evaluation run too
+    # simulated: tests/faults.py oom_at_eval makes evaluate() raise the CPU allocator's
+    # own error. A real one cannot be provoked here: an evaluation (no gradients) needs
+    # less memory than the training step before it, so any cap that lets the step run
+    # lets the evaluation run too
     shutil.copytree(work / "good", tmp_path / "run")
     before = digest(tmp_path / "run" / "ckpt.pt")
-    proc = run("train.py", "--init_from", "resume", "--out_dir", "run", "--max_iters", 9, "--data",
-               os.path.join(HERE, "input.txt"), cwd=tmp_path, env={"SMOL_TEST_OOM_AT_EVAL": "123456789"})
+    proc = run("tests/faults.py", "oom_at_eval=123456789", "--", "--init_from", "resume", "--out_dir", "run",
+               "--max_iters", 9, "--data", os.path.join(HERE, "input.txt"), cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     line, = proc.stderr.strip().splitlines()
     assert "out of memory on cpu at the evaluation of step 9 with batch_size 2 x block_size 32" in line
@@ -336,10 +336,9 @@ def test_second_run_refuses_and_a_killed_run_leaves_neither_lock_nor_torn_log(wo
     need_module("matplotlib", "pip install matplotlib")
     shutil.copytree(work / "good", tmp_path / "run")
     resume = ["--init_from", "resume", "--out_dir", "run", "--data", os.path.join(HERE, "input.txt")]
-    # the first run saves at step 9, slowly (SMOL_TEST_SLOW_SAVE): it holds the lock, idle
-    first = subprocess.Popen(command("train.py", *resume, "--max_iters", 10 ** 6), cwd=tmp_path,
-                             env={**os.environ, "SMOL_TEST_SLOW_SAVE": "60"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the first run saves at step 9, slowly (tests/faults.py slow_save): it holds the lock, idle
+    first = subprocess.Popen(command("tests/faults.py", "slow_save=60", "--", *resume, "--max_iters", 10 ** 6),
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = tmp_path / "run" / "metrics.jsonl"
     try:
         wait_for(lambda: (tmp_path / "run" / "ckpt.pt.tmp").exists(), "the slow save never began", 120)

@@ -4,7 +4,7 @@ take more than a few seconds announces itself when it starts."""
 import types
 
 import metrics
-from metrics import TrainingLog
+from metrics import RunFacts, TrainingLog
 
 
 def test_eta_counts_the_evaluations_to_come_and_a_long_evaluation_says_so(tmp_path, monkeypatch, capsys):
@@ -12,8 +12,7 @@ def test_eta_counts_the_evaluations_to_come_and_a_long_evaluation_says_so(tmp_pa
     monkeypatch.setattr(metrics, "time", types.SimpleNamespace(time=lambda: now[0]))
     cfg = types.SimpleNamespace(out_dir=str(tmp_path), max_iters=10, eval_interval=5, eval_iters=20, batch_size=4,
                                 log_interval=1)
-    log = TrainingLog(cfg, master=True, resumed=False, first_step=1, tokens_per_step=100, mfu=None, on_cpu=False,
-                      last_saved=lambda: "", micro_steps=1)
+    log = TrainingLog(cfg, RunFacts(master=True, resumed_at=None, tokens_per_step=100))
 
     def step(n, seconds=3.0):
         now[0] += seconds
@@ -27,7 +26,7 @@ def test_eta_counts_the_evaluations_to_come_and_a_long_evaluation_says_so(tmp_pa
     log.eval_started(5)
     assert capsys.readouterr().out.strip() == "evaluating at step 5: 2 x 20 batches of 4 sequences, about 0m40s"
     now[0] += 100.0  # the evaluation took 100 s
-    log.saved("ckpt.pt", 5)
+    log.saved("ckpt.pt", 5, "")
     capsys.readouterr()
     assert step(6).endswith("eta 1m52s")  # 4 steps (12 s) and the final evaluation, now measured: 100 s
     for n in range(7, 10):
@@ -41,8 +40,7 @@ def test_eta_counts_the_evaluations_to_come_and_a_long_evaluation_says_so(tmp_pa
 def test_a_short_evaluation_is_not_announced(tmp_path, capsys):
     cfg = types.SimpleNamespace(out_dir=str(tmp_path), max_iters=10, eval_interval=5, eval_iters=1, batch_size=4,
                                 log_interval=1)
-    log = TrainingLog(cfg, master=True, resumed=False, first_step=1, tokens_per_step=100, mfu=None, on_cpu=False,
-                      last_saved=lambda: "")
+    log = TrainingLog(cfg, RunFacts(master=True, resumed_at=None, tokens_per_step=100))
     log.step(1, loss=1.0, lr=1e-3)
     capsys.readouterr()
     log.eval_started(5)  # a step of milliseconds: an evaluation of milliseconds, nothing to say
