@@ -23,12 +23,12 @@ being generated is one row of one batch, advanced by one batched decode step per
 token; a new request joins after its prompt is read, a finished or abandoned one
 leaves at once. --max_batch rows at most, --max_waiting requests in line behind them
 (past that: 429), and one KV-cache budget for all rows together (--cache_mb). Who may
-call, and how big a body may be, is access.py's job. docs/chat-and-serve.md has the
-memory model and measured throughput.
+call, and how big a body may be, is access.py's job; what a request may hold and how
+an answer is shaped, openai_api.py's. docs/chat-and-serve.md has the memory model and
+measured throughput.
 Needs fastapi and uvicorn: pip install -r requirements-serve.txt
 """
 import asyncio
-import codecs
 import json
 import os
 import queue
@@ -38,10 +38,9 @@ import threading
 import time
 import traceback
 import uuid
-from typing import Annotated, Literal
 
-from access import Access, error_body, host_names
-from chat import CHAT_TEMPLATE, ROLES, StopStrings, TextStream, chat_stop_ids, is_chat_model, render_chat
+from access import Access, host_names
+from chat import CHAT_TEMPLATE, StopStrings, TextStream, chat_stop_ids, is_chat_model, render_chat
 from common import HERE, Parser, UserError, add_model_flags, fail, pick_dtype, use_compile
 
 try:
@@ -49,8 +48,6 @@ try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
-    from pydantic_core import PydanticCustomError
     from starlette.exceptions import HTTPException
 except ImportError as e:
     fail(f"serve.py needs {e.name}: pip install -r requirements-serve.txt")
@@ -60,142 +57,10 @@ import torch
 from data import load_tokenizer, token_bytes
 from engine import Batcher, Busy, ModelOverflow, Sequence, load_from_flags
 from hf import tokenizer_config
+from openai_api import (MAX_BODY, APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                        chat_logprobs, completion_logprobs, invalid_request, stop_strings)
 from smol import EOT_ID, SmolLM
 
-# what one request may ask for: every bound answers a client's mistake with a 400, not a 500
-MAX_BODY = 1 << 20  # bytes of JSON (413 past it): a whole context of text fits many times over
-MAX_MESSAGES = 1024
-MAX_STOPS, MAX_STOP_CHARS = 16, 1024  # OpenAI's API allows 4; evaluators add the eos string to a task's own
-MAX_PROMPTS = 64  # prompts in one /v1/completions request (each one a row of the batch, admitted together)
-MAX_LOGPROBS = 20  # the likeliest tokens a scored position may list, as OpenAI's API allows
-# fields of OpenAI's API (or vLLM's) that would change the answer and that this server does not
-# implement: accepted at the value that changes nothing, else refused with a 400 naming them
-INERT = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": {}, "best_of": 1,
-         "suffix": "", "min_tokens": 0, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none"}
-
-
-# ---- requests, as OpenAI's API defines them (the fields this server honours) ----
-# strict: "5" is not 5 and 0 is not false; a client sending those has a bug worth hearing about
-
-class Request_(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")  # a field this server does not know: 400, by name
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1, lt=1 << 31)
-    max_completion_tokens: int | None = Field(None, ge=1, lt=1 << 31)  # the newer name of max_tokens
-    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    top_k: int = Field(0, ge=0, le=1 << 20)  # not in OpenAI's API (0 = off); llama.cpp's server and the page use it
-    ignore_eos: bool = False  # not in OpenAI's API either (vLLM's): run to max_tokens, for benchmarks
-    stop: str | list[str] | None = None  # one string or up to MAX_STOPS (checked by stop_strings)
-    seed: int | None = Field(None, ge=0, lt=1 << 64)  # what torch's generator takes
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
-    user: str | None = None  # OpenAI's id of the client's end user: changes nothing
-    presence_penalty: float | None = None  # the rest: only at their INERT value
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict | None = None
-    min_tokens: int | None = None
-
-    def refuse_inert(self):
-        for name, inert in INERT.items():
-            value = getattr(self, name, None)
-            if value is not None and value != inert:
-                raise APIError(400, f"{name}: this server does not implement it (only {json.dumps(inert)}, or "
-                                    f"leave it out)", param=name, code="unsupported_parameter")
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True)
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(strict=True)
-    role: Literal[ROLES]
-    content: str | list[TextPart]
-
-    def text(self):
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class ChatRequest(Request_):
-    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
-    logprobs: bool = False  # each token of the reply with its log-probability
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # ... and the N likeliest (needs logprobs)
-    response_format: dict | None = None
-    tools: list | None = None
-    tool_choice: str | dict | None = None
-
-
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-
-
-class CompletionRequest(Request_):
-    # one prompt or a list, each text or token ids: one choice per prompt, in order
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | \
-        Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
-    max_tokens: int | None = Field(None, ge=0, lt=1 << 31)  # 0: nothing generated (echo and logprobs: scoring)
-    echo: bool = False  # the prompt comes back before the completion (and is scored, with logprobs)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # each token's log-probability and the N likeliest
-    suffix: str | None = None
-    best_of: int | None = None
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def plain_mistakes(cls, prompt):  # said plainly, before each member of the union says it its own way
-        if not isinstance(prompt, list):
-            return prompt
-        if prompt == [] or [] in prompt:
-            raise PydanticCustomError("empty", "a prompt may be a string or token ids, never an empty list")
-        ids = prompt if isinstance(prompt[0], int) else [i for p in prompt if isinstance(p, list) for i in p]
-        if any(isinstance(i, int) and i < 0 for i in ids):
-            raise PydanticCustomError("negative", "token ids are 0 or more")
-        if not isinstance(prompt[0], int) and len(prompt) > MAX_PROMPTS:
-            raise PydanticCustomError("too_many", f"at most {MAX_PROMPTS} prompts in one request, got {len(prompt)}")
-        return prompt
-
-    def prompts(self):
-        """The prompts, each a string or a list of token ids."""
-        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
-            return [self.prompt]
-        return self.prompt
-
-
-class TokenizeRequest(BaseModel):  # as vLLM's /tokenize
-    model_config = ConfigDict(strict=True, extra="forbid")
-    model: str | None = None
-    prompt: str
-    add_special_tokens: bool = True  # either way: cosmo2 adds no special tokens to a text
-
-
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
-
-
-UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "none", "constrained-int"}
-
-
-class APIError(Exception):
-    """A request this server cannot serve: sent back as OpenAI sends its errors."""
-
-    def __init__(self, status, message, param=None, code=None, type="invalid_request_error", headers=None):
-        super().__init__(message)
-        self.status, self.body = status, error_body(message, code, type, param)
-        self.headers = headers
-
-
-def stop_strings(req):
-    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
-    if len(stops) > MAX_STOPS:
-        raise APIError(400, f"stop: at most {MAX_STOPS} stop strings, got {len(stops)}", param="stop")
-    if any(len(s) > MAX_STOP_CHARS for s in stops):
-        raise APIError(400, f"stop: a stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
-    return stops
 
 
 # ---- the model, behind the batcher ----
@@ -234,39 +99,10 @@ class ServedModel:
                            param=param)
         return ids
 
-    def token_text(self, token_id):
-        """A token's own text; a token holding part of a character shows U+FFFD for it."""
-        return self.token_bytes[token_id].decode("utf-8", errors="replace")
 
     def text(self, ids):
         """The text of some token ids, special tokens included (what echo sends back)."""
         return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
-
-    def completion_logprobs(self, ids, scores):
-        """The completions API's logprobs of the tokens ids, scores[i] = (logprob, top) for
-        ids[i] ((None, None) for a prompt's first token, which nothing predicts): the top
-        ones as {text: logprob}, the token itself among them as OpenAI's API has it, and
-        where each token's text starts (a character split over tokens counts at its last)."""
-        utf8, at, offsets, tops = codecs.getincrementaldecoder("utf-8")(errors="replace"), 0, [], []
-        for token_id, (lp, top) in zip(ids, scores):
-            offsets.append(at)
-            at += len(utf8.decode(self.token_bytes[token_id]))
-            if top is None:
-                tops.append(None)
-                continue
-            shown = {}
-            for i, value in top + [(token_id, lp)]:
-                shown.setdefault(self.token_text(i), value)  # two ids may decode alike: the likelier one
-            tops.append(shown)
-        return {"tokens": [self.token_text(i) for i in ids], "token_logprobs": [lp for lp, _ in scores],
-                "top_logprobs": tops, "text_offset": offsets}
-
-    def chat_logprobs(self, ids, scores):
-        """The chat API's logprobs: per token its text, logprob, bytes and the top ones."""
-        def entry(token_id, lp):
-            return {"token": self.token_text(token_id), "logprob": lp, "bytes": list(self.token_bytes[token_id])}
-        return {"content": [{**entry(i, lp), "top_logprobs": [entry(j, v) for j, v in top]}
-                            for i, (lp, top) in zip(ids, scores)]}
 
     def budget(self, req, n_prompt):
         """max_tokens, or all the room the context (a compiled batch: its row) has left when none is asked for."""
@@ -363,24 +199,8 @@ def create_app(served):
         return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(request, e):
-        err = e.errors()[0]
-        # the field's path, e.g. messages.0.content, less "body" and the union member that
-        # pydantic tried ("str", "list[TextPart]"), which is no field of the request
-        loc = [str(x) for x in err["loc"]
-               if x != "body" and not (isinstance(x, str) and (x in UNION_MEMBERS or "[" in x))]
-        if err["type"] == "json_invalid":
-            reason = err.get("ctx", {}).get("error", "parse error")
-            message, param = f"The request body is not valid JSON ({reason})", None
-        elif err["type"] == "missing" and not loc:
-            message, param = "The request needs a JSON body", None
-        elif err["type"] == "extra_forbidden":
-            param = ".".join(loc)
-            message = f"{param}: this server does not know this field"
-        else:
-            param = ".".join(loc) or None
-            message = f"{param}: {err['msg']}" if param else err["msg"]
-        return JSONResponse(APIError(400, message, param=param).body, status_code=400)
+    async def request_validation_error(request, e):
+        return JSONResponse(invalid_request(e.errors()[0]).body, status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e):
@@ -496,11 +316,11 @@ def create_app(served):
                     shown = None
                 elif chat:  # the reply's tokens, not the stop id that ended it
                     kept = ids[:-1] if ids and ids[-1] in stop_ids else ids
-                    shown = served.chat_logprobs(kept, scores[:len(kept)])
+                    shown = chat_logprobs(served.token_bytes, kept, scores[:len(kept)])
                 else:
                     prompt_scores = [(None, None)] + scores[:len(prompts[i]) - 1] if seq.score_prompt else []
                     made = scores[len(prompt_scores) - 1:][:len(ids)] if seq.score_prompt else scores[:len(ids)]
-                    shown = served.completion_logprobs((prompts[i] if echo else []) + ids, prompt_scores + made)
+                    shown = completion_logprobs(served.token_bytes, (prompts[i] if echo else []) + ids, prompt_scores + made)
                 choices.append(choice(text, finish, delta=False, index=i, logprobs=shown))
             return {**head, "choices": choices, "usage": usage(sum(len(ids) for _, _, ids in done))}
 
