@@ -1,6 +1,7 @@
 """
 The OpenAI API's shapes, as serve.py speaks them: the requests and their bounds, the
-errors and the log-probabilities. Nothing here runs the model: serve.py fills these shapes with what its batcher
+errors, the choices and usage of an answer, the log-probabilities and the server-sent
+events. Nothing here runs the model: serve.py fills these shapes with what its batcher
 generates. The reference is OpenAI's API (platform.openai.com/docs/api-reference), with
 the extensions that vLLM's and llama.cpp's servers add and that evaluators send.
 """
@@ -171,7 +172,39 @@ def invalid_request(err):
     return APIError(400, message, param=param)
 
 
-# ---- log-probabilities, as each API shows them ----
+# ---- answers: the pieces of a response body ----
+
+def usage(prompts, completion_tokens):
+    """An answer's token counts; prompts: the token ids of each."""
+    n_prompt = sum(len(p) for p in prompts)
+    return {"prompt_tokens": n_prompt, "completion_tokens": completion_tokens,
+            "total_tokens": n_prompt + completion_tokens}
+
+
+def completion_choice(text, finish, index=0, logprobs=None):
+    """One choice of /v1/completions: a whole completion, or a piece of a streamed one."""
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def chat_choice(text, finish, index=0, logprobs=None):
+    """One choice of a whole chat reply."""
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish}
+
+
+def chat_delta(text, finish):
+    """One choice of a streamed chat reply: the next piece of its text, if any (the last may have none)."""
+    return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish}
+
+
+# a streamed chat reply's first choice: the role, before any text, as OpenAI sends it
+ROLE_DELTA = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+
+def sse_event(body):
+    """One server-sent event carrying a JSON body."""
+    return f"data: {json.dumps(body)}\n\n"
+
 
 def token_text(token_bytes, token_id):
     """A token's own text; a token holding part of a character shows U+FFFD for it."""

@@ -29,7 +29,6 @@ measured throughput.
 Needs fastapi and uvicorn: pip install -r requirements-serve.txt
 """
 import asyncio
-import json
 import os
 import queue
 import socket
@@ -57,10 +56,10 @@ import torch
 from data import load_tokenizer, token_bytes
 from engine import Batcher, Busy, ModelOverflow, Sequence, load_from_flags
 from hf import tokenizer_config
-from openai_api import (MAX_BODY, APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                        chat_logprobs, completion_logprobs, invalid_request, stop_strings)
+from openai_api import (MAX_BODY, APIError, ChatRequest, CompletionRequest, DetokenizeRequest, ROLE_DELTA,
+                        TokenizeRequest, chat_choice, chat_delta, chat_logprobs, completion_choice,
+                        completion_logprobs, invalid_request, sse_event, stop_strings, usage)
 from smol import EOT_ID, SmolLM
-
 
 
 # ---- the model, behind the batcher ----
@@ -98,7 +97,6 @@ class ServedModel:
             raise APIError(400, f"{param}: token id {bad} is not in this model's vocabulary (0..{vocab - 1})",
                            param=param)
         return ids
-
 
     def text(self, ids):
         """The text of some token ids, special tokens included (what echo sends back)."""
@@ -142,13 +140,12 @@ class ServedModel:
                                 f"max_tokens", param="max_tokens", code="context_length_exceeded") from None
         return queued
 
-    async def generate(self, seq, tokens, req, stop_ids, request, ids=None):
+    async def generate(self, seq, tokens, req, stop_ids, request, ids):
         """Yield (text, None) pieces as they are decoded, then (text, finish_reason) with
         finish_reason "stop" (a stop id or stop string) or "length". While the request waits
         for a row: (None, n), n the requests ahead of it in line, at once and every second.
         ids: a list that gets every token id generated, a stop id included."""
         text, stops, finish = TextStream(self.tokenizer), StopStrings(stop_strings(req)), "length"
-        n = 0
         try:
             if (ahead := self.batcher.ahead(seq, for_a_row=True)) is not None:
                 yield None, ahead  # every row is taken: say so before the client's read times out
@@ -168,10 +165,7 @@ class ServedModel:
                     break
                 if isinstance(token, Exception):
                     raise token
-                if ids is not None:
-                    ids.append(token)
-                n += 1
-                request.state.completion_tokens = n
+                ids.append(token)
                 if token in stop_ids:
                     finish = "stop"
                     break
@@ -182,171 +176,182 @@ class ServedModel:
                     return
                 if piece:
                     yield piece, None
-                if n % 16 == 0 and await request.is_disconnected():
+                if len(ids) % 16 == 0 and await request.is_disconnected():
                     return
             yield stops.held, finish  # the text held back in case a stop string began there
         finally:
             seq.cancelled = True  # done, stopped or abandoned: its row is free at the next step
 
 
-def create_app(served):
-    app = FastAPI(title="smol", docs_url=None, redoc_url=None, openapi_url=None)
-    with open(os.path.join(HERE, "serve.html"), encoding="utf-8") as f:
-        page = f.read()
+# ---- the app: its served model and page are set at start-up (main) in app.state ----
 
-    @app.exception_handler(APIError)
-    async def api_error(request, e):
-        return JSONResponse(e.body, status_code=e.status, headers=e.headers)
+app = FastAPI(title="smol", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.exception_handler(RequestValidationError)
-    async def request_validation_error(request, e):
-        return JSONResponse(invalid_request(e.errors()[0]).body, status_code=400)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e):
-        return JSONResponse(APIError(e.status_code, str(e.detail)).body, status_code=e.status_code)
+@app.exception_handler(APIError)
+async def api_error(request, e):
+    return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
-    @app.exception_handler(Exception)
-    async def server_error(request, e):  # a bug of ours: the detail goes to the server's log, not the client
-        print(f"error: {request.method} {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr)
-        if isinstance(e, ModelOverflow):  # not a bug: the server runs the model in too small a dtype
-            return JSONResponse(APIError(500, str(e), type="server_error").body, status_code=500)
-        traceback.print_exception(e)
-        return JSONResponse(APIError(500, "internal error", type="server_error").body, status_code=500)
 
-    @app.get("/", response_class=HTMLResponse)
-    async def index():
-        return page
+@app.exception_handler(RequestValidationError)
+async def request_validation_error(request, e):
+    return JSONResponse(invalid_request(e.errors()[0]).body, status_code=400)
 
-    @app.get("/health")
-    async def health():
-        b = served.batcher
-        return {"status": "ok", "model": served.name, "chat": served.chat, "context_length": served.context,
-                "active_requests": b.active, "decoding": len(b.rows), "waiting": len(b.waiting),
-                "decode_steps": b.steps, "last_batch": b.last_batch, "tokens_generated": b.generated}
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
-                                            "owned_by": "smol", "context_length": served.context}]}
+@app.exception_handler(HTTPException)
+async def http_error(request, e):
+    return JSONResponse(APIError(e.status_code, str(e.detail)).body, status_code=e.status_code)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest, request: Request):
-        served.check(req)
-        if req.top_logprobs is not None and not req.logprobs:
-            raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        prompt_ids = await served.encode(render_chat(messages), "messages")
-        return await respond(req, request, [prompt_ids], chat_stop_ids(served.model), chat=True,
-                             logprobs=(req.top_logprobs or 0) if req.logprobs else None)
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        served.check(req)
-        prompts = req.prompts()
-        if len(prompts) > max(1, served.batcher.max_waiting):
-            raise APIError(400, f"prompt: this server takes at most {served.batcher.max_waiting} prompts in one "
-                                f"request (--max_waiting), got {len(prompts)}", param="prompt")
-        # text is tokenized here (nothing: start a fresh document); ids are taken as they are
-        prompts = [served.check_ids(p, "prompt") if isinstance(p, list) else
-                   await served.encode(p, "prompt") or [EOT_ID] for p in prompts]
-        return await respond(req, request, prompts, set(served.model.eos_token_ids), chat=False, echo=req.echo,
-                             logprobs=req.logprobs)
+@app.exception_handler(Exception)
+async def server_error(request, e):  # a bug of ours: the detail goes to the server's log, not the client
+    print(f"error: {request.method} {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr)
+    if isinstance(e, ModelOverflow):  # not a bug: the server runs the model in too small a dtype
+        return JSONResponse(APIError(500, str(e), type="server_error").body, status_code=500)
+    traceback.print_exception(e)
+    return JSONResponse(APIError(500, "internal error", type="server_error").body, status_code=500)
 
-    @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest):
-        served.check(req)
-        ids = await served.encode(req.prompt, "prompt")
-        return {"count": len(ids), "max_model_len": served.context, "tokens": ids}
 
-    @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest):
-        served.check(req)
-        ids = served.check_ids(req.tokens, "tokens")
-        return {"prompt": b"".join(served.token_bytes[i] for i in ids).decode("utf-8", errors="replace")}
+@app.get("/", response_class=HTMLResponse)
+async def index(request: Request):
+    return request.app.state.page
 
-    @app.get("/tokenizer_info")
-    async def tokenizer_info():
-        return {**tokenizer_config(served.model.config), "chat_template": CHAT_TEMPLATE}
 
-    async def respond(req, request, prompts, stop_ids, chat, echo=False, logprobs=None):
-        req.refuse_inert()
-        stop_ids = set() if req.ignore_eos else stop_ids
-        stop_strings(req)  # checked before the request is queued
-        if req.stream and (len(prompts) > 1 or echo or logprobs is not None):
-            raise APIError(400, "stream: this server streams one prompt without echo or logprobs; ask for these "
-                                "without stream", param="stream")
-        # refused (400, 429) before any streaming starts
-        queued = served.submit(prompts, req, stop_ids, logprobs, score_prompt=echo and logprobs is not None)
-        request.state.completion_tokens = 0
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": served.name}
+@app.get("/health")
+async def health(request: Request):
+    served = request.app.state.served
+    b = served.batcher
+    return {"status": "ok", "model": served.name, "chat": served.chat, "context_length": served.context,
+            "active_requests": b.active, "decoding": len(b.rows), "waiting": len(b.waiting),
+            "decode_steps": b.steps, "last_batch": b.last_batch, "tokens_generated": b.generated}
 
-        def usage(completion_tokens):
-            n_prompt = sum(len(p) for p in prompts)
-            return {"prompt_tokens": n_prompt, "completion_tokens": completion_tokens,
-                    "total_tokens": n_prompt + completion_tokens}
 
-        def choice(text, finish, delta, index=0, logprobs=None):
-            if not chat:
-                return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-            body = {"content": text} if text or not delta else {}
-            return {"index": index, ("delta" if delta else "message"): body if delta else {"role": "assistant", **body},
-                    "logprobs": logprobs, "finish_reason": finish}
+@app.get("/v1/models")
+async def models(request: Request):
+    served = request.app.state.served
+    return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
+                                        "owned_by": "smol", "context_length": served.context}]}
 
-        if not req.stream:  # waits in line without a word, as OpenAI's API does
-            async def one(seq, tokens):
-                text, finish, ids = "", "length", []
-                async for piece, end in served.generate(seq, tokens, req, stop_ids, request, ids):
-                    if piece is not None:
-                        text, finish = text + piece, end
-                return text, finish, ids
-            try:
-                done = await asyncio.gather(*(one(seq, tokens) for seq, tokens in queued))
-            finally:
-                for seq, _ in queued:  # one prompt failed: the others stop too
-                    seq.cancelled = True
-            choices = []
-            for i, ((seq, _), (text, finish, ids)) in enumerate(zip(queued, done)):
-                scores = seq.scores
-                if echo:
-                    text = served.text(prompts[i]) + text
-                if logprobs is None:
-                    shown = None
-                elif chat:  # the reply's tokens, not the stop id that ended it
-                    kept = ids[:-1] if ids and ids[-1] in stop_ids else ids
-                    shown = chat_logprobs(served.token_bytes, kept, scores[:len(kept)])
-                else:
-                    prompt_scores = [(None, None)] + scores[:len(prompts[i]) - 1] if seq.score_prompt else []
-                    made = scores[len(prompt_scores) - 1:][:len(ids)] if seq.score_prompt else scores[:len(ids)]
-                    shown = completion_logprobs(served.token_bytes, (prompts[i] if echo else []) + ids, prompt_scores + made)
-                choices.append(choice(text, finish, delta=False, index=i, logprobs=shown))
-            return {**head, "choices": choices, "usage": usage(sum(len(ids) for _, _, ids in done))}
 
-        seq, tokens = queued[0]
-        pieces = served.generate(seq, tokens, req, stop_ids, request)
+@app.post("/v1/chat/completions")
+async def chat_completions(req: ChatRequest, request: Request):
+    served = request.app.state.served
+    served.check(req)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    prompt_ids = await served.encode(render_chat(messages), "messages")
+    return await respond(served, req, request, [prompt_ids], chat_stop_ids(served.model), chat=True,
+                         logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+
+
+@app.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    served = request.app.state.served
+    served.check(req)
+    prompts = req.prompts()
+    if len(prompts) > max(1, served.batcher.max_waiting):
+        raise APIError(400, f"prompt: this server takes at most {served.batcher.max_waiting} prompts in one "
+                            f"request (--max_waiting), got {len(prompts)}", param="prompt")
+    # text is tokenized here (nothing: start a fresh document); ids are taken as they are
+    prompts = [served.check_ids(p, "prompt") if isinstance(p, list) else
+               await served.encode(p, "prompt") or [EOT_ID] for p in prompts]
+    return await respond(served, req, request, prompts, set(served.model.eos_token_ids), chat=False,
+                         echo=req.echo, logprobs=req.logprobs)
+
+
+@app.post("/tokenize")
+async def tokenize(req: TokenizeRequest, request: Request):
+    served = request.app.state.served
+    served.check(req)
+    ids = await served.encode(req.prompt, "prompt")
+    return {"count": len(ids), "max_model_len": served.context, "tokens": ids}
+
+
+@app.post("/detokenize")
+async def detokenize(req: DetokenizeRequest, request: Request):
+    served = request.app.state.served
+    served.check(req)
+    return {"prompt": served.text(served.check_ids(req.tokens, "tokens"))}
+
+
+@app.get("/tokenizer_info")
+async def tokenizer_info(request: Request):
+    return {**tokenizer_config(request.app.state.served.model.config), "chat_template": CHAT_TEMPLATE}
+
+
+# ---- the two completion routes' answers ----
+
+async def respond(served, req, request, prompts, stop_ids, chat, echo=False, logprobs=None):
+    """The request queued, one row per prompt (ids); then the whole answer as JSON or,
+    with stream, its pieces as server-sent events."""
+    req.refuse_inert()
+    stop_ids = set() if req.ignore_eos else stop_ids
+    stop_strings(req)  # checked before the request is queued
+    if req.stream and (len(prompts) > 1 or echo or logprobs is not None):
+        raise APIError(400, "stream: this server streams one prompt without echo or logprobs; ask for these "
+                            "without stream", param="stream")
+    # refused (400, 429) before any streaming starts
+    queued = served.submit(prompts, req, stop_ids, logprobs, score_prompt=echo and logprobs is not None)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": served.name}
+    if req.stream:
+        (seq, tokens), ids = queued[0], []
         chunk = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-
-        async def events():
-            def event(body):
-                return f"data: {json.dumps(body)}\n\n"
-            if chat:  # the role comes first, as OpenAI sends it
-                yield event({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                   "logprobs": None, "finish_reason": None}]})
-            async for piece, finish in pieces:
-                if piece is None:  # an SSE comment: clients skip it, people and the page can read it
-                    yield f": waiting, {finish} ahead\n\n"
-                elif piece or finish:
-                    yield event({**chunk, "choices": [choice(piece, finish, delta=True)]})
-            if (req.stream_options or {}).get("include_usage"):
-                yield event({**chunk, "choices": [], "usage": usage(request.state.completion_tokens)})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream",
+        pieces = served.generate(seq, tokens, req, stop_ids, request, ids)
+        events = stream_events(pieces, chunk, chat, (req.stream_options or {}).get("include_usage"), prompts, ids)
+        return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:  # waits in line without a word, as OpenAI's API does
+        done = await asyncio.gather(*(collect_completion(served, seq, tokens, req, stop_ids, request)
+                                      for seq, tokens in queued))
+    finally:
+        for seq, _ in queued:  # one prompt failed: the others stop too
+            seq.cancelled = True
+    choices = []
+    for i, ((seq, _), prompt, (text, finish, ids)) in enumerate(zip(queued, prompts, done)):
+        shown = None if logprobs is None else choice_logprobs(served, seq, prompt, ids, chat, echo, stop_ids)
+        choices.append(chat_choice(text, finish, i, shown) if chat else
+                       completion_choice(served.text(prompt) + text if echo else text, finish, i, shown))
+    return {**head, "choices": choices, "usage": usage(prompts, sum(len(ids) for _, _, ids in done))}
 
-    return app
+
+async def collect_completion(served, seq, tokens, req, stop_ids, request):
+    """One prompt's whole completion: (text, finish_reason, the token ids generated)."""
+    text, finish, ids = "", "length", []
+    async for piece, end in served.generate(seq, tokens, req, stop_ids, request, ids):
+        if piece is not None:  # None: still waiting in line, which a whole answer does not tell
+            text, finish = text + piece, end
+    return text, finish, ids
+
+
+def choice_logprobs(served, seq, prompt, ids, chat, echo, stop_ids):
+    """The logprobs of one choice, from the scores its Sequence kept: a chat reply's own
+    tokens; a completion's tokens, after the prompt's when it was scored (echo and logprobs)."""
+    scores = seq.scores
+    if chat:  # the reply's tokens, not the stop id that ended it
+        kept = ids[:-1] if ids and ids[-1] in stop_ids else ids
+        return chat_logprobs(served.token_bytes, kept, scores[:len(kept)])
+    prompt_scores = [(None, None)] + scores[:len(prompt) - 1] if seq.score_prompt else []
+    made = scores[len(prompt_scores) - 1:][:len(ids)] if seq.score_prompt else scores[:len(ids)]
+    return completion_logprobs(served.token_bytes, (prompt if echo else []) + ids, prompt_scores + made)
+
+
+async def stream_events(pieces, chunk, chat, include_usage, prompts, ids):
+    """A streamed answer's server-sent events: each piece in a chunk, then (include_usage)
+    the token counts, of the prompts and of the ids that generating the pieces filled in."""
+    if chat:  # the role comes first, as OpenAI sends it
+        yield sse_event({**chunk, "choices": [ROLE_DELTA]})
+    async for piece, finish in pieces:
+        if piece is None:  # an SSE comment: clients skip it, people and the page can read it
+            yield f": waiting, {finish} ahead\n\n"
+        elif piece or finish:
+            yield sse_event({**chunk, "choices": [chat_delta(piece, finish) if chat else
+                                                  completion_choice(piece, finish)]})
+    if include_usage:
+        yield sse_event({**chunk, "choices": [], "usage": usage(prompts, len(ids))})
+    yield "data: [DONE]\n\n"
 
 
 def main(argv=None):
@@ -397,9 +402,11 @@ def main(argv=None):
     if not args.api_key and (hosts is None or not hosts & {"127.0.0.1", "::1"}):
         print(f"warning: serving on {host} without --api_key: anyone who can reach this address can use the "
               f"model", file=sys.stderr, flush=True)
-    app = Access(create_app(served), hosts=hosts, origins=args.allow_origin, api_key=args.api_key,
-                 max_body=MAX_BODY)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    app.state.served = served
+    with open(os.path.join(HERE, "serve.html"), encoding="utf-8") as f:
+        app.state.page = f.read()
+    guarded = Access(app, hosts=hosts, origins=args.allow_origin, api_key=args.api_key, max_body=MAX_BODY)
+    uvicorn.Server(uvicorn.Config(guarded, log_level="warning")).run(sockets=[sock])
 
 
 def start_model(args):
