@@ -23,13 +23,12 @@ being generated is one row of one batch, advanced by one batched decode step per
 token; a new request joins after its prompt is read, a finished or abandoned one
 leaves at once. --max_batch rows at most, --max_waiting requests in line behind them
 (past that: 429), and one KV-cache budget for all rows together (--cache_mb). Who may
-call, and how big a body may be, is access.py's job. docs/chat-and-serve.md has the
-memory model and measured throughput.
+call, and how big a body may be, is access.py's job; what a request may hold and how
+an answer is shaped, openai_api.py's. docs/chat-and-serve.md has the memory model and
+measured throughput.
 Needs fastapi and uvicorn: pip install -r requirements-serve.txt
 """
 import asyncio
-import codecs
-import json
 import os
 import queue
 import socket
@@ -38,10 +37,9 @@ import threading
 import time
 import traceback
 import uuid
-from typing import Annotated, Literal
 
-from access import Access, error_body, host_names
-from chat import CHAT_TEMPLATE, ROLES, StopStrings, TextStream, chat_stop_ids, is_chat_model, render_chat
+from access import Access, host_names
+from chat import CHAT_TEMPLATE, StopStrings, TextStream, chat_stop_ids, is_chat_model, render_chat
 from common import HERE, Parser, UserError, add_model_flags, fail, pick_dtype, use_compile
 
 try:
@@ -49,8 +47,6 @@ try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
-    from pydantic_core import PydanticCustomError
     from starlette.exceptions import HTTPException
 except ImportError as e:
     fail(f"serve.py needs {e.name}: pip install -r requirements-serve.txt")
@@ -60,142 +56,10 @@ import torch
 from data import load_tokenizer, token_bytes
 from engine import Batcher, Busy, ModelOverflow, Sequence, load_from_flags
 from hf import tokenizer_config
+from openai_api import (MAX_BODY, APIError, ChatRequest, CompletionRequest, DetokenizeRequest, ROLE_DELTA,
+                        TokenizeRequest, chat_choice, chat_delta, chat_logprobs, completion_choice,
+                        completion_logprobs, invalid_request, sse_event, stop_strings, usage)
 from smol import EOT_ID, SmolLM
-
-# what one request may ask for: every bound answers a client's mistake with a 400, not a 500
-MAX_BODY = 1 << 20  # bytes of JSON (413 past it): a whole context of text fits many times over
-MAX_MESSAGES = 1024
-MAX_STOPS, MAX_STOP_CHARS = 16, 1024  # OpenAI's API allows 4; evaluators add the eos string to a task's own
-MAX_PROMPTS = 64  # prompts in one /v1/completions request (each one a row of the batch, admitted together)
-MAX_LOGPROBS = 20  # the likeliest tokens a scored position may list, as OpenAI's API allows
-# fields of OpenAI's API (or vLLM's) that would change the answer and that this server does not
-# implement: accepted at the value that changes nothing, else refused with a 400 naming them
-INERT = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": {}, "best_of": 1,
-         "suffix": "", "min_tokens": 0, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none"}
-
-
-# ---- requests, as OpenAI's API defines them (the fields this server honours) ----
-# strict: "5" is not 5 and 0 is not false; a client sending those has a bug worth hearing about
-
-class Request_(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")  # a field this server does not know: 400, by name
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1, lt=1 << 31)
-    max_completion_tokens: int | None = Field(None, ge=1, lt=1 << 31)  # the newer name of max_tokens
-    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    top_k: int = Field(0, ge=0, le=1 << 20)  # not in OpenAI's API (0 = off); llama.cpp's server and the page use it
-    ignore_eos: bool = False  # not in OpenAI's API either (vLLM's): run to max_tokens, for benchmarks
-    stop: str | list[str] | None = None  # one string or up to MAX_STOPS (checked by stop_strings)
-    seed: int | None = Field(None, ge=0, lt=1 << 64)  # what torch's generator takes
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
-    user: str | None = None  # OpenAI's id of the client's end user: changes nothing
-    presence_penalty: float | None = None  # the rest: only at their INERT value
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict | None = None
-    min_tokens: int | None = None
-
-    def refuse_inert(self):
-        for name, inert in INERT.items():
-            value = getattr(self, name, None)
-            if value is not None and value != inert:
-                raise APIError(400, f"{name}: this server does not implement it (only {json.dumps(inert)}, or "
-                                    f"leave it out)", param=name, code="unsupported_parameter")
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True)
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(strict=True)
-    role: Literal[ROLES]
-    content: str | list[TextPart]
-
-    def text(self):
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class ChatRequest(Request_):
-    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
-    logprobs: bool = False  # each token of the reply with its log-probability
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # ... and the N likeliest (needs logprobs)
-    response_format: dict | None = None
-    tools: list | None = None
-    tool_choice: str | dict | None = None
-
-
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-
-
-class CompletionRequest(Request_):
-    # one prompt or a list, each text or token ids: one choice per prompt, in order
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | \
-        Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
-    max_tokens: int | None = Field(None, ge=0, lt=1 << 31)  # 0: nothing generated (echo and logprobs: scoring)
-    echo: bool = False  # the prompt comes back before the completion (and is scored, with logprobs)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # each token's log-probability and the N likeliest
-    suffix: str | None = None
-    best_of: int | None = None
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def plain_mistakes(cls, prompt):  # said plainly, before each member of the union says it its own way
-        if not isinstance(prompt, list):
-            return prompt
-        if prompt == [] or [] in prompt:
-            raise PydanticCustomError("empty", "a prompt may be a string or token ids, never an empty list")
-        ids = prompt if isinstance(prompt[0], int) else [i for p in prompt if isinstance(p, list) for i in p]
-        if any(isinstance(i, int) and i < 0 for i in ids):
-            raise PydanticCustomError("negative", "token ids are 0 or more")
-        if not isinstance(prompt[0], int) and len(prompt) > MAX_PROMPTS:
-            raise PydanticCustomError("too_many", f"at most {MAX_PROMPTS} prompts in one request, got {len(prompt)}")
-        return prompt
-
-    def prompts(self):
-        """The prompts, each a string or a list of token ids."""
-        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
-            return [self.prompt]
-        return self.prompt
-
-
-class TokenizeRequest(BaseModel):  # as vLLM's /tokenize
-    model_config = ConfigDict(strict=True, extra="forbid")
-    model: str | None = None
-    prompt: str
-    add_special_tokens: bool = True  # either way: cosmo2 adds no special tokens to a text
-
-
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
-
-
-UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "none", "constrained-int"}
-
-
-class APIError(Exception):
-    """A request this server cannot serve: sent back as OpenAI sends its errors."""
-
-    def __init__(self, status, message, param=None, code=None, type="invalid_request_error", headers=None):
-        super().__init__(message)
-        self.status, self.body = status, error_body(message, code, type, param)
-        self.headers = headers
-
-
-def stop_strings(req):
-    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
-    if len(stops) > MAX_STOPS:
-        raise APIError(400, f"stop: at most {MAX_STOPS} stop strings, got {len(stops)}", param="stop")
-    if any(len(s) > MAX_STOP_CHARS for s in stops):
-        raise APIError(400, f"stop: a stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
-    return stops
 
 
 # ---- the model, behind the batcher ----
@@ -234,39 +98,9 @@ class ServedModel:
                            param=param)
         return ids
 
-    def token_text(self, token_id):
-        """A token's own text; a token holding part of a character shows U+FFFD for it."""
-        return self.token_bytes[token_id].decode("utf-8", errors="replace")
-
     def text(self, ids):
         """The text of some token ids, special tokens included (what echo sends back)."""
         return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
-
-    def completion_logprobs(self, ids, scores):
-        """The completions API's logprobs of the tokens ids, scores[i] = (logprob, top) for
-        ids[i] ((None, None) for a prompt's first token, which nothing predicts): the top
-        ones as {text: logprob}, the token itself among them as OpenAI's API has it, and
-        where each token's text starts (a character split over tokens counts at its last)."""
-        utf8, at, offsets, tops = codecs.getincrementaldecoder("utf-8")(errors="replace"), 0, [], []
-        for token_id, (lp, top) in zip(ids, scores):
-            offsets.append(at)
-            at += len(utf8.decode(self.token_bytes[token_id]))
-            if top is None:
-                tops.append(None)
-                continue
-            shown = {}
-            for i, value in top + [(token_id, lp)]:
-                shown.setdefault(self.token_text(i), value)  # two ids may decode alike: the likelier one
-            tops.append(shown)
-        return {"tokens": [self.token_text(i) for i in ids], "token_logprobs": [lp for lp, _ in scores],
-                "top_logprobs": tops, "text_offset": offsets}
-
-    def chat_logprobs(self, ids, scores):
-        """The chat API's logprobs: per token its text, logprob, bytes and the top ones."""
-        def entry(token_id, lp):
-            return {"token": self.token_text(token_id), "logprob": lp, "bytes": list(self.token_bytes[token_id])}
-        return {"content": [{**entry(i, lp), "top_logprobs": [entry(j, v) for j, v in top]}
-                            for i, (lp, top) in zip(ids, scores)]}
 
     def budget(self, req, n_prompt):
         """max_tokens, or all the room the context (a compiled batch: its row) has left when none is asked for."""
@@ -306,13 +140,12 @@ class ServedModel:
                                 f"max_tokens", param="max_tokens", code="context_length_exceeded") from None
         return queued
 
-    async def generate(self, seq, tokens, req, stop_ids, request, ids=None):
+    async def generate(self, seq, tokens, req, stop_ids, request, ids):
         """Yield (text, None) pieces as they are decoded, then (text, finish_reason) with
         finish_reason "stop" (a stop id or stop string) or "length". While the request waits
         for a row: (None, n), n the requests ahead of it in line, at once and every second.
         ids: a list that gets every token id generated, a stop id included."""
         text, stops, finish = TextStream(self.tokenizer), StopStrings(stop_strings(req)), "length"
-        n = 0
         try:
             if (ahead := self.batcher.ahead(seq, for_a_row=True)) is not None:
                 yield None, ahead  # every row is taken: say so before the client's read times out
@@ -332,10 +165,7 @@ class ServedModel:
                     break
                 if isinstance(token, Exception):
                     raise token
-                if ids is not None:
-                    ids.append(token)
-                n += 1
-                request.state.completion_tokens = n
+                ids.append(token)
                 if token in stop_ids:
                     finish = "stop"
                     break
@@ -346,187 +176,182 @@ class ServedModel:
                     return
                 if piece:
                     yield piece, None
-                if n % 16 == 0 and await request.is_disconnected():
+                if len(ids) % 16 == 0 and await request.is_disconnected():
                     return
             yield stops.held, finish  # the text held back in case a stop string began there
         finally:
             seq.cancelled = True  # done, stopped or abandoned: its row is free at the next step
 
 
-def create_app(served):
-    app = FastAPI(title="smol", docs_url=None, redoc_url=None, openapi_url=None)
-    with open(os.path.join(HERE, "serve.html"), encoding="utf-8") as f:
-        page = f.read()
+# ---- the app: its served model and page are set at start-up (main) in app.state ----
 
-    @app.exception_handler(APIError)
-    async def api_error(request, e):
-        return JSONResponse(e.body, status_code=e.status, headers=e.headers)
+app = FastAPI(title="smol", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request, e):
-        err = e.errors()[0]
-        # the field's path, e.g. messages.0.content, less "body" and the union member that
-        # pydantic tried ("str", "list[TextPart]"), which is no field of the request
-        loc = [str(x) for x in err["loc"]
-               if x != "body" and not (isinstance(x, str) and (x in UNION_MEMBERS or "[" in x))]
-        if err["type"] == "json_invalid":
-            reason = err.get("ctx", {}).get("error", "parse error")
-            message, param = f"The request body is not valid JSON ({reason})", None
-        elif err["type"] == "missing" and not loc:
-            message, param = "The request needs a JSON body", None
-        elif err["type"] == "extra_forbidden":
-            param = ".".join(loc)
-            message = f"{param}: this server does not know this field"
-        else:
-            param = ".".join(loc) or None
-            message = f"{param}: {err['msg']}" if param else err["msg"]
-        return JSONResponse(APIError(400, message, param=param).body, status_code=400)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e):
-        return JSONResponse(APIError(e.status_code, str(e.detail)).body, status_code=e.status_code)
+@app.exception_handler(APIError)
+async def api_error(request, e):
+    return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
-    @app.exception_handler(Exception)
-    async def server_error(request, e):  # a bug of ours: the detail goes to the server's log, not the client
-        print(f"error: {request.method} {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr)
-        if isinstance(e, ModelOverflow):  # not a bug: the server runs the model in too small a dtype
-            return JSONResponse(APIError(500, str(e), type="server_error").body, status_code=500)
-        traceback.print_exception(e)
-        return JSONResponse(APIError(500, "internal error", type="server_error").body, status_code=500)
 
-    @app.get("/", response_class=HTMLResponse)
-    async def index():
-        return page
+@app.exception_handler(RequestValidationError)
+async def request_validation_error(request, e):
+    return JSONResponse(invalid_request(e.errors()[0]).body, status_code=400)
 
-    @app.get("/health")
-    async def health():
-        b = served.batcher
-        return {"status": "ok", "model": served.name, "chat": served.chat, "context_length": served.context,
-                "active_requests": b.active, "decoding": len(b.rows), "waiting": len(b.waiting),
-                "decode_steps": b.steps, "last_batch": b.last_batch, "tokens_generated": b.generated}
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
-                                            "owned_by": "smol", "context_length": served.context}]}
+@app.exception_handler(HTTPException)
+async def http_error(request, e):
+    return JSONResponse(APIError(e.status_code, str(e.detail)).body, status_code=e.status_code)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest, request: Request):
-        served.check(req)
-        if req.top_logprobs is not None and not req.logprobs:
-            raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        prompt_ids = await served.encode(render_chat(messages), "messages")
-        return await respond(req, request, [prompt_ids], chat_stop_ids(served.model), chat=True,
-                             logprobs=(req.top_logprobs or 0) if req.logprobs else None)
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        served.check(req)
-        prompts = req.prompts()
-        if len(prompts) > max(1, served.batcher.max_waiting):
-            raise APIError(400, f"prompt: this server takes at most {served.batcher.max_waiting} prompts in one "
-                                f"request (--max_waiting), got {len(prompts)}", param="prompt")
-        # text is tokenized here (nothing: start a fresh document); ids are taken as they are
-        prompts = [served.check_ids(p, "prompt") if isinstance(p, list) else
-                   await served.encode(p, "prompt") or [EOT_ID] for p in prompts]
-        return await respond(req, request, prompts, set(served.model.eos_token_ids), chat=False, echo=req.echo,
-                             logprobs=req.logprobs)
+@app.exception_handler(Exception)
+async def server_error(request, e):  # a bug of ours: the detail goes to the server's log, not the client
+    print(f"error: {request.method} {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr)
+    if isinstance(e, ModelOverflow):  # not a bug: the server runs the model in too small a dtype
+        return JSONResponse(APIError(500, str(e), type="server_error").body, status_code=500)
+    traceback.print_exception(e)
+    return JSONResponse(APIError(500, "internal error", type="server_error").body, status_code=500)
 
-    @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest):
-        served.check(req)
-        ids = await served.encode(req.prompt, "prompt")
-        return {"count": len(ids), "max_model_len": served.context, "tokens": ids}
 
-    @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest):
-        served.check(req)
-        ids = served.check_ids(req.tokens, "tokens")
-        return {"prompt": b"".join(served.token_bytes[i] for i in ids).decode("utf-8", errors="replace")}
+@app.get("/", response_class=HTMLResponse)
+async def index(request: Request):
+    return request.app.state.page
 
-    @app.get("/tokenizer_info")
-    async def tokenizer_info():
-        return {**tokenizer_config(served.model.config), "chat_template": CHAT_TEMPLATE}
 
-    async def respond(req, request, prompts, stop_ids, chat, echo=False, logprobs=None):
-        req.refuse_inert()
-        stop_ids = set() if req.ignore_eos else stop_ids
-        stop_strings(req)  # checked before the request is queued
-        if req.stream and (len(prompts) > 1 or echo or logprobs is not None):
-            raise APIError(400, "stream: this server streams one prompt without echo or logprobs; ask for these "
-                                "without stream", param="stream")
-        # refused (400, 429) before any streaming starts
-        queued = served.submit(prompts, req, stop_ids, logprobs, score_prompt=echo and logprobs is not None)
-        request.state.completion_tokens = 0
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": served.name}
+@app.get("/health")
+async def health(request: Request):
+    served = request.app.state.served
+    b = served.batcher
+    return {"status": "ok", "model": served.name, "chat": served.chat, "context_length": served.context,
+            "active_requests": b.active, "decoding": len(b.rows), "waiting": len(b.waiting),
+            "decode_steps": b.steps, "last_batch": b.last_batch, "tokens_generated": b.generated}
 
-        def usage(completion_tokens):
-            n_prompt = sum(len(p) for p in prompts)
-            return {"prompt_tokens": n_prompt, "completion_tokens": completion_tokens,
-                    "total_tokens": n_prompt + completion_tokens}
 
-        def choice(text, finish, delta, index=0, logprobs=None):
-            if not chat:
-                return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-            body = {"content": text} if text or not delta else {}
-            return {"index": index, ("delta" if delta else "message"): body if delta else {"role": "assistant", **body},
-                    "logprobs": logprobs, "finish_reason": finish}
+@app.get("/v1/models")
+async def models(request: Request):
+    served = request.app.state.served
+    return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
+                                        "owned_by": "smol", "context_length": served.context}]}
 
-        if not req.stream:  # waits in line without a word, as OpenAI's API does
-            async def one(seq, tokens):
-                text, finish, ids = "", "length", []
-                async for piece, end in served.generate(seq, tokens, req, stop_ids, request, ids):
-                    if piece is not None:
-                        text, finish = text + piece, end
-                return text, finish, ids
-            try:
-                done = await asyncio.gather(*(one(seq, tokens) for seq, tokens in queued))
-            finally:
-                for seq, _ in queued:  # one prompt failed: the others stop too
-                    seq.cancelled = True
-            choices = []
-            for i, ((seq, _), (text, finish, ids)) in enumerate(zip(queued, done)):
-                scores = seq.scores
-                if echo:
-                    text = served.text(prompts[i]) + text
-                if logprobs is None:
-                    shown = None
-                elif chat:  # the reply's tokens, not the stop id that ended it
-                    kept = ids[:-1] if ids and ids[-1] in stop_ids else ids
-                    shown = served.chat_logprobs(kept, scores[:len(kept)])
-                else:
-                    prompt_scores = [(None, None)] + scores[:len(prompts[i]) - 1] if seq.score_prompt else []
-                    made = scores[len(prompt_scores) - 1:][:len(ids)] if seq.score_prompt else scores[:len(ids)]
-                    shown = served.completion_logprobs((prompts[i] if echo else []) + ids, prompt_scores + made)
-                choices.append(choice(text, finish, delta=False, index=i, logprobs=shown))
-            return {**head, "choices": choices, "usage": usage(sum(len(ids) for _, _, ids in done))}
 
-        seq, tokens = queued[0]
-        pieces = served.generate(seq, tokens, req, stop_ids, request)
+@app.post("/v1/chat/completions")
+async def chat_completions(req: ChatRequest, request: Request):
+    served = request.app.state.served
+    served.check(req)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    prompt_ids = await served.encode(render_chat(messages), "messages")
+    return await respond(served, req, request, [prompt_ids], chat_stop_ids(served.model), chat=True,
+                         logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+
+
+@app.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    served = request.app.state.served
+    served.check(req)
+    prompts = req.prompts()
+    if len(prompts) > max(1, served.batcher.max_waiting):
+        raise APIError(400, f"prompt: this server takes at most {served.batcher.max_waiting} prompts in one "
+                            f"request (--max_waiting), got {len(prompts)}", param="prompt")
+    # text is tokenized here (nothing: start a fresh document); ids are taken as they are
+    prompts = [served.check_ids(p, "prompt") if isinstance(p, list) else
+               await served.encode(p, "prompt") or [EOT_ID] for p in prompts]
+    return await respond(served, req, request, prompts, set(served.model.eos_token_ids), chat=False,
+                         echo=req.echo, logprobs=req.logprobs)
+
+
+@app.post("/tokenize")
+async def tokenize(req: TokenizeRequest, request: Request):
+    served = request.app.state.served
+    served.check(req)
+    ids = await served.encode(req.prompt, "prompt")
+    return {"count": len(ids), "max_model_len": served.context, "tokens": ids}
+
+
+@app.post("/detokenize")
+async def detokenize(req: DetokenizeRequest, request: Request):
+    served = request.app.state.served
+    served.check(req)
+    return {"prompt": served.text(served.check_ids(req.tokens, "tokens"))}
+
+
+@app.get("/tokenizer_info")
+async def tokenizer_info(request: Request):
+    return {**tokenizer_config(request.app.state.served.model.config), "chat_template": CHAT_TEMPLATE}
+
+
+# ---- the two completion routes' answers ----
+
+async def respond(served, req, request, prompts, stop_ids, chat, echo=False, logprobs=None):
+    """The request queued, one row per prompt (ids); then the whole answer as JSON or,
+    with stream, its pieces as server-sent events."""
+    req.refuse_inert()
+    stop_ids = set() if req.ignore_eos else stop_ids
+    stop_strings(req)  # checked before the request is queued
+    if req.stream and (len(prompts) > 1 or echo or logprobs is not None):
+        raise APIError(400, "stream: this server streams one prompt without echo or logprobs; ask for these "
+                            "without stream", param="stream")
+    # refused (400, 429) before any streaming starts
+    queued = served.submit(prompts, req, stop_ids, logprobs, score_prompt=echo and logprobs is not None)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": served.name}
+    if req.stream:
+        (seq, tokens), ids = queued[0], []
         chunk = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-
-        async def events():
-            def event(body):
-                return f"data: {json.dumps(body)}\n\n"
-            if chat:  # the role comes first, as OpenAI sends it
-                yield event({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                   "logprobs": None, "finish_reason": None}]})
-            async for piece, finish in pieces:
-                if piece is None:  # an SSE comment: clients skip it, people and the page can read it
-                    yield f": waiting, {finish} ahead\n\n"
-                elif piece or finish:
-                    yield event({**chunk, "choices": [choice(piece, finish, delta=True)]})
-            if (req.stream_options or {}).get("include_usage"):
-                yield event({**chunk, "choices": [], "usage": usage(request.state.completion_tokens)})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream",
+        pieces = served.generate(seq, tokens, req, stop_ids, request, ids)
+        events = stream_events(pieces, chunk, chat, (req.stream_options or {}).get("include_usage"), prompts, ids)
+        return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:  # waits in line without a word, as OpenAI's API does
+        done = await asyncio.gather(*(collect_completion(served, seq, tokens, req, stop_ids, request)
+                                      for seq, tokens in queued))
+    finally:
+        for seq, _ in queued:  # one prompt failed: the others stop too
+            seq.cancelled = True
+    choices = []
+    for i, ((seq, _), prompt, (text, finish, ids)) in enumerate(zip(queued, prompts, done)):
+        shown = None if logprobs is None else choice_logprobs(served, seq, prompt, ids, chat, echo, stop_ids)
+        choices.append(chat_choice(text, finish, i, shown) if chat else
+                       completion_choice(served.text(prompt) + text if echo else text, finish, i, shown))
+    return {**head, "choices": choices, "usage": usage(prompts, sum(len(ids) for _, _, ids in done))}
 
-    return app
+
+async def collect_completion(served, seq, tokens, req, stop_ids, request):
+    """One prompt's whole completion: (text, finish_reason, the token ids generated)."""
+    text, finish, ids = "", "length", []
+    async for piece, end in served.generate(seq, tokens, req, stop_ids, request, ids):
+        if piece is not None:  # None: still waiting in line, which a whole answer does not tell
+            text, finish = text + piece, end
+    return text, finish, ids
+
+
+def choice_logprobs(served, seq, prompt, ids, chat, echo, stop_ids):
+    """The logprobs of one choice, from the scores its Sequence kept: a chat reply's own
+    tokens; a completion's tokens, after the prompt's when it was scored (echo and logprobs)."""
+    scores = seq.scores
+    if chat:  # the reply's tokens, not the stop id that ended it
+        kept = ids[:-1] if ids and ids[-1] in stop_ids else ids
+        return chat_logprobs(served.token_bytes, kept, scores[:len(kept)])
+    prompt_scores = [(None, None)] + scores[:len(prompt) - 1] if seq.score_prompt else []
+    made = scores[len(prompt_scores) - 1:][:len(ids)] if seq.score_prompt else scores[:len(ids)]
+    return completion_logprobs(served.token_bytes, (prompt if echo else []) + ids, prompt_scores + made)
+
+
+async def stream_events(pieces, chunk, chat, include_usage, prompts, ids):
+    """A streamed answer's server-sent events: each piece in a chunk, then (include_usage)
+    the token counts, of the prompts and of the ids that generating the pieces filled in."""
+    if chat:  # the role comes first, as OpenAI sends it
+        yield sse_event({**chunk, "choices": [ROLE_DELTA]})
+    async for piece, finish in pieces:
+        if piece is None:  # an SSE comment: clients skip it, people and the page can read it
+            yield f": waiting, {finish} ahead\n\n"
+        elif piece or finish:
+            yield sse_event({**chunk, "choices": [chat_delta(piece, finish) if chat else
+                                                  completion_choice(piece, finish)]})
+    if include_usage:
+        yield sse_event({**chunk, "choices": [], "usage": usage(prompts, len(ids))})
+    yield "data: [DONE]\n\n"
 
 
 def build_parser():
@@ -581,9 +406,11 @@ def main(argv=None):
     if not args.api_key and (hosts is None or not hosts & {"127.0.0.1", "::1"}):
         print(f"warning: serving on {host} without --api_key: anyone who can reach this address can use the "
               f"model", file=sys.stderr, flush=True)
-    app = Access(create_app(served), hosts=hosts, origins=args.allow_origin, api_key=args.api_key,
-                 max_body=MAX_BODY)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    app.state.served = served
+    with open(os.path.join(HERE, "serve.html"), encoding="utf-8") as f:
+        app.state.page = f.read()
+    guarded = Access(app, hosts=hosts, origins=args.allow_origin, api_key=args.api_key, max_body=MAX_BODY)
+    uvicorn.Server(uvicorn.Config(guarded, log_level="warning")).run(sockets=[sock])
 
 
 def start_model(args):
