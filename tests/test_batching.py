@@ -187,6 +187,7 @@ def test_the_compiled_batch_step_reads_only_its_bucket_and_compiles_once_per_buc
     slot = Batcher(model, max_batch=1).slot_bytes
     batcher = Batcher(model, max_batch=4, cache_bytes=4 * 256 * slot, compile=True)  # rows of 256 positions
     assert batcher.fixed == (4, 256)
+    assert batcher.score_rows == 0  # the fixed block takes the whole budget: none left to score a prompt
     seen, run_step = [], batcher.step.run  # the compiled function: record the shapes it is called with
     batcher.step.run = lambda token, cache, at: (seen.append((token.size(0), cache.max_len)),
                                                  run_step(token, cache, at))[1]
@@ -228,6 +229,7 @@ def test_a_prompt_is_scored_in_pieces_of_score_rows_positions(model, monkeypatch
     to the plain forward pass's log-softmax; then generation goes on as usual."""
     batcher = Batcher(model, cache_bytes=1 << 20)  # 1 MiB: an eighth for scoring, 12 B per logit of 512
     assert batcher.score_rows == (1 << 20) // 8 // (12 * 512) == 21
+    assert Batcher(model, cache_bytes=1 << 30).score_rows == 512  # at most 512 positions a piece
     widths, forward = [], SmolLM.forward
 
     def counting(self, idx, *args, **kw):
