@@ -6,6 +6,7 @@ must give what `lm_eval --model hf` gives on the same weights."""
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -225,3 +226,19 @@ def test_lm_eval_through_the_server_gives_what_its_transformers_backend_gives(in
     for task, metrics in (("smol_mc", ("acc,none", "acc_norm,none")), ("smol_gen", ("exact_match,none",))):
         for metric in metrics:
             assert results("hf")[task][metric] == results("server")[task][metric], (task, metric)
+
+
+def test_lm_eval_through_a_server_with_an_api_key(chat_model, tmp_path):
+    """--api_key guards the tokenizer routes too: lm_eval sends the key to the completions
+    as OPENAI_API_KEY and to the tokenizer routes as auth_token, as docs/evaluate.md says."""
+    need_module("lm_eval", "pip install 'lm-eval[api]'")
+    with Server("--init_from", chat_model["hf"], "--dtype", "float32", "--api_key", "sesame") as server:
+        proc = subprocess.run(
+            [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
+             f"base_url={server.url}/v1/completions,model=hf,tokenized_requests=True,auth_token=sesame",
+             "--tasks", "smol_mc", "--include_path", os.path.join(HERE, "tests", "lm_eval_tasks"), "--limit", "2",
+             "--output_path", tmp_path], cwd=HERE, env={**OFFLINE, "OPENAI_API_KEY": "sesame"},
+            capture_output=True, text=True, timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Using remote tokenizer" in out, out[-3000:]
+    assert re.search(r"\|\s*smol_mc\s*\|", proc.stdout), out[-3000:]  # its row of the results table
