@@ -333,9 +333,10 @@ def choice_logprobs(served, seq, prompt, ids, chat, echo, stop_ids):
     if chat:  # the reply's tokens, not the stop id that ended it
         kept = ids[:-1] if ids and ids[-1] in stop_ids else ids
         return chat_logprobs(served.token_bytes, kept, scores[:len(kept)])
-    prompt_scores = [(None, None)] + scores[:len(prompt) - 1] if seq.score_prompt else []
-    made = scores[len(prompt_scores) - 1:][:len(ids)] if seq.score_prompt else scores[:len(ids)]
-    return completion_logprobs(served.token_bytes, (prompt if echo else []) + ids, prompt_scores + made)
+    scored = len(prompt) - 1 if seq.score_prompt else 0  # the prompt's scores come first
+    prompt_scores = [(None, None)] + scores[:scored] if seq.score_prompt else []
+    return completion_logprobs(served.token_bytes, (prompt if echo else []) + ids,
+                               prompt_scores + scores[scored:scored + len(ids)])
 
 
 async def stream_events(pieces, chunk, chat, include_usage, prompts, ids):
