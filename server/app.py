@@ -1,8 +1,8 @@
 """
 Serve one model over HTTP: a chat page for people, an OpenAI-compatible API for programs.
 
-    python serve.py --init_from path/to/SmolLM2-135M-Instruct   # then open http://127.0.0.1:8000
-    python serve.py --out_dir out                                # a model trained here (out/ckpt.pt)
+    python -m server --init_from path/to/SmolLM2-135M-Instruct   # then open http://127.0.0.1:8000
+    python -m server --out_dir out                                # a model trained here (out/ckpt.pt)
 
     GET  /                       the page: chat (instruct models) or completion (base models)
     POST /v1/chat/completions    messages -> reply, as OpenAI's API (stream: true for SSE)
@@ -18,17 +18,18 @@ Serve one model over HTTP: a chat page for people, an OpenAI-compatible API for 
                                  of the last one, "tokens_generated": every token generated since
                                  the server started, for all requests together}
 
-How requests share the model: continuous batching (engine.Batcher). Every request
+How requests share the model: continuous batching (server/batcher.py). Every request
 being generated is one row of one batch, advanced by one batched decode step per
 token; a new request joins after its prompt is read, a finished or abandoned one
 leaves at once. --max_batch rows at most, --max_waiting requests in line behind them
 (past that: 429), and one KV-cache budget for all rows together (--cache_mb). Who may
 call, and how big a body may be, is access.py's job; what a request may hold and how
-an answer is shaped, openai_api.py's. docs/chat-and-serve.md has the memory model and
+an answer is shaped, openai_api.py's (both beside this file). docs/chat-and-serve.md has the memory model and
 measured throughput.
 Needs fastapi and uvicorn: pip install -r requirements-serve.txt
 """
 import asyncio
+import importlib.util
 import os
 import queue
 import socket
@@ -38,9 +39,9 @@ import time
 import traceback
 import uuid
 
-from access import Access, host_names
-from chat import CHAT_TEMPLATE, StopStrings, TextStream, chat_stop_ids, is_chat_model, render_chat
-from common import HERE, Parser, UserError, add_model_flags, fail, pick_dtype, use_compile
+from server.access import Access, host_names
+from smolkit.chat import CHAT_TEMPLATE, StopStrings, TextStream, chat_stop_ids, is_chat_model, render_chat
+from smolkit.common import Parser, UserError, add_model_flags, fail, pick_dtype, use_compile
 
 try:
     import uvicorn
@@ -48,19 +49,21 @@ try:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
-except ImportError as e:
-    fail(f"serve.py needs {e.name}: pip install -r requirements-serve.txt")
+except ImportError as e:  # name every package of the two that is missing, not the first one tried
+    lacking = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None] or [e.name]
+    fail(f"the server needs {' and '.join(lacking)}: pip install -r requirements-serve.txt")
 
 import torch
 
-from data import load_tokenizer, token_bytes
-from engine import Batcher, Busy, ModelOverflow, Sequence, load_from_flags
-from hf import tokenizer_config
-from openai_api import (MAX_BODY, APIError, ChatRequest, CompletionRequest, DetokenizeRequest, ROLE_DELTA,
-                        TokenizeRequest, chat_choice, chat_delta, chat_logprobs, completion_choice,
-                        completion_logprobs, invalid_request, sse_event, stop_strings, usage)
+from server.batcher import Batcher, Busy, Sequence
+from server.openai_api import (MAX_BODY, ROLE_DELTA, APIError, ChatRequest, CompletionRequest, DetokenizeRequest,
+                               TokenizeRequest, chat_choice, chat_delta, chat_logprobs, completion_choice,
+                               completion_logprobs, invalid_request, sse_event, stop_strings, usage)
 from smol import EOT_ID, SmolLM
-
+from smolkit.data import load_tokenizer, token_bytes
+from smolkit.decoding import ModelOverflow, load_from_flags
+from smolkit.hf import tokenizer_config
+from smolkit.models import model_name
 
 # ---- the model, behind the batcher ----
 
@@ -153,7 +156,7 @@ class ServedModel:
                 if tokens.empty():  # a client that went away is noticed even while its request waits in line
                     try:
                         token = await asyncio.wait_for(tokens.get(), timeout=1.0)
-                    except TimeoutError:
+                    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                         if await request.is_disconnected():
                             return
                         if (ahead := self.batcher.ahead(seq)) is not None:
@@ -250,7 +253,7 @@ async def completions(req: CompletionRequest, request: Request):
     served = request.app.state.served
     served.check(req)
     prompts = req.prompts()
-    if len(prompts) > max(1, served.batcher.max_waiting):
+    if len(prompts) > served.batcher.max_waiting:
         raise APIError(400, f"prompt: this server takes at most {served.batcher.max_waiting} prompts in one "
                             f"request (--max_waiting), got {len(prompts)}", param="prompt")
     # text is tokenized here (nothing: start a fresh document); ids are taken as they are
@@ -356,14 +359,15 @@ async def stream_events(pieces, chunk, chat, include_usage, prompts, ids):
 
 
 def build_parser():
-    p = Parser(prog="serve.py", description="Serve a model: a chat page and an OpenAI-compatible API.")
+    p = Parser(prog="python -m server", description="Serve a model: a chat page and an OpenAI-compatible API.")
     add_model_flags(p, "serving")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--name", default=None, help="the model's id in the API (default: the checkpoint folder's name)")
+    p.add_argument("--name", default=None,
+                   help="the model's id in the API (default: the model's folder, file or hub name)")
     p.add_argument("--max_batch", type=int, default=16, help="requests decoded together, one row each (default 16)")
     p.add_argument("--max_waiting", type=int, default=64,
-                   help="requests waiting for a row; past them: 429 (default 64)")
+                   help="requests waiting for a row, at least 1; past them: 429 (default 64)")
     p.add_argument("--cache_mb", type=int, default=None,
                    help="memory for every request's KV cache together, MiB (default: a quarter of the memory "
                         "free at start, at most 4096)")
@@ -384,10 +388,9 @@ def main(argv=None):
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
-    for flag in ("max_batch", "max_waiting", "cache_mb"):
-        if getattr(args, flag) is not None and getattr(args, flag) < (0 if flag == "max_waiting" else 1):
-            raise UserError(f"--{flag} must be {'at least 0' if flag == 'max_waiting' else 'positive'}, "
-                            f"got {getattr(args, flag)}")
+    for flag in ("max_batch", "max_waiting", "cache_mb"):  # every request waits in line for a row, if only a step
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be positive, got {getattr(args, flag)}")
     sock = listen(args.host, args.port)  # first: a port in use is known before a model is loaded
     served, device, cache_mb = start_model(args)
     served.created = int(time.time())
@@ -408,7 +411,7 @@ def main(argv=None):
         print(f"warning: serving on {host} without --api_key: anyone who can reach this address can use the "
               f"model", file=sys.stderr, flush=True)
     app.state.served = served
-    with open(os.path.join(HERE, "serve.html"), encoding="utf-8") as f:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html"), encoding="utf-8") as f:
         app.state.page = f.read()
     guarded = Access(app, hosts=hosts, origins=args.allow_origin, api_key=args.api_key, max_body=MAX_BODY)
     uvicorn.Server(uvicorn.Config(guarded, log_level="warning")).run(sockets=[sock])
@@ -417,16 +420,15 @@ def main(argv=None):
 def start_model(args):
     """(served model, device, cache MiB): the model loaded, and its batcher running, in one
     thread of their own, so that every torch operation of the server runs in that thread
-    (engine.Batcher.run says why); a mistake in the flags is a UserError here as usual."""
+    (batcher.Batcher.run says why); a mistake in the flags is a UserError here as usual."""
     ready = queue.Queue()
 
     def model_thread():
         try:
             model, device = load_from_flags(args)
-            folder = args.out_dir if args.init_from == "resume" else args.init_from
             cache_mb = args.cache_mb or default_cache_mb(device)
             try:
-                served = ServedModel(model, load_tokenizer(), args.name or os.path.basename(os.path.normpath(folder)),
+                served = ServedModel(model, load_tokenizer(), args.name or model_name(args.init_from, args.out_dir),
                                      device, args.max_batch, cache_mb << 20, args.max_waiting,
                                      compile=use_compile(args.compile, device, long_lived=True), thread=False)
             except ValueError as e:  # a compiled block that the budget cannot hold
@@ -473,10 +475,3 @@ def listen(host, port):
         sock.close()
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port or --host") from None
     return sock
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        fail(str(e))

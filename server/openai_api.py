@@ -1,7 +1,7 @@
 """
-The OpenAI API's shapes, as serve.py speaks them: the requests and their bounds, the
+The OpenAI API's shapes, as the server speaks them: the requests and their bounds, the
 errors, the choices and usage of an answer, the log-probabilities and the server-sent
-events. Nothing here runs the model: serve.py fills these shapes with what its batcher
+events. Nothing here runs the model: app.py fills these shapes with what its batcher
 generates. The reference is OpenAI's API (platform.openai.com/docs/api-reference), with
 the extensions that vLLM's and llama.cpp's servers add and that evaluators send.
 """
@@ -12,8 +12,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from access import error_body
-from chat import ROLES
+from server.access import error_body
+from smolkit.chat import ROLES
 
 # what one request may ask for: every bound answers a client's mistake with a 400, not a 500
 MAX_BODY = 1 << 20  # bytes of JSON (413 past it): a whole context of text fits many times over

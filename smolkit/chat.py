@@ -10,7 +10,7 @@ from smol import EOT_ID, IM_END_ID
 # this system message first when a conversation does not begin with one.
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 ROLES = ("system", "user", "assistant")
-# render_chat as a Jinja template, for the programs that render chats themselves (serve.py's
+# render_chat as a Jinja template, for the programs that render chats themselves (the server's
 # /tokenizer_info gives it to evaluators; GGUF files carry it for llama.cpp)
 CHAT_TEMPLATE = (
     "{% if messages and messages[0]['role'] != 'system' %}"

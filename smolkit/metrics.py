@@ -1,7 +1,7 @@
 """
-What a training run reports, and plot.py reads back: one line per logged step (loss,
-learning rate, time per step, tokens/s, MFU on known GPUs, ETA), one per evaluation,
-a note when a CPU run would take hours, and the same numbers as JSON lines in
+What a training run reports, and tools.plot reads back: one line per logged step (loss,
+learning rate, time per step, tokens/s, MFU on known GPUs, ETA), one per evaluation with
+its sample, a note when a CPU run would take hours, and the same numbers as JSON lines in
 out_dir/metrics.jsonl: {step, loss, lr, tok_s} per logged step and {step, train_loss,
 val_loss} per evaluation. A resumed run appends to the file, so the curve continues, after
 one {step, resumed: true} row naming the checkpoint's step it continues from.
@@ -12,7 +12,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-from common import UserError
+import torch
+
+from smol import IM_END_ID
+from smolkit.common import UserError
 
 EVAL_NOTE_S = 5  # an evaluation expected to take longer than this many seconds is announced
 # the laptop run of docs/training.md: 7M parameters, 1,500 steps in about 16 minutes on 2 CPU cores
@@ -27,6 +30,19 @@ def param_breakdown(model):
     layer = sum(p.numel() for p in model.model.layers[0].parameters())
     return (f"parameters: embedding {emb:,} (tied with lm_head) + {model.config.n_layer} layers x "
             f"{layer:,} + final norm {model.model.norm.weight.numel():,} = {model.num_params():,}")
+
+
+@torch.no_grad()
+def eval_sample(model, tokenizer, ids, cfg, ctx, chat):
+    """The sample printed at each evaluation: a continuation of the sample prompt (ids), or
+    for conversations the reply to it as a user's message."""
+    device = model.model.norm.weight.device
+    prompt = torch.tensor([ids], device=device)  # (1, T)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # leaves the global RNG untouched
+    with ctx:
+        out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=200, generator=gen,
+                             stop_ids={IM_END_ID} if chat else ())
+    return tokenizer.decode(out[0, len(ids) if chat else 0:].tolist())
 
 
 def fmt_time(seconds):
@@ -74,7 +90,7 @@ class TrainingLog:
             if torn:
                 self.file.write("\n")
             if resumed:
-                self.write({"step": run.resumed_at, "resumed": True})  # plot.py marks where the run went on
+                self.write({"step": run.resumed_at, "resumed": True})  # tools.plot marks where the run went on
         self.t_last, self.steps_since_log, self.dt_ema, self.logs_done = time.time(), 0, None, 0
 
     def log(self, line):

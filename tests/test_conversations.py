@@ -4,19 +4,19 @@ import json
 import os
 import random
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from chat import DEFAULT_SYSTEM_PROMPT, render_chat
-from common import HERE, UserError
-from conftest import QA, on_cpu
-from conversations import ConversationSampler, check_messages, encode, encode_all, fit, read_jsonl
-from data import load_tokenizer
+from conftest import QA, command, on_cpu
 from smol import IM_END_ID, SmolConfig, SmolLM
+from smolkit.chat import DEFAULT_SYSTEM_PROMPT, render_chat
+from smolkit.common import ROOT, UserError
+from smolkit.conversations import check_messages, encode, encode_all, load_conversations, read_conversations
+from smolkit.data import jsonl_records, load_tokenizer
+from smolkit.samplers import ConversationSampler, fit
 
 TOKENIZER = load_tokenizer()
 CONVERSATIONS = [
@@ -137,21 +137,38 @@ def test_a_bad_line_is_named(tmp_path, line, message):
     path.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
                     + line + "\n")
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        read_jsonl(str(path))
+        read_conversations(str(path))
+
+
+def test_a_file_reads_as_editors_write_it(tmp_path):
+    # a byte-order mark (Notepad's "UTF-8 with BOM"), CRLF line ends and blank lines: the same
+    # conversations as the plain file, in fine-tuning and in tools.prepare alike (one reader)
+    lines = [json.dumps({"messages": c}) for c in CONVERSATIONS]
+    (tmp_path / "plain.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "windows.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n\r\n".join(lines).encode() + b"\r\n\r\n")
+    assert read_conversations(str(tmp_path / "windows.jsonl")) == read_conversations(str(tmp_path / "plain.jsonl"))
+    assert [r for r, _ in jsonl_records(str(tmp_path / "windows.jsonl"))] == [{"messages": c} for c in CONVERSATIONS]
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_bytes(json.dumps({"messages": CONVERSATIONS[0]}).encode() + b"\n{\"caf\xe9\": 1}\n")  # Latin-1
+    with pytest.raises(UserError) as e:
+        read_conversations(str(path))
+    assert str(e.value) == f"{path} line 2 is not UTF-8 text (byte 6 of the line); convert it first"
 
 
 def test_a_file_without_an_assistant_turn_is_refused(tmp_path):
     path = tmp_path / "chats.jsonl"
     path.write_text('{"messages": [{"role": "user", "content": "a"}]}\n')
     with pytest.raises(UserError, match="has no assistant turn"):
-        read_jsonl(str(path))
+        load_conversations(str(path), TOKENIZER)
 
 
 def test_prepare_writes_what_train_reads(tmp_path):
-    from conversations import load_conversations
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), path, "--out", tmp_path / "prepared"],
+    proc = subprocess.run([*command("tools.prepare"), path, "--out", tmp_path / "prepared"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "3 conversations" in proc.stdout
@@ -162,12 +179,11 @@ def test_prepare_writes_what_train_reads(tmp_path):
 
 def test_prepare_reads_a_parquet_messages_column(tmp_path):
     from conftest import need_module
-    from conversations import load_conversations
     need_module("pyarrow", "pip install pyarrow")
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"messages": CONVERSATIONS, "id": [1, 2, 3]}), tmp_path / "chats.parquet")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), tmp_path / "chats.parquet", "--out",
+    proc = subprocess.run([*command("tools.prepare"), tmp_path / "chats.parquet", "--out",
                            tmp_path / "prepared"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     read = load_conversations(str(tmp_path / "prepared"), TOKENIZER)
@@ -180,7 +196,7 @@ TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2",
 
 
 def run(script, *args, cwd):
-    proc = subprocess.run([sys.executable, os.path.join(HERE, script), *on_cpu(args)], capture_output=True,
+    proc = subprocess.run(command(script, *on_cpu(args)), capture_output=True,
                           text=True, timeout=300, cwd=cwd)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -201,7 +217,7 @@ def test_fine_tuning_resumes_exactly_and_teaches_the_end_of_a_turn(tmp_path):
             for question, answer in rng.sample(QA, rng.choice([1, 1, 2])):
                 messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             f.write(json.dumps({"messages": messages}) + "\n")
-    run("train.py", *TINY, "--max_iters", 4, "--eval_interval", 4, "--data", os.path.join(HERE, "input.txt"),
+    run("train.py", *TINY, "--max_iters", 4, "--eval_interval", 4, "--data", os.path.join(ROOT, "input.txt"),
         "--out_dir", "base", cwd=tmp_path)
     tune = ["--init_from", "base/ckpt.pt", "--data", "qa.jsonl", "--learning_rate", "1e-2", "--min_lr", "1e-3",
             "--eval_interval", 25, *TINY[-8:]]
@@ -217,7 +233,7 @@ def test_fine_tuning_resumes_exactly_and_teaches_the_end_of_a_turn(tmp_path):
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "split"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["eos_token_ids"] == [0, 2]  # <|im_end|> added: a chat model now
-    chat = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--out_dir", tmp_path / "split", "--chat",
+    chat = subprocess.run([*command("sample.py"), "--out_dir", tmp_path / "split", "--chat",
                            "--temperature", "0", "--verbose", "--max_new_tokens", "40", "--device", "cpu"],
                           input="What is the capital of France?\n", capture_output=True, text=True, timeout=120)
     assert chat.returncode == 0 and chat.stdout == "Paris.\n", chat.stdout + chat.stderr
@@ -228,7 +244,7 @@ def test_fine_tuning_resumes_exactly_and_teaches_the_end_of_a_turn(tmp_path):
 
 def test_fine_tuning_defaults_apply_to_a_trained_model_on_conversations(tmp_path):
     import train
-    from hf import save_pretrained
+    from smolkit.hf import save_pretrained
     save_pretrained(tiny(), tmp_path / "model")
     (tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
     cfg, mcfg, _, _ = train.resolve_settings({"init_from": str(tmp_path / "model"), "data": str(tmp_path / "chats.jsonl")})

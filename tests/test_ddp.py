@@ -6,20 +6,21 @@ import sys
 
 import torch
 
-from common import HERE
+from conftest import command
+from smolkit.common import ROOT
 
 TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",
         "--block_size", "32", "--batch_size", "2", "--eval_iters", "1", "--sample_tokens", "2", "--log_interval", "1",
         "--learning_rate", "3e-3", "--warmup_iters", "2", "--lr_decay_iters", "12", "--min_lr", "3e-4",
         "--dtype", "float32",  # bf16 autocast (auto on CPUs with native bf16) rounds each process apart
         "--device", "cpu",  # gloo on CPU processes, also on a machine with GPUs
-        "--data", os.path.join(HERE, "input.txt")]
+        "--data", os.path.join(ROOT, "input.txt")]
 
 
 def train(*args, procs=1, cwd):
     launcher = [sys.executable] if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-    proc = subprocess.run([*launcher, os.path.join(HERE, "train.py"), *map(str, args)],
+    proc = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -66,7 +67,7 @@ def test_resume_under_torchrun_is_exact(tmp_path):
 
 def test_a_step_the_processes_cannot_share_equally_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(HERE, "train.py"), *TINY, "--gradient_accumulation_steps", "3",
+                           os.path.join(ROOT, "train.py"), *TINY, "--gradient_accumulation_steps", "3",
                            "--batch_size", "3", "--out_dir", "x"], capture_output=True, text=True, cwd=tmp_path,
                           timeout=300)
     assert proc.returncode != 0
@@ -78,10 +79,10 @@ def test_a_step_the_processes_cannot_share_equally_is_refused(tmp_path):
 def test_prepared_corpus_trains_and_resumes_exactly(tmp_path):
     # prepare.py's memory-mapped train.bin / val.bin instead of a text file
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(open(os.path.join(HERE, "input.txt"), encoding="utf-8").read()[:60000])
-    subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), str(corpus), "--out", "prepared",
+    corpus.write_text(open(os.path.join(ROOT, "input.txt"), encoding="utf-8").read()[:60000])
+    subprocess.run([*command("tools.prepare"), str(corpus), "--out", "prepared",
                     "--val_fraction", "0.2"], check=True, capture_output=True, cwd=tmp_path, timeout=300)
-    common = [a if a != os.path.join(HERE, "input.txt") else "prepared" for a in TINY]
+    common = [a if a != os.path.join(ROOT, "input.txt") else "prepared" for a in TINY]
     first = train(*common, "--eval_interval", 4, "--max_iters", 10, "--out_dir", "straight", cwd=tmp_path)
     train_tokens = os.path.getsize(tmp_path / "prepared" / "train.bin") // 2
     assert f"{train_tokens:,} train" in first.stdout

@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import common
-from common import UserError, autocast_for, inference_dtype, loss_rows_per_piece, peak_flops, pick_dtype
-from data import BatchSampler, load_splits, shard
 from smol import SmolConfig, SmolLM
+from smolkit import common
+from smolkit.common import UserError, autocast_for, inference_dtype, loss_rows_per_piece, peak_flops, pick_dtype
+from smolkit.data import load_splits
+from smolkit.samplers import BatchSampler, shard
 from train import train_step
 
 GiB = 2**30
@@ -109,7 +110,7 @@ def test_a_step_that_cannot_be_shared_is_refused():
 
 @pytest.fixture(scope="module")
 def splits():
-    return load_splits(os.path.join(common.HERE, "input.txt"), 32, 49152)
+    return load_splits(os.path.join(common.ROOT, "input.txt"), 32, 49152)
 
 
 @pytest.mark.parametrize("accum, world", [(1, 2), (1, 4), (1, 8), (4, 2), (2, 4)])
@@ -137,19 +138,21 @@ def test_a_training_step_waits_once_and_builds_the_next_batch_first(monkeypatch,
     # window offsets live on the host), and each batch built, in order. torch's own CPU AdamW
     # reads its step counts (host tensors) with .item(); the fused CUDA one does not
     import sys
-    import data
+
+    from smolkit import samplers
     events = []
     for name in SYNCS:
         method = getattr(torch.Tensor, name)
 
         def spy(self, *a, _method=method, _name=name, **k):
             caller = sys._getframe(1).f_code.co_filename
-            if os.path.dirname(os.path.abspath(caller)) == common.HERE and not caller.endswith("data.py"):
+            project = os.path.abspath(caller).startswith(common.ROOT + os.sep) and "tests" not in caller
+            if project and not caller.endswith("samplers.py"):
                 events.append(f"sync {_name}")
             return _method(self, *a, **k)
         monkeypatch.setattr(torch.Tensor, name, spy)
-    built = data.BatchSampler.batch
-    monkeypatch.setattr(data.BatchSampler, "batch", lambda self, *a: events.append("batch") or built(self, *a))
+    built = samplers.BatchSampler.batch
+    monkeypatch.setattr(samplers.BatchSampler, "batch", lambda self, *a: events.append("batch") or built(self, *a))
     model = tiny_model()
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -165,7 +168,7 @@ def test_a_training_step_waits_once_and_builds_the_next_batch_first(monkeypatch,
 
 
 def test_stop_flag_is_read_without_the_device():
-    import guards
+    from smolkit import guards
     guard = guards.Guard(SimpleNamespace(out_dir="unused"), None, "cpu", 0, ddp=False, master=True, saved_step=None)
     calls = []
     real = torch.tensor

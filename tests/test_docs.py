@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import re
+import runpy
 import socket
 import sys
 import types
@@ -24,25 +25,25 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import data
-import guards
 import sample
 import train
-from access import Access
-from checkpoint import check_state
-from common import HERE, UserError, pick_device
 from conftest import need_module
-from conversations import read_jsonl
-from engine import Batcher
-from metrics import read_metrics
+from server.access import Access
+from server.batcher import Batcher
 from smol import PRESETS, SmolConfig, SmolLM
+from smolkit import data, guards, samplers
+from smolkit.checkpoint import check_state
+from smolkit.common import ROOT, UserError, pick_device
+from smolkit.conversations import load_conversations
+from smolkit.data import load_tokenizer
+from smolkit.metrics import read_metrics
 
-PAGES = ["README.md", *sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "docs", "*.md"))),
+PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))),
          os.path.join("bench", "NOTES.md")]
 
 
 def read(rel):
-    with open(os.path.join(HERE, rel), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
         return f.read()
 
 
@@ -115,25 +116,33 @@ def test_the_link_pattern_finds_the_links():
 
 
 def link_problems(page, text):
-    here = os.path.dirname(os.path.join(HERE, page))
+    here = os.path.dirname(os.path.join(ROOT, page))
     for label, target in links(text):
         if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
             continue
         path, _, anchor = target.partition("#")
-        full = os.path.normpath(os.path.join(here, path)) if path else os.path.join(HERE, page)
+        full = os.path.normpath(os.path.join(here, path)) if path else os.path.join(ROOT, page)
         if not os.path.exists(full):
-            yield f"{page}: [{label}]({target}): {os.path.relpath(full, HERE)} does not exist"
+            yield f"{page}: [{label}]({target}): {os.path.relpath(full, ROOT)} does not exist"
         elif anchor:
             if not full.endswith(".md"):
                 yield f"{page}: [{label}]({target}): an anchor into a file that is not a page"
             elif anchor not in anchors(read(full)):
-                yield f"{page}: [{label}]({target}): no heading of {os.path.relpath(full, HERE)} is #{anchor}"
+                yield f"{page}: [{label}]({target}): no heading of {os.path.relpath(full, ROOT)} is #{anchor}"
 
 
 @pytest.mark.parametrize("page", PAGES)
 def test_every_link_and_anchor_resolves(page):
     problems = list(link_problems(page, read(page)))
     assert not problems, "\n".join(problems)
+
+
+def test_the_readme_describes_input_txt_as_it_is():
+    m = re.search(r"^input\.txt +the default corpus: (\d+) KB \(([\d,]+) tokens\)", read("README.md"), re.M)
+    assert m, "the README's line on input.txt is gone or reworded"
+    path = os.path.join(ROOT, "input.txt")
+    assert int(m.group(1)) == round(os.path.getsize(path) / 1000)  # kB, as the README writes it
+    assert int(m.group(2).replace(",", "")) == len(data.load_tokens(path, load_tokenizer()))  # as train.py reads it
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,8 +169,8 @@ FIGURE = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d+(?=[x
 DERIVED = [
     ("docs/performance.md", "7.7", "attention is about 1 ms of 7.7",
      "the compiled step's profile, bench/NOTES.md entry 19 (a probe); the file splits the eager step"),
-    ("docs/performance.md", "21.9", "The issue that asked for this measured 21.9",
-     "the issue's own measurement, before the fix"),
+    ("docs/performance.md", "21.9", "Before, one client measured 21.9",
+     "a measurement before the fix, kept in no asset"),
     ("docs/performance.md", "0.47x", "measured 21.9 against 46.6 (0.47x)", "derived: 21.9 / 46.6"),
     ("docs/training.md", "1,800", "(about 1,800 tokens/s)", "derived: the median of the log's 30 rates is 1,804"),
     ("docs/training.md", "49,152", "(ln 49,152 = 10.8, a uniform guess)", "the vocabulary's size, not a measurement"),
@@ -203,11 +212,11 @@ def kind_of(lines):
 
 
 def cited_assets(page, block):
-    here = os.path.dirname(os.path.join(HERE, page))
+    here = os.path.dirname(os.path.join(ROOT, page))
     files = []
     for _, target in LINK.findall(block):
         path = os.path.normpath(os.path.join(here, target.partition("#")[0]))
-        if os.path.relpath(path, HERE).split(os.sep)[0] != "assets":
+        if os.path.relpath(path, ROOT).split(os.sep)[0] != "assets":
             continue
         for f in sorted(glob.glob(os.path.join(path, "*"))) if os.path.isdir(path) else [path]:
             if not f.endswith(".png") and f not in files:
@@ -262,7 +271,7 @@ def figure_problems(page):
                 continue
             if any(p == page and f == written and words in flat(block) for p, f, words, _ in DERIVED):
                 continue
-            yield f"{page}: {written!r} ({around!r}) is in none of {[os.path.relpath(f, HERE) for f in files]}"
+            yield f"{page}: {written!r} ({around!r}) is in none of {[os.path.relpath(f, ROOT) for f in files]}"
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -435,7 +444,7 @@ def learning_rate_overflow(**_):
 
 
 def torchrun_share(**_):
-    return user_error(data.shard, 16, 1, 3)
+    return user_error(samplers.shard, 16, 1, 3)
 
 
 def out_of_memory(**_):
@@ -503,15 +512,15 @@ def out_dir_in_use(**_):
 
 def serve_without_fastapi(monkeypatch, capsys, **_):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi raises ImportError
-    monkeypatch.delitem(sys.modules, "serve", raising=False)
-    return exit_message(capsys, importlib.import_module, "serve")
+    monkeypatch.delitem(sys.modules, "server.app", raising=False)
+    return exit_message(capsys, importlib.import_module, "server.app")
 
 
 def serve_module():
     for name in ("fastapi", "uvicorn"):
         need_module(name, "pip install -r requirements-serve.txt")
-    import serve
-    return serve
+    from server import app
+    return app
 
 
 def port_in_use(**_):
@@ -529,10 +538,10 @@ def port_in_use(**_):
 def not_gguf(**_):
     for name in ("gguf", "accelerate", "transformers"):
         need_module(name, "pip install gguf accelerate transformers")
-    import export
+    from tools import export
     with open("model.gguf", "wb") as f:
         f.write(b"not a gguf file\n")
-    return user_error(export.main, ["--from_gguf", "model.gguf", "--to", "exported"])
+    return user_error(export.main, ["--init_from", "model.gguf", "--to", "exported"])
 
 
 def admission(status, cache_mib, max_waiting, prompt, max_tokens):
@@ -601,8 +610,39 @@ def conversations_mistake(lines):
     def provoke(**_):
         with open("chats.jsonl", "w") as f:
             f.write("".join(line + "\n" for line in lines))
-        return user_error(read_jsonl, "chats.jsonl")
+        return user_error(load_conversations, "chats.jsonl", load_tokenizer())
     return provoke
+
+
+def run_folder(**_):
+    resumable_checkpoint()
+    return user_error(settings, "--init_from", "out")
+
+
+def gguf_packages_missing(monkeypatch, **_):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name in ("gguf", "accelerate") else find_spec(name, *args))
+    open("model.gguf", "wb").close()
+    from smolkit.models import load_model
+    return user_error(load_model, "model.gguf")
+
+
+def export_from_hf(capsys, **_):
+    from tools import export
+    return exit_message(capsys, export.main, ["--from_hf", "x", "--to", "y"])
+
+
+def file_form(**_):
+    with pytest.raises(SystemExit) as e:  # what python tools/export.py prints (exit status 1)
+        runpy.run_path(os.path.join(ROOT, "tools", "export.py"), run_name="__main__")
+    return str(e.value.code)
+
+
+def bad_utf8_line(**_):
+    with open("chats.jsonl", "wb") as f:
+        f.write((GOOD + "\n").encode() * 6 + b'{"messages"\xff\n')
+    return user_error(load_conversations, "chats.jsonl", load_tokenizer())
 
 
 GOOD = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}'
@@ -612,7 +652,6 @@ QUOTES = [
     (T, "train.py: error: unknown flag --learning_rat (did you mean --learning_rate?)", [(unknown_flag, None)]),
     (T, "train.py: error: argument --batch_size: invalid int value: 'abc'", [(not_an_int, None)]),
     (T, "error: data file notes.txt not found; pass --data PATH to a UTF-8 text file", [(missing_data, None)]),
-    (T, "error: no checkpoint at out/ckpt.pt; train one first with `python train.py`", [(no_checkpoint, None)]),
     (T, "error: out/ckpt.pt is truncated or corrupt and cannot be read; ...", [(truncated_checkpoint, None)]),
     (T, "error: --n_layer 12 conflicts with resume's n_layer = 30; ...", [(resume_conflict, None)]),
     (T, "error: --max_iters 5000 is not above the checkpoint's step 5000; ...", [(nothing_to_resume, None)]),
@@ -620,10 +659,12 @@ QUOTES = [
     (T, "error: --device cuda but CUDA is not available here; ...", [(no_cuda, None)]),
     (T, "error: cannot write to out_dir ...; pass a writable --out_dir", [(unwritable_out_dir, None)]),
     (T, "error: no checkpoint at out/ckpt.pt; train one with `python train.py` ...",
-     [(sample_without_checkpoint, None)]),
+     [(no_checkpoint, None), (sample_without_checkpoint, None)]),
+    (T, "error: --init_from out is the folder of a training run: pass --init_from out/ckpt.pt, or --init_from "
+        "resume --out_dir out", [(run_folder, None)]),
     (T, "error: --top_p must be in (0, 1], got 1.5", [(sample_top_p, None)]),
     (T, "error: data/train.bin has 4,001 bytes, not a whole number of 2-byte token ids: ...; rebuild it with "
-        "`python prepare.py SOURCE --out data`", [(odd_token_file, None)]),
+        "`python -m tools.prepare SOURCE --out data`", [(odd_token_file, None)]),
     (T, "error: --learning_rate 1e+39 overflows float32 in AdamW's update at step 1; use a smaller one. ...",
      [(learning_rate_overflow, None),
       ("tests/test_errors.py::test_a_learning_rate_beyond_float32_is_one_line", None)]),
@@ -657,7 +698,7 @@ QUOTES = [
      [(failed_save, None),
       ("tests/test_errors.py::test_failed_save_stops_the_run_and_keeps_the_previous_checkpoint",
        ["error: could not save ", "; stopped", "is intact"])]),
-    (T, "error: serve.py needs fastapi: pip install -r requirements-serve.txt", [(serve_without_fastapi, None)]),
+    (T, "error: the server needs fastapi: pip install -r requirements-serve.txt", [(serve_without_fastapi, None)]),
     (T, "error: cannot listen on 127.0.0.1:8000 (Address already in use); pass another --port or --host",
      [(port_in_use, None), ("tests/test_serve.py::test_a_port_in_use_is_one_line",
                             ["error: cannot listen on 127.0.0.1:", " (Address already in use)"])]),
@@ -667,14 +708,24 @@ QUOTES = [
         "cache; this server's cache budget is 256 MiB (...); ask for fewer max_tokens",
      [(never_fits, ["This request does not fit in this server's memory: 8192 tokens (prompt + max_tokens) need "
                     "360 MiB of KV cache; this server's cache budget is 256 MiB (", "); ask for fewer max_tokens"])]),
-    (T, "Incorrect or missing API key: send 'Authorization: Bearer KEY' with the key serve.py was started with",
+    (T, "Incorrect or missing API key: send 'Authorization: Bearer KEY' with the key the server was started with",
      [(wrong_key, None)]),
     (T, "Origin 'http://elsewhere.example' may not call this server ...", [(other_origin, None)]),
     (T, "Host 'evil.example:8000' is not an address of this server ...", [(other_host, None)]),
     (T, "The request body is larger than this server's limit of 1,048,576 bytes", [(body_too_big, None)]),
-    (T, "error: --from_gguf model.gguf: transformers cannot read it (ValueError: ... is not a GGUF file.)",
+    (T, "error: --init_from model.gguf: model.gguf: transformers cannot read it (ValueError: ... is not a GGUF file.)",
      [(not_gguf, None),
       ("tests/test_instruct.py::test_export_from_a_bad_gguf_path_is_one_line", ["transformers cannot read it"])]),
+    (T, "error: --init_from model.gguf: reading a GGUF file needs gguf and accelerate: pip install gguf accelerate",
+     [(gguf_packages_missing, None)]),
+    (T, "python -m tools.export: error: --from_hf is gone: use --init_from DIR",
+     [(export_from_hf, None), ("tests/test_models.py::test_exports_old_flags_name_the_new_form", ["--init_from DIR"])]),
+    (T, "error: run it from the repository root as: python -m tools.export",
+     [(file_form, None),
+      ("tests/test_layout.py::test_every_command_runs_from_the_root_with_python_m_and_refuses_its_file_form_in_one_line",
+       ["error: run it from the repository root as: python -m "])]),
+    (T, "error: chats.jsonl line 7 is not JSON; a .jsonl file holds one JSON object per line",
+     [(conversations_mistake([GOOD] * 6 + ["{oops"]), None)]),
     (T, "error: loss is nan at step N", [(loss_is_nan, ["error: loss is nan at step "])]),
     (T, "error: the weights diverged at step N (...); stopping without saving. The last\n  good checkpoint out/ckpt.pt "
         "(step M) is untouched: ...",
@@ -686,6 +737,7 @@ QUOTES = [
      "16 rows equally: make one of the two a multiple of 3", [(torchrun_share, None)]),
     ("docs/training.md", "error: chats.jsonl line 7 is not JSON; ...",
      [(conversations_mistake([GOOD] * 6 + ["{oops"]), None)]),
+    ("docs/training.md", "... line 7 is not UTF-8 text (byte 12 of the line); convert it first", [(bad_utf8_line, None)]),
     ("docs/training.md", "... line 3 has no \"messages\"",
      [(conversations_mistake([GOOD, GOOD, '{"turns": []}']), None)]),
     ("docs/training.md", "... line 3, message 2: unknown role 'bot'; use system, user or assistant",
@@ -703,7 +755,7 @@ QUOTES = [
 
 
 SPAN = re.compile(r"(`+)(.+?)(?<!`)\1(?!`)")
-MESSAGE = re.compile(r"^(\w+\.py: )?(error|warning): |^\.\.\. (line|message) |^\{\"error\": \{\"message\": ")
+MESSAGE = re.compile(r"^((\w+\.py|python -m [\w.]+): )?(error|warning): |^\.\.\. (line|message) |^\{\"error\": \{\"message\": ")
 
 
 def quoted_messages(page):

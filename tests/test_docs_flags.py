@@ -1,5 +1,6 @@
-"""docs/flags.md against the scripts' own parsers, read in-process (each script's
-build_parser(), no subprocess): for every script, the flags of its section's tables are
+"""docs/flags.md against the commands' own parsers, read in-process (each command's
+build_parser(), no subprocess): for every command (a section "## train.py", "## python -m
+tools.export", ...), the flags of its section's tables are
 exactly the flags its parser has (hidden ones, help=argparse.SUPPRESS, left out; a
 positional by its metavar, as `SOURCE`), and each documented default is the parser's.
 
@@ -27,7 +28,7 @@ A row that names several flags ("`--beta1`, `--beta2`") gives each its part of a
 comma-separated default ("0.9, 0.95") when there are as many parts, else the whole cell.
 
 Beyond the tables, every `--flag` in a command line of the README and docs/ must be a flag
-of the script it follows.
+of the command it follows (`train.py ...`, `python -m server ...`).
 """
 import argparse
 import importlib
@@ -36,20 +37,23 @@ import re
 
 import pytest
 
-from common import HERE
 from conftest import need_module
+from smolkit.common import ROOT
 
-SCRIPTS = ["train", "sample", "serve", "export", "prepare", "plot", "bench"]
+# each command as the docs name it -> the module that holds its build_parser()
+SCRIPTS = {"train": "train", "sample": "sample", "server": "server.app", "tools.export": "tools.export",
+           "tools.prepare": "tools.prepare", "tools.plot": "tools.plot", "tools.build_tokenizer": "tools.build_tokenizer",
+           "bench.bench": "bench.bench"}
 REQUIRED, NOTHING = "required", None  # the two defaults that are not values
 NUMBER = r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 
 
 def parser_of(script, monkeypatch):
-    if script == "serve":  # imports fastapi at module level, and exits without it
+    if script == "server":  # imports fastapi at module level, and exits without it
         for name in ("fastapi", "uvicorn", "pydantic"):
             need_module(name, "pip install -r requirements-serve.txt")
         monkeypatch.delenv("SMOL_API_KEY", raising=False)  # --api_key's default is read from it
-    return importlib.import_module(script).build_parser()
+    return importlib.import_module(SCRIPTS[script]).build_parser()
 
 
 def number(text):
@@ -101,10 +105,10 @@ def same(doc, parser):
 
 def page_sections():
     """{script: [(flag, default cell), ...]} from the tables of docs/flags.md."""
-    with open(os.path.join(HERE, "docs", "flags.md"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "docs", "flags.md"), encoding="utf-8") as f:
         text = f.read()
     sections = {}
-    for match in re.finditer(r"^## (\w+)\.py\n(.*?)(?=^## |\Z)", text, re.M | re.S):
+    for match in re.finditer(r"^## (?:python -m )?([\w.]+?)(?:\.py)?\n(.*?)(?=^## |\Z)", text, re.M | re.S):
         rows, in_table = [], False
         for line in match.group(2).splitlines():
             if not line.startswith("|"):
@@ -115,7 +119,7 @@ def page_sections():
                 in_table = True
             elif in_table and not set(cells[0]) <= set("-"):  # not the |---| line
                 flags = [quoted.split()[0] for quoted in re.findall(r"`([^`]+)`", cells[0])]
-                assert flags, f"a row of {match.group(1)}.py's table names no flag: {line}"
+                assert flags, f"a row of {match.group(1)}'s table names no flag: {line}"
                 parts = [p.strip() for p in cells[1].split(",")]
                 for i, flag in enumerate(flags):
                     rows.append((flag, parts[i] if len(flags) > 1 and len(parts) == len(flags) else cells[1]))
@@ -138,34 +142,36 @@ def test_flags_and_defaults_as_documented(script, sections, monkeypatch):
     actions = {(a.option_strings[0] if a.option_strings else a.metavar or a.dest): a for a in parser._actions
                if a.help != argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)}
     rows = sections.get(script)
-    assert rows, f"docs/flags.md has no '## {script}.py' section with a flag table"
+    assert rows, f"docs/flags.md has no '## {script}' section with a flag table"
     names = [flag for flag, _ in rows]
-    assert len(names) == len(set(names)), f"docs/flags.md lists a {script}.py flag twice: {names}"
+    assert len(names) == len(set(names)), f"docs/flags.md lists a {script} flag twice: {names}"
     assert set(names) == set(actions), (
-        f"{script}.py: in its parser, not in docs/flags.md: {sorted(set(actions) - set(names))}; "
+        f"{script}: in its parser, not in docs/flags.md: {sorted(set(actions) - set(names))}; "
         f"in docs/flags.md, not in its parser: {sorted(set(names) - set(actions))}")
     wrong = [f"{flag}: docs/flags.md says {cell!r}, the parser {shown(actions[flag])!r}" for flag, cell in rows
              if not same(documented(cell), shown(actions[flag]))]
-    assert not wrong, f"{script}.py's defaults in docs/flags.md: " + "; ".join(wrong)
+    assert not wrong, f"{script}'s defaults in docs/flags.md: " + "; ".join(wrong)
 
 
 def test_command_lines_in_the_docs_name_real_flags(monkeypatch):
-    """Every `--flag` in a command line of the README and the docs ("python prepare.py
+    """Every `--flag` in a command line of the README and the docs ("python -m tools.prepare
     shard.jsonl --text_column content") is a flag of the script it follows."""
     parsers = {script: parser_of(script, monkeypatch) for script in SCRIPTS}
-    command = re.compile(r"(?<![\w/.-])(" + "|".join(SCRIPTS) + r")\.py((?:[ \t]+(?:\\\n\s*)?[^\s`#|;&)]+)*)")
+    modules = "|".join(re.escape(name) for name in SCRIPTS if name not in ("train", "sample"))
+    command = re.compile(r"(?:(?<![\w/.-])(train|sample)\.py|(?<!\S)-m (" + modules + r"))(?![\w.])"
+                         r"((?:[ \t]+(?:\\\n\s*)?[^\s`#|;&)]+)*)")
     wrong, seen = [], 0
-    for name in ["README.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(HERE, "docs")))
+    for name in ["README.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(ROOT, "docs")))
                                   if f.endswith(".md")]:
-        with open(os.path.join(HERE, name), encoding="utf-8") as f:
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
             text = f.read()
         for match in command.finditer(text):
-            script = match.group(1)
+            script = match.group(1) or match.group(2)
             known = {flag for action in parsers[script]._actions for flag in action.option_strings}
-            for flag in re.findall(r"(?<!\S)(--\w+)", match.group(2)):
+            for flag in re.findall(r"(?<!\S)(--\w+)", match.group(3)):
                 seen += 1
                 if flag not in known:
-                    wrong.append(f"{name}:{text.count(chr(10), 0, match.start()) + 1}: {script}.py {flag}")
+                    wrong.append(f"{name}:{text.count(chr(10), 0, match.start()) + 1}: {script} {flag}")
     assert seen > 50, f"only {seen} flags found in the docs' command lines: is the pattern still right?"
     assert not wrong, "flags the scripts do not have: " + "; ".join(wrong)
 

@@ -15,18 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from common import HERE
-from conftest import missing, need_module, wait_for
+from conftest import command, need_module, wait_for
 from smol import PRESETS, SmolLM
+from smolkit.common import ROOT
 
 TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",
         "--block_size", "32", "--batch_size", "2", "--eval_iters", "1", "--sample_tokens", "2",
-        "--max_position_embeddings", "128", "--log_interval", "1", "--data", os.path.join(HERE, "input.txt"),
+        "--max_position_embeddings", "128", "--log_interval", "1", "--data", os.path.join(ROOT, "input.txt"),
         "--device", "cpu"]
-
-
-def command(script, *args):
-    return [sys.executable, os.path.join(HERE, script), *map(str, args)]
 
 
 def run(script, *args, cwd, env=None, limits=()):
@@ -51,7 +47,7 @@ runpy.run_path(sys.argv[0], run_name='__main__')"""
 
 
 def run_capped(script, *args, cwd, headroom):
-    return subprocess.run([sys.executable, "-c", CAPPED, str(headroom), os.path.join(HERE, script), *map(str, args)],
+    return subprocess.run([sys.executable, "-c", CAPPED, str(headroom), os.path.join(ROOT, script), *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
@@ -155,12 +151,12 @@ CASES = [
     ("sample.py", ["--out_dir", "good", "--temperature", -1], 1, "--temperature must be"),
     ("sample.py", ["--out_dir", "truncated"], 1, "truncated or corrupt"),
     ("sample.py", ["--out_dir", "good", "--tempreature", 1], 2, "did you mean --temperature"),
-    ("export.py", ["--out_dir", "nothing_here", "--to", "exported"], 1, "no checkpoint at"),
+    ("tools.export", ["--out_dir", "nothing_here", "--to", "exported"], 1, "no checkpoint at"),
     # prepared data prepare.py cannot have written: the file is named, with how to rebuild it
     ("train.py", [*RESUME, "--data", "odd_size"], 1, "odd_size/train.bin has 4,001 bytes, not a whole number"),
     ("train.py", [*RESUME, "--data", "empty_val"], 1, "empty_val/val.bin is empty"),
     ("train.py", [*RESUME, "--data", "id_too_big"], 1, "id_too_big/val.bin holds token id 60000"),
-    ("train.py", [*RESUME, "--data", "no_val"], 1, "`python prepare.py SOURCE --out no_val`"),
+    ("train.py", [*RESUME, "--data", "no_val"], 1, "`python -m tools.prepare SOURCE --out no_val`"),
     # flags that parse but make no sense
     ("train.py", [*RESUME, "--learning_rate", "nan"], 2, "--learning_rate: must be a finite number, got 'nan'"),
     ("sample.py", ["--out_dir", "good", "--temperature", "inf"], 2, "--temperature: must be a finite number"),
@@ -171,7 +167,7 @@ CASES = [
     # tensors that do not fit their config: which ones, and what the file looks like
     ("train.py", ["--init_from", "resume", "--out_dir", "missing_tensor", "--max_iters", 20], 1,
      "1 missing (model.norm.weight)"),
-    ("export.py", ["--out_dir", "misshaped_tensor", "--to", "exported"], 1,
+    ("tools.export", ["--out_dir", "misshaped_tensor", "--to", "exported"], 1,
      "model.layers.1.self_attn.k_proj.weight is (64, 64) not (32, 64)"),
     ("sample.py", ["--out_dir", "preset_tensors"], 1, "the shapes of SmolLM2-135M"),
 ]
@@ -180,10 +176,9 @@ CASES = [
 @pytest.mark.parametrize("script, args, status, message", CASES,
                          ids=[f"{c[0]}:{c[3][:30]}" for c in CASES])
 def test_mistake_is_explained(work, script, args, status, message):
-    if "cuda" in args and torch.cuda.is_available():
-        missing("this machine has CUDA, so --device cuda is not a mistake here")
     before = digest(work / "good" / "ckpt.pt")
-    proc = run(script, *args, cwd=work)
+    # CUDA hidden from the child: --device cuda is then the mistake it is on a machine without a GPU
+    proc = run(script, *args, cwd=work, env={"CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == status, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "error: " in lines[0] and message in lines[0], proc.stderr
@@ -308,7 +303,7 @@ def test_out_of_memory_at_the_first_evaluation_keeps_the_checkpoint(work, tmp_pa
     shutil.copytree(work / "good", tmp_path / "run")
     before = digest(tmp_path / "run" / "ckpt.pt")
     proc = run("tests/faults.py", "oom_at_eval=123456789", "--", "--init_from", "resume", "--out_dir", "run",
-               "--max_iters", 9, "--data", os.path.join(HERE, "input.txt"), cwd=tmp_path)
+               "--max_iters", 9, "--data", os.path.join(ROOT, "input.txt"), cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     line, = proc.stderr.strip().splitlines()
     assert "out of memory on cpu at the evaluation of step 9 with batch_size 2 x block_size 32" in line
@@ -322,7 +317,7 @@ def test_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(work, tmp_p
     shutil.copytree(work / "good", tmp_path / "run")
     before = digest(tmp_path / "run" / "ckpt.pt")
     proc = run("train.py", "--init_from", "resume", "--out_dir", "run", "--max_iters", 30, "--data",
-               os.path.join(HERE, "input.txt"), cwd=tmp_path, limits=[(resource.RLIMIT_FSIZE, 1 << 20)])
+               os.path.join(ROOT, "input.txt"), cwd=tmp_path, limits=[(resource.RLIMIT_FSIZE, 1 << 20)])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     line, = proc.stderr.strip().splitlines()
     assert "error: could not save run/ckpt.pt at step 9 (File too large); stopped" in line
@@ -335,7 +330,7 @@ def test_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(work, tmp_p
 def test_second_run_refuses_and_a_killed_run_leaves_neither_lock_nor_torn_log(work, tmp_path):
     need_module("matplotlib", "pip install matplotlib")
     shutil.copytree(work / "good", tmp_path / "run")
-    resume = ["--init_from", "resume", "--out_dir", "run", "--data", os.path.join(HERE, "input.txt")]
+    resume = ["--init_from", "resume", "--out_dir", "run", "--data", os.path.join(ROOT, "input.txt")]
     # the first run saves at step 9, slowly (tests/faults.py slow_save): it holds the lock, idle
     first = subprocess.Popen(command("tests/faults.py", "slow_save=60", "--", *resume, "--max_iters", 10 ** 6),
                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -358,7 +353,7 @@ def test_second_run_refuses_and_a_killed_run_leaves_neither_lock_nor_torn_log(wo
     torn = lines.index('{"step": 99, "lo')  # left alone, on a line of its own
     # the resume row (from the step-6 checkpoint), then step 7's step and evaluation rows
     assert [json.loads(line)["step"] for line in lines[torn + 1:]] == [6, 7, 7]
-    plot = run("plot.py", "--out_dir", "run", cwd=tmp_path)
+    plot = run("tools.plot", "--out_dir", "run", cwd=tmp_path)
     assert plot.returncode == 0, plot.stderr
     assert f"warning: skipped unreadable line {torn + 1} of run/metrics.jsonl" in plot.stderr
     assert os.path.getsize(tmp_path / "run" / "loss.png") > 0
@@ -374,7 +369,7 @@ def test_empty_prompt_samples(work):
 
 def test_a_model_that_overflows_fp16_is_one_line(tmp_path):
     from conftest import fp16_overflowing_model
-    from hf import save_pretrained
+    from smolkit.hf import save_pretrained
     save_pretrained(fp16_overflowing_model(), tmp_path)
     args = ["--init_from", tmp_path, "--max_new_tokens", 3, "--start", "Hello", "--device", "cpu"]
     fp16 = run("sample.py", *args, "--dtype", "float16", cwd=tmp_path)

@@ -14,8 +14,8 @@ import httpx
 import pytest
 import torch
 
-from common import HERE
 from conftest import Server, error_of, need_module
+from smolkit.common import ROOT
 
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -33,7 +33,7 @@ def reference(chat_model):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from data import load_tokenizer
+    from smolkit.data import load_tokenizer
     return load_tokenizer()
 
 
@@ -74,7 +74,8 @@ def test_a_prompt_is_scored_in_pieces_as_transformers_scores_it(small_pieces_ser
 
 
 def test_what_lm_eval_reads_a_stop_token_stays_and_greedy_matches_the_top(chat_server, tokenizer):
-    from chat import render_chat
+    from smolkit.chat import render_chat
+
     # the tiny chat model answers "Paris." and ends its turn with <|im_end|>, a stop id
     prompt = tokenizer.encode(render_chat([{"role": "user", "content": "What is the capital of France?"}])
                               + "Paris.").ids
@@ -123,7 +124,7 @@ def test_chat_logprobs_give_each_reply_token_and_its_top(chat_server):
 def test_the_tokenizer_routes_are_the_servers_tokenizer(chat_server, chat_model, tokenizer):
     import jinja2
 
-    from chat import render_chat
+    from smolkit.chat import render_chat
     text = "Hello world! café 日本語 🎉 def f(x): return x**2"
     r = post(chat_server, {"prompt": text, "add_special_tokens": False}, "/tokenize")
     assert r.json()["tokens"] == tokenizer.encode(text).ids and r.json()["count"] == len(r.json()["tokens"])
@@ -186,7 +187,7 @@ def test_lm_eval_through_the_server_gives_what_its_transformers_backend_gives(in
     """The real harness, both ways, on the official instruct weights in fp32: the same
     accuracy, per-choice log-likelihoods within 1e-3, greedy flags and generated text."""
     need_module("lm_eval", "pip install 'lm-eval[api]'")
-    tasks = ["--tasks", "smol_mc,smol_gen", "--include_path", os.path.join(HERE, "tests", "lm_eval_tasks"),
+    tasks = ["--tasks", "smol_mc,smol_gen", "--include_path", os.path.join(ROOT, "tests", "lm_eval_tasks"),
              "--batch_size", "1", "--log_samples"]
     with Server("--init_from", instruct_dir, "--dtype", "float32") as server:
         runs = {
@@ -195,7 +196,7 @@ def test_lm_eval_through_the_server_gives_what_its_transformers_backend_gives(in
                        f"base_url={server.url}/v1/completions,model=SmolLM2-135M-Instruct,tokenized_requests=True"]}
         # one after the other: on a small CPU, two runs at once only fight over its cores
         logs = {name: subprocess.run([sys.executable, "-m", "lm_eval", *args, *tasks, "--output_path", tmp_path / name],
-                                     cwd=HERE, env=OFFLINE, capture_output=True, text=True, timeout=400)
+                                     cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=400)
                 for name, args in runs.items()}
     for name, proc in logs.items():
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -236,8 +237,8 @@ def test_lm_eval_through_a_server_with_an_api_key(chat_model, tmp_path):
         proc = subprocess.run(
             [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
              f"base_url={server.url}/v1/completions,model=hf,tokenized_requests=True,auth_token=sesame",
-             "--tasks", "smol_mc", "--include_path", os.path.join(HERE, "tests", "lm_eval_tasks"), "--limit", "2",
-             "--output_path", tmp_path], cwd=HERE, env={**OFFLINE, "OPENAI_API_KEY": "sesame"},
+             "--tasks", "smol_mc", "--include_path", os.path.join(ROOT, "tests", "lm_eval_tasks"), "--limit", "2",
+             "--output_path", tmp_path], cwd=ROOT, env={**OFFLINE, "OPENAI_API_KEY": "sesame"},
             capture_output=True, text=True, timeout=400)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Using remote tokenizer" in out, out[-3000:]

@@ -11,18 +11,19 @@ import sys
 import pytest
 import torch
 
-from chat import render_chat
-from common import HERE, UserError
-from conftest import missing, need_module, trained_tiny_model
-from data import load_tokenizer
-from hf import find_gguf, from_gguf, from_pretrained, save_pretrained
+from conftest import command, missing, need_module, trained_tiny_model
+from smolkit.chat import render_chat
+from smolkit.common import ROOT, UserError
+from smolkit.data import load_tokenizer
+from smolkit.gguf_io import find_gguf, read_gguf
+from smolkit.hf import from_pretrained, save_pretrained
 
 gguf = need_module("gguf", "pip install gguf")
 transformers = need_module("transformers", "pip install transformers")
 need_module("accelerate", "pip install accelerate")
-from export import main as export_main  # noqa: E402
-from chat import CHAT_TEMPLATE  # noqa: E402
-from gguf_io import write_gguf  # noqa: E402  (imports gguf lazily; checked above)
+from smolkit.chat import CHAT_TEMPLATE  # noqa: E402
+from smolkit.gguf_io import write_gguf  # noqa: E402  (imports gguf lazily; checked above)
+from tools.export import main as export_main  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -33,18 +34,18 @@ def offline(monkeypatch):
 
 
 def export(*args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "export.py"), *map(str, args)], cwd=HERE,
+    return subprocess.run([*command("tools.export"), *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """The trained tiny model (eos <|endoftext|>, as a base model), its Hugging Face
-    directory, and the float32 GGUF file export.py writes from that directory (--from_hf)."""
+    directory, and the float32 GGUF file tools.export writes from that directory (--init_from DIR)."""
     root = tmp_path_factory.mktemp("gguf")
     model = trained_tiny_model()[0]
     save_pretrained(model, root / "hf")
-    export_main(["--from_hf", str(root / "hf"), "--to", str(root / "f32.gguf")])  # in this process: 2 s less
+    export_main(["--init_from", str(root / "hf"), "--to", str(root / "f32.gguf")])  # in this process: 2 s less
     return {"model": model, "root": root, "f32": root / "f32.gguf"}
 
 
@@ -76,7 +77,7 @@ def test_half_precision_files_load_as_the_rounded_weights(files, dtype):
     model = files["model"]
     path = files["root"] / f"{dtype}.gguf"
     write_gguf(model, path, dtype)
-    back = from_gguf(str(path))
+    back = read_gguf(str(path))
     # what a GGUF file does not carry: the training context (block_size) and init_std
     assert back.config == dataclasses.replace(model.config, block_size=2048, init_std=back.config.init_std)
     for k, v in back.state_dict().items():
@@ -86,9 +87,9 @@ def test_half_precision_files_load_as_the_rounded_weights(files, dtype):
 
 
 def test_export_py_round_trip_gives_the_same_weights(files, tmp_path):
-    # --to X.gguf (the fixture) then --from_gguf X.gguf --to DIR: the tensors come back
+    # --to X.gguf (the fixture) then --init_from X.gguf --to DIR: the tensors come back
     # exactly, through transformers' reader, and so does the eos id
-    proc = export("--from_gguf", files["f32"], "--to", tmp_path / "back")
+    proc = export("--init_from", files["f32"], "--to", tmp_path / "back")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     back = from_pretrained(str(tmp_path / "back"))
     assert back.eos_token_ids == files["model"].eos_token_ids == (0,)
@@ -166,8 +167,7 @@ def test_q8_0_for_a_directory_is_refused_in_one_line(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--to", "{tmp}/notes.gguf"], "notes.gguf exists and is not a GGUF file; not overwriting it"),
     (["--to", "{tmp}/folder.gguf"], "folder.gguf is a directory; name a file ending in .gguf"),
-    (["--from_gguf", "{tmp}/notes.gguf", "--to", "{tmp}/notes.gguf"], "notes.gguf is the file being read"),
-    (["--from_gguf", "{tmp}/x.gguf", "--from_hf", "{tmp}", "--to", "{tmp}/y.gguf"], "pick one source"),
+    (["--init_from", "{tmp}/notes.gguf", "--to", "{tmp}/notes.gguf"], "notes.gguf is the file being read"),
 ])
 def test_nothing_is_overwritten_that_would_be_lost(tmp_path, args, message):
     # refused before any model is read (main() in this process: the exit code and the

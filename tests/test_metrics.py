@@ -3,8 +3,8 @@ come (first guessed from the step time, then as measured), and an evaluation exp
 take more than a few seconds announces itself when it starts."""
 import types
 
-import metrics
-from metrics import RunFacts, TrainingLog
+from smolkit import metrics
+from smolkit.metrics import RunFacts, TrainingLog
 
 
 def test_eta_counts_the_evaluations_to_come_and_a_long_evaluation_says_so(tmp_path, monkeypatch, capsys):

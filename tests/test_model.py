@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import smol
-import engine
-from engine import Decoder
-from metrics import param_breakdown
 from smol import KVCache, SmolConfig, SmolLM, apply_rope, rope_tables, sample_next
+from smolkit import decoding
+from smolkit.decoding import Decoder
+from smolkit.metrics import param_breakdown
 
 TINY = dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128, block_size=64)
 
@@ -204,7 +204,8 @@ def test_greedy_tokens_are_those_of_the_two_paths_before_them():
     import json
     import os
     import threading
-    from engine import Batcher, Sequence
+
+    from server.batcher import Batcher, Sequence
     with open(os.path.join(os.path.dirname(__file__), "data", "greedy-987d79e.json")) as f:
         known = json.load(f)
     m = tiny(init_std=0.3)  # large weights: every token is clear-cut, none repeats for long
@@ -336,7 +337,7 @@ def test_compiled_decoding_equals_eager_and_compiles_once_per_bucket(monkeypatch
     # length must give eager's greedy tokens without compiling anything again
     import torch._dynamo
     from torch._dynamo.utils import counters
-    monkeypatch.setattr(engine, "MIN_SLOTS", 16)
+    monkeypatch.setattr(decoding, "MIN_SLOTS", 16)
     m = tiny(max_position_embeddings=256)
     prompts = [torch.randint(0, 512, (1, 5)), torch.randint(0, 512, (1, 17))]
     eager = [Decoder(m).generate(p, 64, temperature=0) for p in prompts]
@@ -358,11 +359,12 @@ def test_the_compiled_step_writes_the_cache_in_place():
     # cache (2 rows x 2 heads x 1,024 slots x 16 = 65,536); written in place, no loop is
     # longer than the mask over the slots
     import re
+
     from torch._inductor.utils import run_and_get_code
     torch._dynamo.reset()
     m = tiny()  # 2 key/value heads of 16 channels
     cache = KVCache.zeros(m.config, 2, 1024, "cpu", torch.float32)
-    step = engine.Step(m)
+    step = decoding.Step(m)
     token, at = torch.tensor([[1], [2]]), torch.tensor([[5], [5]])
     with torch.inference_mode():
         m(torch.randint(0, 512, (2, 5)), kv_cache=cache)

@@ -7,13 +7,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import httpx
 import pytest
 
-from conftest import Server, missing
-from common import HERE
+from conftest import Server, command, missing
+from smolkit.common import ROOT
 
 try:
     from selenium import webdriver
@@ -56,9 +55,9 @@ def base_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("base")
     args = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",
             "--block_size", "64", "--batch_size", "2", "--max_iters", "1", "--eval_interval", "1", "--eval_iters", "1",
-            "--sample_tokens", "1", "--data", os.path.join(HERE, "input.txt"), "--out_dir", str(root / "out"),
+            "--sample_tokens", "1", "--data", os.path.join(ROOT, "input.txt"), "--out_dir", str(root / "out"),
             "--device", "cpu"]
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], cwd=root, capture_output=True,
+    proc = subprocess.run([*command("train.py"), *args], cwd=root, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     server = Server("--out_dir", root / "out")

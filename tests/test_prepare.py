@@ -11,12 +11,12 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-import prepare
-from prepare import UserError, is_val
-from common import HERE
-from conftest import need_module
-from data import load_tokenizer, load_tokens
+from conftest import command, need_module
 from smol import EOT_ID
+from smolkit.common import UserError
+from smolkit.data import load_tokenizer, load_tokens
+from tools import prepare
+from tools.prepare import is_val
 
 # documents with what tends to break tokenization: digits, code, accents, CJK, emoji,
 # inner blank lines, and leading/trailing whitespace that the text format strips
@@ -199,7 +199,8 @@ def test_hub_dataset(tmp_path, tok, monkeypatch, capsys):
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     run_prepare("HuggingFaceTB/smollm-corpus", "--subset", "cosmopedia-v2", "--out", tmp_path / "out")
-    assert calls == [("HuggingFaceTB/smollm-corpus", "cosmopedia-v2", "train", True)]
+    # streamed twice: its first record says whether it is conversations, then it is read
+    assert calls == [("HuggingFaceTB/smollm-corpus", "cosmopedia-v2", "train", True)] * 2
     assert read(tmp_path / "out") == expected(tok, DOCS)
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed: the import fails
     with pytest.raises(UserError, match="pip install datasets"):
@@ -213,11 +214,25 @@ def test_hub_dataset(tmp_path, tok, monkeypatch, capsys):
         run_prepare("HuggingFaceTB/smollm-corpus", "--out", tmp_path / "out3")
 
 
+def test_a_hub_dataset_of_conversations_is_prepared_as_conversations(tmp_path, monkeypatch):
+    # smoltalk's records hold "messages" (and other fields), not "text"
+    from smolkit.conversations import encode_all, load_conversations
+    chats = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+             for i in range(5)]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=lambda name, subset, split, streaming: iter([{"messages": c, "source": "x"} for c in chats])))
+    meta = run_prepare("HuggingFaceTB/smoltalk", "--subset", "all", "--out", tmp_path / "chats")
+    assert meta["conversations"] == 5
+    tokenizer = load_tokenizer()
+    for got, want in zip(load_conversations(str(tmp_path / "chats"), tokenizer), encode_all(chats, tokenizer)):
+        assert np.array_equal(got, want)
+
+
 def test_cli_syntax_and_summary(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_prepare()
     assert e.value.code == 2
-    assert capsys.readouterr().err == "prepare.py: error: the following arguments are required: SOURCE\n"
+    assert capsys.readouterr().err == "python -m tools.prepare: error: the following arguments are required: SOURCE\n"
     write_text(tmp_path / "good.txt", DOCS)
     run_prepare(tmp_path / "good.txt", "--out", tmp_path / "out")
     out = capsys.readouterr().out
@@ -240,7 +255,7 @@ def cli(tmp_path_factory):
     (root / "empty.txt").write_text("\n<|endoftext|>\n   \n")
     (root / "rows.jsonl").write_text('{"body": "text under another name"}\n')
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # never the network
-    procs = {name: subprocess.Popen([sys.executable, os.path.join(HERE, "prepare.py"), *args, "--out", "out"],
+    procs = {name: subprocess.Popen([*command("tools.prepare"), *args, "--out", "out"],
                                     cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, (args, _) in CLI_CASES.items()}
     results = {name: (p, *p.communicate(timeout=120)) for name, p in procs.items()}

@@ -1,8 +1,6 @@
 """Weight-only int8 and int4 (quantize.py): their loss against fp32 on a trained model,
 that no float copy of a matrix is left, and sample.py and serve.py --quantize end to end."""
-import os
 import subprocess
-import sys
 
 import httpx
 import pytest
@@ -10,10 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import HERE
-from conftest import Server, on_cpu, trained_tiny_model
-from engine import Decoder
-from quantize import GROUP, Int4Linear, Int8Embedding, Int8Linear, check, quantize, quantize_groups, quantize_rows
+from conftest import Server, command, on_cpu, trained_tiny_model
+from smolkit.common import ROOT
+from smolkit.decoding import Decoder
+from smolkit.quantize import (GROUP, Int4Linear, Int8Embedding, Int8Linear, check, quantize, quantize_groups,
+                              quantize_rows)
 
 
 def test_rows_round_trip_within_half_a_step():
@@ -94,7 +93,8 @@ def test_loss_within_one_percent_of_fp32_and_no_float_matrix_left(kind):
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_one_matrix_for_the_layers_that_share_an_input_gives_the_same_logits(monkeypatch, kind):
     import copy
-    import quantize as q
+
+    from smolkit import quantize as q
     model, x, _ = trained_tiny_model()
     fused = q.quantize(copy.deepcopy(model), kind)
     monkeypatch.setattr(q, "GROUPS", [(p, (name,)) for p, names in q.GROUPS for name in names])  # one matrix each
@@ -107,20 +107,20 @@ def test_one_matrix_for_the_layers_that_share_an_input_gives_the_same_logits(mon
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_sample_py_quantize(chat_model, kind):
     args = ["--init_from", str(chat_model["hf"]), "--dtype", "float32", "--temperature", "0", "--chat"]
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *on_cpu(args), "--quantize", kind],
+    proc = subprocess.run([*command("sample.py"), *on_cpu(args), "--quantize", kind],
                           input="What is the capital of France?\n", capture_output=True, text=True, timeout=300,
-                          cwd=HERE)
+                          cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "Paris.\n"  # the tiny chat model's answer survives quantisation
 
 
 def test_a_model_int4_cannot_pack_is_one_line(tmp_path):
-    from hf import save_pretrained
     from smol import SmolConfig, SmolLM
+    from smolkit.hf import save_pretrained
     save_pretrained(SmolLM(SmolConfig(n_layer=1, n_embd=48, n_head=4, n_kv_head=2, intermediate_size=96)), tmp_path)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--init_from", str(tmp_path),
+    proc = subprocess.run([*command("sample.py"), "--init_from", str(tmp_path),
                            "--quantize", "int4", "--max_new_tokens", "2", "--device", "cpu"], capture_output=True, text=True,
-                          timeout=300, cwd=HERE)
+                          timeout=300, cwd=ROOT)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         "error: --quantize int4: int4 needs every matrix's inputs divisible by 32 and outputs by 16; "
@@ -137,6 +137,7 @@ def test_serve_py_quantize(chat_model, kind):
     finally:
         out = server.stop()
     # the banner counts the model's parameters, not the few float ones quantisation leaves
-    from hf import from_pretrained
+    from smolkit.hf import from_pretrained
+
     # and says the device and the activations' dtype, and why that dtype
     assert f", {from_pretrained(str(chat_model['hf'])).num_params():,} parameters, cpu, float32: --dtype)" in out, out

@@ -5,16 +5,17 @@ import json
 import socket
 import subprocess
 import sys
+import types
 
 import httpx
 import pytest
 import torch
 
-from chat import render_chat
-from common import HERE
 from conftest import error_of, need_module, on_cpu, wait_for
-from data import load_tokenizer
-from hf import from_pretrained
+from smolkit.chat import render_chat
+from smolkit.common import ROOT
+from smolkit.data import load_tokenizer
+from smolkit.hf import from_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -329,10 +330,10 @@ def test_a_whole_context_prompt_is_answered_while_an_earlier_stream_goes_on(chat
 
 def run_serve(*args, prelude="pass"):
     """serve.py's command line in a subprocess; prelude runs first in the same interpreter."""
-    code = f"{prelude}; import runpy, sys; sys.argv = ['serve.py', *sys.argv[1:]]; " \
-           f"runpy.run_path('serve.py', run_name='__main__')"
+    code = f"{prelude}; import runpy, sys; sys.argv = ['server', *sys.argv[1:]]; " \
+           f"runpy.run_module('server', run_name='__main__', alter_sys=True)"
     return subprocess.run([sys.executable, "-c", code, *on_cpu(args)], capture_output=True, text=True,
-                          timeout=120, cwd=HERE)
+                          timeout=120, cwd=ROOT)
 
 
 def test_a_port_in_use_is_one_line(chat_model):
@@ -348,7 +349,49 @@ def test_a_port_in_use_is_one_line(chat_model):
     assert proc.returncode == 1 and proc.stderr.startswith("error: cannot listen on 192.0.2.1:8000 (Cannot assign")
 
 
-def test_without_fastapi_serve_says_what_to_install():
-    proc = run_serve(prelude="import sys; sys.modules['fastapi'] = None")  # as if not installed
+@pytest.mark.parametrize("lacking, message", [
+    (["fastapi"], "fastapi"), (["uvicorn"], "uvicorn"), (["fastapi", "uvicorn"], "fastapi and uvicorn")])
+def test_without_fastapi_or_uvicorn_the_server_says_what_to_install(lacking, message):
+    prelude = "import sys; " + "; ".join(f"sys.modules[{name!r}] = None" for name in lacking)  # as if not installed
+    proc = run_serve(prelude=prelude)
     assert proc.returncode == 1
-    assert proc.stderr == "error: serve.py needs fastapi: pip install -r requirements-serve.txt\n"
+    assert proc.stderr == f"error: the server needs {message}: pip install -r requirements-serve.txt\n"
+
+
+def test_max_waiting_below_one_is_refused_in_one_line():
+    # every request waits in the line for its row, if only for a step: with no room in it, none could be served
+    proc = run_serve("--max_waiting", "0")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", "error: --max_waiting must be positive, got 0\n")
+
+
+def test_a_request_waiting_past_a_second_is_told_its_place_again_on_every_python(monkeypatch):
+    # Before Python 3.11, asyncio.wait_for's timeout raises asyncio.TimeoutError, a class of
+    # its own, not the builtin TimeoutError; since 3.11 the two are one. The server's module
+    # is given an asyncio whose wait_for raises such a class of its own, as 3.10's does: the
+    # stream must go on, telling the client its place in line, not fail
+    for name in ("fastapi", "uvicorn"):
+        need_module(name, "pip install -r requirements-serve.txt")
+    from server import app
+
+    class TimeoutOfPython310(Exception):
+        pass
+
+    async def wait_for(awaitable, timeout):
+        awaitable.close()  # the queue's get, never awaited: nothing arrives within the timeout
+        raise TimeoutOfPython310()
+    monkeypatch.setattr(app, "asyncio", types.SimpleNamespace(wait_for=wait_for, TimeoutError=TimeoutOfPython310))
+    served = object.__new__(app.ServedModel)
+    served.tokenizer, served.batcher = load_tokenizer(), types.SimpleNamespace(ahead=lambda seq, for_a_row=False: 2)
+    seq, req = types.SimpleNamespace(cancelled=False), types.SimpleNamespace(stop=None)
+
+    async def disconnected():
+        return False
+
+    async def first_pieces():
+        pieces = served.generate(seq, asyncio.Queue(), req, {0}, types.SimpleNamespace(is_disconnected=disconnected),
+                                 [])
+        got = [await pieces.__anext__() for _ in range(3)]
+        await pieces.aclose()
+        return got
+    assert asyncio.run(first_pieces()) == [(None, 2)] * 3  # at once, then after each wait that timed out
+    assert seq.cancelled  # its row is given up when the stream ends

@@ -5,15 +5,14 @@ import asyncio
 import contextlib
 import functools
 import json
-import os
 import subprocess
 import sys
 
 import httpx
 import pytest
 
-from common import HERE
-from conftest import Server, error_of, free_port, need_module, wait_for
+from conftest import Server, command, error_of, free_port, need_module, wait_for
+from smolkit.common import ROOT
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
 
@@ -97,13 +96,13 @@ def test_stop_may_be_one_string(chat_server):
 def test_a_server_error_says_internal_error_and_logs_the_detail(chat_model):
     # a bug, planted: rendering the chat raises. The client is told nothing of it; the log is
     port = free_port()
-    prelude = ("import chat\ndef broken(*a, **k): raise RuntimeError('secret detail')\n"
+    prelude = ("from smolkit import chat\ndef broken(*a, **k): raise RuntimeError('secret detail')\n"
                "chat.render_chat = broken\n")
-    code = prelude + "import runpy, sys; sys.argv = ['serve.py', *sys.argv[1:]]; runpy.run_path('serve.py', " \
-                     "run_name='__main__')"
+    code = prelude + "import runpy, sys; sys.argv = ['server', *sys.argv[1:]]; runpy.run_module('server', " \
+                     "run_name='__main__', alter_sys=True)"
     proc = subprocess.Popen([sys.executable, "-c", code, "--init_from", chat_model["hf"], "--port", str(port),
                              "--device", "cpu"],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         def up():
@@ -283,8 +282,8 @@ def test_an_allowed_origin_may_call_and_read(keyed_server):
 
 def test_serving_every_interface_without_a_key_warns(chat_model):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), "--init_from", chat_model["hf"],
-                             "--host", "0.0.0.0", "--port", str(port), "--device", "cpu"], cwd=HERE, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*command("server"), "--init_from", chat_model["hf"],
+                             "--host", "0.0.0.0", "--port", str(port), "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         def up():
@@ -316,9 +315,9 @@ def test_the_compiled_batch_serves_the_same_answers(small_server):
 
 
 def test_a_compiled_block_the_budget_cannot_hold_is_one_line(chat_model):
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "serve.py"), "--init_from", chat_model["hf"],
+    proc = subprocess.run([*command("server"), "--init_from", chat_model["hf"],
                            "--port", str(free_port()), "--dtype", "float32", "--compile", "true", "--max_batch", "64",
                            "--cache_mb", "1", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=120, cwd=HERE)
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: --cache_mb 1: a cache budget of 1 MiB cannot hold 64 rows of 64 positions")
+    assert proc.stderr.startswith("error: --cache_mb 1: a cache budget of 1 MiB cannot hold 64 rows of 256 positions")

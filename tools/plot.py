@@ -2,22 +2,26 @@
 Turn the metrics train.py writes (out_dir/metrics.jsonl) into a PNG of the loss curves.
 
     pip install matplotlib
-    python plot.py                       # out/metrics.jsonl -> out/loss.png
-    python plot.py --out_dir out-cpu --to assets/loss.png
+    python -m tools.plot                       # out/metrics.jsonl -> out/loss.png
+    python -m tools.plot --out_dir out-cpu --to assets/loss.png
 
 A resumed run appends to the same file, so the curve simply continues; a dashed
 line marks each step a run was resumed from, and a step logged twice (after an
 interruption) is drawn once, from its latest line.
 """
+
+if not __package__:  # run as a file, its folder and not the repository root leads sys.path
+    raise SystemExit("error: run it from the repository root as: python -m tools.plot")
+
 import os
 import sys
 
-from common import Parser, UserError, fail
-from metrics import read_metrics
+from smolkit.common import Parser, UserError, fail
+from smolkit.metrics import read_metrics
 
 
 def build_parser():
-    p = Parser(prog="plot.py", description="Plot train.py's metrics.jsonl as a PNG.")
+    p = Parser(prog="python -m tools.plot", description="Plot train.py's metrics.jsonl as a PNG.")
     p.add_argument("--out_dir", default="out", help="folder holding metrics.jsonl (default out)")
     p.add_argument("--to", default=None, help="PNG to write (default OUT_DIR/loss.png)")
     p.add_argument("--title", default=None)
@@ -32,7 +36,7 @@ def main(argv=None):
         matplotlib.use("Agg")  # files only, no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("plot.py needs matplotlib: pip install matplotlib") from None
+        raise UserError("tools.plot needs matplotlib: pip install matplotlib") from None
 
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
     steps = sorted(train)

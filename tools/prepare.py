@@ -2,18 +2,18 @@
 Tokenize a corpus once into flat files of token ids, for data too big for train.py's
 in-memory --data file.
 
-    python prepare.py input.txt                            # -> data/train.bin, data/val.bin, data/meta.json
-    python prepare.py corpus/ --out data/mine              # every .txt, .jsonl, .parquet under corpus/
-    python prepare.py shard.jsonl --text_column content    # one JSON object per line
-    python prepare.py HuggingFaceTB/smollm-corpus --subset cosmopedia-v2   # streamed; pip install datasets
+    python -m tools.prepare input.txt                            # -> data/train.bin, data/val.bin, data/meta.json
+    python -m tools.prepare corpus/ --out data/mine              # every .txt, .jsonl, .parquet under corpus/
+    python -m tools.prepare shard.jsonl --text_column content    # one JSON object per line
+    python -m tools.prepare HuggingFaceTB/smollm-corpus --subset cosmopedia-v2   # streamed; pip install datasets
 
 Sources: a text file (any extension) is split into documents at <|endoftext|> exactly as
-data.py's load_tokens splits train.py's --data (pieces stripped, empty ones dropped); a
+smolkit/data.py's load_tokens splits train.py's --data (pieces stripped, empty ones dropped); a
 .jsonl or .parquet file gives one document per record, the text in --text_column taken as
 is (empty ones dropped); a folder gives all of those under it, in sorted path order; any
 other owner/name is streamed from the Hugging Face hub with the `datasets` package.
 
-Conversations: when the first .jsonl or .parquet record has a "messages" field, the source
+Conversations: when the first .jsonl, .parquet or hub record has a "messages" field, the source
 is conversations for fine-tuning (docs/training.md): ids.bin (uint16), targets.bin (uint8, 1
 where the assistant speaks) and bounds.bin (int64, where each conversation starts, then the
 end), as conversations.encode_all lays them out; train.py holds every 20th out for
@@ -29,6 +29,10 @@ documents, evenly spread (F = 0.01: i = 99, 199, 299, ...). If that picks none o
 more documents, the last document goes to val.bin. With F = 0, or a single document,
 val.bin is empty (0 bytes, which np.memmap refuses: check the size or meta.json first).
 """
+
+if not __package__:  # run as a file, its folder and not the repository root leads sys.path
+    raise SystemExit("error: run it from the repository root as: python -m tools.prepare")
+
 import json
 import os
 import re
@@ -38,9 +42,10 @@ from fractions import Fraction
 
 import numpy as np
 
-from common import Parser, UserError, fail
-from data import DOC_SEPARATOR, load_tokenizer
 from smol import EOT_ID
+from smolkit.common import Parser, UserError, fail
+from smolkit.conversations import check_messages, encode, require_replies
+from smolkit.data import DOC_SEPARATOR, jsonl_records, load_tokenizer
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet")  # what a folder is searched for
 NOT_TEXT = (".json", ".csv", ".tsv", ".gz", ".zst", ".bz2", ".xz", ".zip", ".tar", ".arrow", ".bin", ".npy", ".pt")
@@ -55,7 +60,7 @@ def is_val(i, frac):
 
 def text_documents(path):
     carry = ""
-    with open(path, encoding="utf-8") as f:  # text mode as in data.py: \r\n reads as \n
+    with open(path, encoding="utf-8-sig") as f:  # as smolkit/data.py reads it: \r\n as \n, no BOM
         while chunk := f.read(CHUNK_CHARS):
             # the separator cannot overlap itself, so splitting chunk by chunk finds the same
             # separators as splitting the whole text; the last piece may be cut short (even
@@ -78,14 +83,8 @@ def record_text(record, column, where):
 
 
 def jsonl_documents(path, column):
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"{path} line {n} is not JSON; a .jsonl file holds one JSON object per line")
-                yield record_text(record, column, f"{path} line {n}")
+    for record, where in jsonl_records(path):
+        yield record_text(record, column, where)
 
 
 def parquet_documents(path, column):
@@ -103,7 +102,8 @@ def parquet_documents(path, column):
             yield record_text({column: text}, column, path)
 
 
-def hub_documents(name, subset, column):
+def hub_records(name, subset):
+    """(record, where) for each record of a hub dataset's train split, streamed."""
     try:
         from datasets import load_dataset
     except ImportError:
@@ -111,13 +111,18 @@ def hub_documents(name, subset, column):
                         f"`pip install datasets`; or pass local .txt, .jsonl or .parquet files or a folder")
     try:
         for n, record in enumerate(load_dataset(name, subset, split="train", streaming=True)):
-            yield record_text(record, column, f"{name} record {n}")
+            yield record, f"{name} record {n}"
     except UserError:
         raise
     except Exception as e:  # offline, no such dataset, gated, connection lost midway...
         why = (str(e).splitlines() or [""])[0][:200]
         raise UserError(f"cannot stream {name} from the Hugging Face hub ({type(e).__name__}: {why}); "
                         f"download it and pass its local .parquet or .jsonl files or their folder instead")
+
+
+def hub_documents(name, subset, column):
+    for record, where in hub_records(name, subset):
+        yield record_text(record, column, where)
 
 
 def find_sources(args):
@@ -173,25 +178,25 @@ def batches(docs, max_docs, max_bytes):
         yield batch, size
 
 
-def message_records(path):
-    """(record, where) for each record of a .jsonl or .parquet file of conversations."""
-    if path.lower().endswith(".parquet"):
+def message_records(path, args):
+    """(record, where) for each record of a .jsonl or .parquet file of conversations, or of the
+    hub dataset for path None."""
+    if path is None:
+        yield from hub_records(args.source, args.subset)
+    elif path.lower().endswith(".parquet"):
         import pyarrow.parquet as pq
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["messages"]):
             yield from (({"messages": m}, path) for m in batch.column(0).to_pylist())
-        return
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line), f"{path} line {n}"
-                except json.JSONDecodeError:
-                    raise UserError(f"{path} line {n} is not JSON; a .jsonl file holds one JSON object per line")
+    else:
+        yield from jsonl_records(path)
 
 
-def holds_conversations(paths):
-    """Is the source conversations: its first .jsonl or .parquet record has "messages"?"""
-    for path in paths or []:
+def holds_conversations(paths, args):
+    """Is the source conversations: its first .jsonl, .parquet or hub record has "messages"?"""
+    if paths is None:
+        first = next(message_records(None, args), (None, None))[0]
+        return isinstance(first, dict) and "messages" in first
+    for path in paths:
         if path.lower().endswith(".parquet"):
             try:
                 import pyarrow.parquet as pq
@@ -199,7 +204,7 @@ def holds_conversations(paths):
             except Exception:
                 return False  # read_documents says what is wrong with it
         if path.lower().endswith(".jsonl"):
-            first = next(message_records(path), (None, None))[0]
+            first = next(message_records(path, args), (None, None))[0]
             return isinstance(first, dict) and "messages" in first
     return False
 
@@ -208,8 +213,7 @@ def prepare_conversations(args, paths):
     """Conversations into ids.bin (uint16), targets.bin (uint8: 1 where the model learns to
     say the token) and bounds.bin (int64, n + 1: conversation i is ids[bounds[i]:bounds[i + 1]]),
     as conversations.encode_all lays them out; train.py --data FOLDER reads them."""
-    from conversations import check_messages, encode
-    text = [p for p in paths if not p.lower().endswith((".jsonl", ".parquet"))]
+    text = [p for p in paths or [] if not p.lower().endswith((".jsonl", ".parquet"))]
     if text:
         raise UserError(f"{text[0]} is text, but {args.source} holds conversations; prepare them apart")
     tokenizer = load_tokenizer()
@@ -219,15 +223,14 @@ def prepare_conversations(args, paths):
     n, total, learned, t0 = 0, 0, 0, time.time()
     try:
         np.zeros(1, dtype=np.int64).tofile(files[2])
-        for path in paths:
-            for record, where in message_records(path):
+        for path in [None] if paths is None else paths:
+            for record, where in message_records(path, args):
                 ids, targets = encode(check_messages(record, where), tokenizer)
                 ids.tofile(files[0])
                 targets.astype(np.uint8).tofile(files[1])
                 n, total, learned = n + 1, total + len(ids), learned + int(targets.sum())
                 np.array([total], dtype=np.int64).tofile(files[2])
-        if learned == 0:
-            raise UserError(f"{args.source} has no assistant turn: there is nothing to learn to say")
+        require_replies(learned, args.source)
         with open(outputs[3] + ".tmp", "w") as f:
             f.write(json.dumps({"conversations": n, "tokens": total, "targets": learned, "dtype": "uint16",
                                 "source": args.source}, indent=2) + "\n")
@@ -260,7 +263,7 @@ def prepare(args):
         os.remove(os.path.join(args.out, "train.bin.tmp"))
     except OSError as e:
         raise UserError(f"cannot write to --out {args.out} ({e.strerror}); pass a writable folder")
-    if holds_conversations(paths):
+    if holds_conversations(paths, args):
         return prepare_conversations(args, paths)
     tokenizer = load_tokenizer()
     # encode_batch_fast (tokenizers >= 0.20) gives the same ids as encode_batch without
@@ -331,7 +334,7 @@ def prepare(args):
 
 
 def build_parser():
-    parser = Parser(prog="prepare.py", description="Tokenize a corpus into train.bin and val.bin (uint16 ids).")
+    parser = Parser(prog="python -m tools.prepare", description="Tokenize a corpus into train.bin and val.bin (uint16 ids).")
     parser.add_argument("source", metavar="SOURCE", help="text file, .jsonl, .parquet, folder, or hub dataset name")
     parser.add_argument("--out", default="data", help="folder for train.bin, val.bin, meta.json (default data)")
     parser.add_argument("--val_fraction", type=float, default=0.01, help="share of documents for val.bin")

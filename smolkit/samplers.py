@@ -1,0 +1,286 @@
+"""
+The batches a training step reads, from the arrays smolkit/data.py and
+smolkit/conversations.py make, and how the processes of a torchrun job share them:
+
+    BatchSampler         random windows of block_size + 1 tokens of a text corpus
+    ConversationSampler  whole conversations, one a row, padded to the micro batch's longest
+    open_data            the sampler for --data, and the settings the data decides
+
+One conversation is one row of a batch, padded at the end, so that the loss never reads
+across two of them (smol.py's attention has no block-diagonal mask; packing several
+conversations into a row would need one). Rows are padded to the longest conversation of
+the micro batch, not to block_size, so short conversations cost little.
+"""
+import math
+
+import numpy as np
+import torch
+
+from smol import IM_END_ID
+from smolkit.common import UserError
+from smolkit.conversations import is_conversations, load_conversations
+from smolkit.data import load_splits
+
+PAD_TO = 64  # conversation rows are padded to a multiple of this: few distinct shapes for torch.compile
+
+
+def shard(batch_size, accum, world):
+    """How `world` processes share an optimizer step of `accum` micro steps of `batch_size`
+    rows, so that the tokens of a step, and with the same seed its rows, are those of one
+    process: (micro steps, rows per micro step) of each. Whole micro steps where they divide
+    (fewer, bigger matmuls); else a share of every micro step's rows (the defaults, 1 x 16,
+    on 2, 4 or 8 GPUs)."""
+    if accum % world == 0:
+        return accum // world, batch_size
+    if batch_size % world == 0:
+        return accum, batch_size // world
+    raise UserError(f"{world} processes cannot share a step of --gradient_accumulation_steps {accum} x --batch_size "
+                    f"{batch_size} rows equally: make one of the two a multiple of {world}")
+
+
+class BatchSampler:
+    """Random windows of block_size + 1 tokens from a split: x is the first block_size
+    tokens of each, y the same shifted by one. Every process draws the offsets of the
+    whole global step (micro_steps x batch_size) from identically seeded generators and
+    keeps its own share (see shard()): the rows of a step are the same for 1 process as
+    for N, and resuming needs only one generator state whatever the number of processes.
+
+    Training batches come one ahead: prefetch() builds the next micro batch and starts its
+    copy to the device while the device still works on the current one."""
+
+    def __init__(self, splits, block_size, batch_size, device, seed, share=(0, 1, 1)):
+        self.splits, self.block_size, self.batch_size = splits, block_size, batch_size
+        self.device, self.seed = device, seed
+        self.rank, self.world, self.micro_steps = share  # (this process, processes, micro steps of a step)
+        self.accum, self.rows = shard(batch_size, self.micro_steps, self.world)  # this process's share
+        # the training draws come from this generator alone, and the checkpoint saves its
+        # state, so a resumed run draws exactly the batches the uninterrupted run would have
+        self.generator = torch.Generator().manual_seed(seed)
+        self.todo = iter(())  # the offsets of this step's micro batches not built yet
+        self.ahead = None  # the next micro batch, built: (x, y, the generator's state before its
+                           # step was drawn if it is a step's first, else None)
+
+    def lengths(self):
+        """(a row's tokens, its own tokens on average): block_size both, windows have no padding."""
+        return self.block_size, self.block_size
+
+    def offsets(self, split, generator, micro_steps):
+        # (micro_steps, B) window starts
+        return torch.randint(len(self.splits[split]) - self.block_size, (micro_steps, self.batch_size),
+                             generator=generator)
+
+    def batch(self, split, offsets):
+        # offsets: (B,) window starts -> x, y: (B, T) int64, y shifted by one token
+        data = self.splits[split]
+        xy = torch.from_numpy(np.stack([data[i:i + self.block_size + 1] for i in offsets.tolist()]).astype(np.int64))
+        x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
+        if self.device.startswith("cuda"):  # pinned: the copy runs while the device computes
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def my_offsets(self):
+        """This process's share of a new step's offsets: (micro steps, rows) of shard()."""
+        steps = self.offsets("train", self.generator, self.micro_steps)  # (micro_steps, B), every process alike
+        if self.rows == self.batch_size:  # whole micro steps
+            return steps[self.rank * self.accum:(self.rank + 1) * self.accum]
+        return steps[:, self.rank * self.rows:(self.rank + 1) * self.rows]
+
+    def prefetch(self):
+        """Build the next training micro batch now (a no-op if it is built)."""
+        if self.ahead is not None:
+            return
+        offsets, starts = next(self.todo, None), False
+        if offsets is None:  # the step is read: draw the next one
+            state = self.generator.get_state()
+            self.todo, starts = iter(self.my_offsets()), True
+            offsets = next(self.todo)
+        self.ahead = (*self.batch("train", offsets), state if starts else None)
+
+    def next(self):
+        """The next training micro batch (x, y) on the device, and its weight in the step's
+        loss: every micro batch holds as many targets, so 1 / this process's micro steps."""
+        self.prefetch()
+        (x, y, _), self.ahead = self.ahead, None
+        return x, y, 1 / self.accum
+
+    def resume_state(self):
+        """The generator state a resumed run starts from: the one before the draw of the
+        first step not yet trained (that step's first batch may already be built ahead)."""
+        if self.ahead is not None and self.ahead[2] is not None:
+            return self.ahead[2]
+        return self.generator.get_state()
+
+    def restore(self, state):
+        self.generator.set_state(state)
+
+    def eval_batches(self, split, n):
+        # a fresh generator with the run's seed: the same n batches at every evaluation,
+        # so the losses are comparable from one evaluation to the next
+        generator = torch.Generator().manual_seed(self.seed)
+        return (self.batch(split, offsets) for offsets in self.offsets(split, generator, n))
+
+
+def fit(ids, targets, bounds, length):
+    """[(start, end)] of the conversations that fit rows of `length` tokens: one longer than
+    that loses its trailing turns (it ends after the last assistant <|im_end|> that fits);
+    one whose first assistant turn does not fit is dropped. Returns (spans, cut, dropped)."""
+    spans, cut, dropped = [], 0, 0
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        if b - a <= length:
+            spans.append((a, b))
+            continue
+        window = slice(a, a + length)
+        ends = np.flatnonzero((ids[window] == IM_END_ID) & targets[window])
+        if len(ends):
+            spans.append((a, a + int(ends[-1]) + 1))
+            cut += 1
+        else:
+            dropped += 1
+    return spans, cut, dropped
+
+
+def split(n):
+    """(train, val) conversation numbers: every 20th (5%) held out from 20 conversations on;
+    fewer are all for training, and the validation loss is on them too."""
+    if n < 20:
+        return list(range(n)), list(range(n))
+    return [i for i in range(n) if i % 20 != 19], [i for i in range(n) if i % 20 == 19]
+
+
+class ConversationSampler:
+    """Batches of whole conversations, one a row, for train.py: the interface of BatchSampler
+    (next, prefetch, lengths, resume_state, restore, eval_batches). Each pass over the
+    training conversations takes them in an order shuffled from (seed, pass): the k-th row
+    ever drawn is a function of k alone, so resuming needs only how many were drawn."""
+
+    def __init__(self, data, block_size, batch_size, device, seed, share=(0, 1, 1)):
+        ids, targets, bounds = data
+        self.ids, self.targets = ids, targets
+        spans, self.cut, self.dropped = fit(ids, targets, bounds, block_size + 1)  # x and y: one more token
+        if not spans:
+            raise UserError(f"no conversation's first assistant turn fits in block_size {block_size}; "
+                            f"raise --block_size")
+        train, val = split(len(spans))
+        self.held_out = val != train
+        self.splits = {"train": [spans[i] for i in train], "val": [spans[i] for i in val]}
+        self.batch_size, self.device, self.seed = batch_size, device, seed
+        rank, world, micro_steps = share
+        self.accum, self.rows = shard(batch_size, micro_steps, world)
+        self.rank, self.world, self.micro_steps = rank, world, micro_steps
+        self.drawn = 0  # training rows drawn so far, every process's
+        self.todo, self.ahead = [], None
+        self.order = (None, None)  # (pass, its shuffled order)
+
+    def lengths(self):
+        """(the longest row's tokens, padded; the mean row's own tokens) of the training split."""
+        n = [b - a - 1 for a, b in self.splits["train"]]
+        return math.ceil(max(n) / PAD_TO) * PAD_TO, sum(n) / len(n)
+
+    def eval_size(self):
+        """Batches that hold every validation conversation once."""
+        return max(1, math.ceil(len(self.splits["val"]) / self.batch_size))
+
+    def describe(self):
+        n = {k: len(v) for k, v in self.splits.items()}
+        return (f"{n['train']:,} train / {n['val'] if self.held_out else 0:,} val conversations"
+                + ("" if self.held_out else " (under 20: the val loss is on the training ones)")
+                + (f", {self.cut:,} cut to the context" if self.cut else "")
+                + (f", {self.dropped:,} dropped (their first reply does not fit)" if self.dropped else ""))
+
+    def row(self, k):
+        # the k-th training conversation drawn: pass k // n, in that pass's shuffled order
+        n = len(self.splits["train"])
+        if self.order[0] != k // n:
+            self.order = (k // n, torch.randperm(n, generator=torch.Generator().manual_seed(
+                self.seed * 1_000_003 + k // n)).tolist())
+        return self.splits["train"][self.order[1][k % n]]
+
+    def batch(self, spans):
+        """x, y (B, T) on the device, T the longest row rounded up to PAD_TO, y = -1 where
+        nothing is to be learned (the prompt's turns, the padding)."""
+        T = math.ceil((max(b - a for a, b in spans) - 1) / PAD_TO) * PAD_TO
+        x = np.zeros((len(spans), T), dtype=np.int64)
+        y = np.full((len(spans), T), -1, dtype=np.int64)
+        for r, (a, b) in enumerate(spans):
+            ids = self.ids[a:b].astype(np.int64)
+            x[r, :b - a - 1] = ids[:-1]
+            y[r, :b - a - 1] = np.where(self.targets[a + 1:b], ids[1:], -1)
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        if self.device.startswith("cuda"):
+            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        else:
+            x, y = x.to(self.device), y.to(self.device)
+        return x, y
+
+    def targets_of(self, spans):
+        """How many tokens of these rows the model learns to say."""
+        return sum(int(self.targets[a + 1:b].sum()) for a, b in spans)
+
+    def prefetch(self):
+        """Build the next micro batch now: (x, y, its weight, the rows drawn before its step
+        if it is a step's first); a step's rows are drawn whole, in every process alike."""
+        if self.ahead is not None:
+            return
+        if not self.todo:  # a new step: every process draws its rows alike
+            per_step = self.batch_size * self.micro_steps
+            rows = [self.row(self.drawn + j) for j in range(per_step)]
+            self.step_targets = self.targets_of(rows)
+            micro = [rows[m * self.batch_size:(m + 1) * self.batch_size] for m in range(self.micro_steps)]
+            if self.rows == self.batch_size:  # whole micro steps
+                mine = micro[self.rank * self.accum:(self.rank + 1) * self.accum]
+            else:
+                mine = [m[self.rank * self.rows:(self.rank + 1) * self.rows] for m in micro]
+            self.todo, self.step_start = list(mine), self.drawn
+            self.drawn += per_step
+        spans = self.todo.pop(0)
+        # each target token weighs the same in the step's loss, whichever micro batch (and
+        # process: DDP averages over them) it falls in
+        weight = self.world * self.targets_of(spans) / max(1, self.step_targets)
+        self.ahead = (*self.batch(spans), weight, self.step_start if len(self.todo) == self.accum - 1 else None)
+
+    def next(self):
+        self.prefetch()
+        (x, y, weight, _), self.ahead = self.ahead, None
+        return x, y, weight
+
+    def resume_state(self):
+        """How many rows were drawn before the first step not yet trained."""
+        if self.ahead is not None and self.ahead[3] is not None:
+            return torch.tensor(self.ahead[3])
+        return torch.tensor(self.drawn)
+
+    def restore(self, state):
+        self.drawn, self.todo, self.ahead = int(state), [], None
+
+    def eval_batches(self, split, n):
+        # the same n batches at every evaluation: the split's conversations in order, cycled
+        convs = self.splits[split]
+        for i in range(n):
+            yield self.batch([convs[(i * self.batch_size + j) % len(convs)] for j in range(self.batch_size)])
+
+
+def open_data(cfg, mcfg, tokenizer, device, share):
+    """(sampler, its log line) for cfg.data: text windows of block_size, or conversations
+    (a .jsonl file or a folder tools.prepare made of one) padded to their batch's longest.
+    share: (rank, world, micro steps of a step), as shard() splits them."""
+    if not is_conversations(cfg.data):
+        splits = load_splits(cfg.data, mcfg.block_size, mcfg.vocab_size)
+        sampler = BatchSampler(splits, mcfg.block_size, cfg.batch_size, device, cfg.seed, share)
+        return sampler, f"{len(splits['train']):,} train / {len(splits['val']):,} val tokens"
+    sampler = ConversationSampler(load_conversations(cfg.data, tokenizer), mcfg.block_size, cfg.batch_size,
+                                  device, cfg.seed, share)
+    return sampler, sampler.describe()
+
+
+def settings_from_data(cfg, sampler):
+    """The settings the data decides, for dataclasses.replace(cfg, ...): with --epochs N,
+    max_iters (and the cosine decay over them) is N passes over the training conversations;
+    eval_iters is at most the batches that hold every validation conversation once."""
+    if not isinstance(sampler, ConversationSampler):
+        return {}
+    changes = {"eval_iters": min(cfg.eval_iters, sampler.eval_size())}
+    if cfg.epochs > 0:
+        per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        changes["max_iters"] = changes["lr_decay_iters"] = max(1, math.ceil(
+            cfg.epochs * len(sampler.splits["train"]) / per_step))
+    return {k: v for k, v in changes.items() if v != getattr(cfg, k)}
