@@ -82,9 +82,9 @@ def main(argv=None):
         """Stream one continuation of prompt_ids to stdout; return (its text, a line on its speed)."""
         idx = torch.tensor([prompt_ids], device=device)  # (1, T)
         text, out, made, t0 = TextStream(tokenizer), "", 0, time.perf_counter()
-        for token in decoder.stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                                    top_p=args.top_p, generator=generator, stop_ids=stop_ids):
-            made, token = made + 1, token.item()
+        for ids in decoder.stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                                  top_p=args.top_p, generator=generator, stop_ids=stop_ids):
+            made, token = made + 1, ids[0]
             if token < 0:  # sample_next's sign of logits that overflowed the dtype
                 raise UserError(str(ModelOverflow(model.model.norm.weight.dtype)))
             if token in stop_ids:  # the model ended its text (or its turn)

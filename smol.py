@@ -144,6 +144,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    expand_kv = False  # SmolLM.expand_kv sets it for every layer
+
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
@@ -164,8 +166,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is None:
             # training, scoring: the plain causal triangle. enable_gqa lets SDPA broadcast each
-            # k/v head over its group of query heads without materialising repeated copies
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+            # k/v head over its group of query heads without materialising repeated copies; only
+            # its flash kernel takes grouped heads, and that needs a GPU of compute capability 8.0,
+            # so for older ones (expand_kv) the k/v heads are repeated, (B, nh, T, hd), for the
+            # memory-efficient kernel rather than leaving the math kernel its fp32 (T, T) scores
+            if self.expand_kv:
+                k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != self.n_head)
         else:
             # generating: the new keys and values go into the cache at their positions, and the
             # queries attend over all of its slots under the mask, which lets each see the slots
@@ -250,6 +257,17 @@ class SmolLM(nn.Module):
         # the training loss in pieces of this many rows (None: the plain loss, all the logits
         # at once); train.py sets it where a device could not hold all the logits
         self.loss_rows_per_piece = None
+
+    @property
+    def expand_kv(self):
+        return self.model.layers[0].self_attn.expand_kv
+
+    @expand_kv.setter
+    def expand_kv(self, value):
+        # attention without a cache repeats the k/v heads instead of grouping them (see
+        # Attention); train.py sets it for GPUs older than compute capability 8.0
+        for block in self.model.layers:
+            block.self_attn.expand_kv = value
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -363,7 +381,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
     top_k likeliest tokens, then among the fewest of those whose probability reaches top_p
     (the nucleus). Each setting is one number for every row, or a (B,) CPU tensor with each
     row's own (server/batcher.py samples a whole batch in one call); top_k 0 or None and
-    top_p 1 or None filter nothing.
+    top_p 1 or None filter nothing. The settings size the work on the host and reach the
+    device in one copy (with a host `uniform`): the draw's only one.
 
     The draw is an inverse CDF: one number u per row, uniform in [0, 1) (`uniform` (B, 1),
     else drawn from generator), picks the first token whose cumulative probability passes
@@ -374,32 +393,37 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
     logits = logits.float()  # the draw in fp32 (and argmax over bf16 ran 5x slower on a CPU)
     overflowed = ~logits.isfinite().all(dim=-1, keepdim=True)  # (B, 1)
     greedy = logits.argmax(dim=-1, keepdim=True).masked_fill(overflowed, -1)  # (B, 1)
-    temperature = torch.as_tensor(temperature, dtype=torch.float32).reshape(-1, 1)  # (B or 1, 1), on the host
-    if not temperature.any():
+    t = torch.as_tensor(temperature, dtype=torch.float32).reshape(-1, 1)  # (B or 1, 1), on the host
+    if not t.any():
         return greedy
-    k = torch.as_tensor(0 if top_k is None else top_k).reshape(-1, 1)
+    k = torch.as_tensor(0 if top_k is None else top_k, dtype=torch.float32).reshape(-1, 1)
     k = k.where((k > 0) & (k < V), V)  # V: every token
     p = torch.as_tensor(1.0 if top_p is None else top_p, dtype=torch.float32).reshape(-1, 1)
-    on_device = dict(device=logits.device)
-    logits = logits / temperature.clamp(min=1e-6).to(**on_device)  # greedy rows are picked at the end
-    filtered = (k < V) | (p < 1)  # (B or 1, 1): the rows that drop tokens
+    host = [t, k, p] + ([uniform.float()] if uniform is not None and uniform.device.type == "cpu" else [])
+    on_device = torch.cat([x.expand(B, 1) for x in host], dim=1).to(logits.device)  # (B, 3 or 4): the one copy
+    temperature, top_k, top_p = on_device[:, :3].split(1, dim=1)  # (B, 1) each
+    u = on_device[:, 3:] if len(host) == 4 else uniform if uniform is not None else \
+        torch.rand(B, 1, generator=generator, device=logits.device)
+    logits = logits / temperature.clamp(min=1e-6)  # greedy rows are picked at the end
+    filtered = (k < V) | (p < 1)  # (B or 1, 1), host: the rows that drop tokens
     if filtered.any():
         # sort the likeliest tokens (all of them if a row has top_p but no top_k), drop the
         # ranks each row does not keep, and mask in the logits what is less likely than the
-        # last one kept. Settings live on the host, so sizing the sort costs no device sync
+        # last one kept. The host's copy of the settings sizes the sort: no device sync
         n = V if (filtered & (k == V)).any() else int(k[k < V].max())
         values = torch.topk(logits, n).values  # (B, n), descending
-        values = values.masked_fill(torch.arange(n, **on_device) >= k.to(**on_device), float("-inf"))
+        values = values.masked_fill(torch.arange(n, device=logits.device) >= top_k, float("-inf"))
         probs = values.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # the mass of the likelier tokens
-        values = values.masked_fill((before >= p.to(**on_device)) & (p < 1).to(**on_device), float("-inf"))
+        values = values.masked_fill((before >= top_p) & (top_p < 1), float("-inf"))
         kept = values.isfinite().sum(dim=-1, keepdim=True)  # (B, 1), 0 only in a row that overflowed
         floor = values.gather(-1, (kept - 1).clamp(min=0))  # (B, 1); the top token stays
-        logits = logits.masked_fill((logits < floor) & filtered.to(**on_device), float("-inf"))
+        logits = logits.masked_fill((logits < floor) & ((top_k < V) | (top_p < 1)), float("-inf"))
     cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V), in vocabulary order
-    if uniform is None:
-        uniform = torch.rand(B, 1, generator=generator, **on_device)
     total = cdf[:, -1:]  # 1 up to rounding; u stays below it, so the token found has a probability above 0
-    u = torch.minimum(uniform.to(**on_device) * total, torch.nextafter(total, torch.zeros_like(total)))
-    token = torch.searchsorted(cdf, u, right=True).masked_fill(overflowed, -1)  # (B, 1)
-    return torch.where(temperature.to(**on_device) == 0, greedy, token)
+    u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    token = torch.searchsorted(cdf, u, right=True).clamp(max=V - 1)  # (B, 1)
+    # a parallel cumsum (a GPU's) may dip by a few ulps, so the search could land on a token
+    # the filters removed (probability 0): such a row takes its likeliest token instead
+    token = torch.where(logits.gather(-1, token).isfinite(), token, greedy).masked_fill(overflowed, -1)
+    return torch.where(temperature == 0, greedy, token)

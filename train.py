@@ -23,13 +23,12 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from smol import IM_END_ID, SmolConfig, SmolLM
 from smolkit import guards
 from smolkit.checkpoint import ckpt_path, load_resumable, model_from_checkpoint, restore_training, training_checkpoint
-from smolkit.common import (DTYPES, Parser, UserError, autocast_for, fail, loss_rows_per_piece, peak_flops, pick_device,
-                            start_processes, use_compile, wrap_ddp)
+from smolkit.common import (DTYPES, Parser, UserError, autocast_for, expand_kv, fail, loss_rows_per_piece, peak_flops,
+                            pick_device, start_processes, use_compile, wrap_for_training)
 from smolkit.conversations import is_conversations
 from smolkit.data import load_tokenizer
 from smolkit.metrics import RunFacts, TrainingLog, eval_sample, param_breakdown
@@ -119,19 +118,22 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def train_step(model, optimizer, scaler, batches, accum, ctx, grad_clip):
+def train_step(model, optimizer, scaler, batches, accum, ctx, grad_clip, votes=None):
     """One optimizer step: forward and backward over `accum` micro batches, clip,
     update. batches.next() gives a micro batch already on the device and its weight in
     the step's loss (1 / accum unless micro batches hold unequal targets); batches.prefetch()
-    builds the following one while the device still works on this one. Returns the mean
-    loss, the step's one wait for the device; raises FloatingPointError before the update
-    if the loss is not finite, so a diverged step never reaches the weights."""
+    builds the following one while the device still works on this one. votes: None alone;
+    under DDP (model the DDP module, maybe compiled), Guard.stop_votes, numbers to sum over
+    the processes with the loss. Returns (the mean loss, the summed votes or None), read
+    in the step's one wait for the device; raises FloatingPointError before the update if
+    the loss is not finite, so a diverged step never reaches the weights."""
+    ddp = votes is not None
     loss_sum = 0.0
     for micro in range(accum):
         x, y, weight = batches.next()
         # under DDP, gradients are averaged across processes only on the last micro
         # step; the earlier ones just accumulate locally
-        sync = nullcontext() if not isinstance(model, DDP) or micro == accum - 1 else model.no_sync()
+        sync = nullcontext() if not ddp or micro == accum - 1 else model.no_sync()
         with sync:
             with ctx:
                 _, loss = model(x, y)
@@ -143,20 +145,25 @@ def train_step(model, optimizer, scaler, batches, accum, ctx, grad_clip):
             scaler.scale(loss).backward()
         loss_sum = loss_sum + loss.detach()
         batches.prefetch()  # the host builds the next batch while the device runs this one
-    if isinstance(model, DDP):  # report the mean over all processes' micro steps
-        dist.all_reduce(loss_sum)
-        loss_sum = loss_sum / dist.get_world_size()
+    # under DDP, the step's one collective besides DDP's gradient buckets: the loss (for the mean
+    # over all processes' micro steps) and the stop votes as they stand now, summed together;
+    # the votes are filled in on the device from Python numbers: no copy from the host, no wait
+    shared = loss_sum.float().view(1)
+    if ddp:
+        shared = torch.cat([shared, *(shared.new_full((1,), v) for v in votes())])
+        dist.all_reduce(shared)
+        shared[0] /= dist.get_world_size()
     if grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    lossf = loss_sum.item()  # the one wait for the device (so step timings are real too)
+    lossf, *summed = shared.tolist()  # the one wait for the device (so step timings are real too)
     if not math.isfinite(lossf):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(lossf)
     scaler.step(optimizer)  # fp16: skipped when a gradient overflowed, and the scale lowered; normal
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return lossf
+    return lossf, summed if ddp else None
 
 
 def resolve_settings(given):
@@ -239,13 +246,14 @@ def main(argv=None):
     model = model_from_checkpoint(ckpt) if ckpt is not None else pretrained or SmolLM(mcfg)
     if pretrained is not None:
         passes = f"{cfg.epochs:g} passes = {cfg.max_iters:,} steps" if cfg.epochs > 0 else f"{cfg.max_iters:,} steps"
-        tuning = f" on conversations, {passes}; defaults for fine-tuning unless given: " + ", ".join(
-            f"{k} {v}" for k, v in FINETUNE_DEFAULTS.items())
+        tuning = f" on conversations, {passes}; settings for fine-tuning (their defaults unless given): " + \
+            ", ".join(f"{k} {getattr(cfg, k)}" for k in FINETUNE_DEFAULTS)
         log(f"fine-tuning from {cfg.init_from}" + (tuning if chat else ""))
     if chat:  # a chat model: sample.py --chat and the server stop its replies at <|im_end|>
         model.eos_token_ids = tuple(sorted(set(model.eos_token_ids) | {IM_END_ID}))
     model.config = mcfg  # the same architecture, with this run's block_size
     model.loss_rows_per_piece = loss_rows_per_piece(device, rows * seq_len, mcfg.vocab_size)
+    model.expand_kv = expand_kv(device)  # T4, V100: attention without grouped k/v heads
     log(param_breakdown(model))
     model.to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
@@ -255,10 +263,7 @@ def main(argv=None):
         log(f"resuming from {ckpt_path(cfg.out_dir)} at step {iter_num} (best val loss {best_val_loss:.4f})")
     resumed, ckpt = ckpt is not None, None  # drop the host copy of the weights and moments
     raw_model = model  # checkpoints save this one: no "_orig_mod." or "module." prefixes
-    if compiled:
-        model = torch.compile(model)
-    if ddp:
-        model = wrap_ddp(model, device)
+    model = wrap_for_training(model, device, ddp, compiled)  # DDP, then compiled
 
     # for conversations: their own tokens on average, not the padding
     tokens_per_step = round(cfg.batch_size * mean_len * cfg.gradient_accumulation_steps)
@@ -272,7 +277,7 @@ def main(argv=None):
     guard = guards.Guard(cfg, mcfg, device, n_params, ddp, master, saved_step=iter_num if resumed else None)
     peak_share = raw_model.flops_per_token(seq_len) / (world * peak) if peak else None  # x tok/s = MFU
     report = TrainingLog(cfg, RunFacts(master, iter_num if resumed else None, tokens_per_step, accum, peak_share,
-                                       on_cpu=device_type == "cpu", intact=guard.last_saved()))
+                                       on_cpu=device_type == "cpu" and pretrained is None, intact=guard.last_saved()))
     guard.catch_signals()
 
     def checkpoint_now():  # everything the next step depends on, as it stands after iter_num steps
@@ -285,11 +290,12 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         with guard.step(iter_num + 1):
-            lossf = train_step(model, optimizer, scaler, sampler, accum, ctx, cfg.grad_clip)
+            lossf, votes = train_step(model, optimizer, scaler, sampler, accum, ctx, cfg.grad_clip,
+                                      guard.stop_votes if ddp else None)
         iter_num += 1
         report.step(iter_num, lossf, lr)
 
-        stop = guard.stop_requested()  # the signal's number, 0 for none
+        stop = guard.stop_requested(votes)  # the signal's number, 0 for none; the same in every process
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
             report.eval_started(iter_num)
             with guard.evaluation(iter_num):

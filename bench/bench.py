@@ -47,8 +47,8 @@ import time
 import torch
 
 from smol import SmolConfig, SmolLM
-from smolkit.common import (ROOT, Parser, autocast_for, cpu_has_native_bf16, inference_dtype, loss_rows_per_piece,
-                            peak_flops, pick_device)
+from smolkit.common import (ROOT, Parser, autocast_for, cpu_has_native_bf16, expand_kv, inference_dtype,
+                            loss_rows_per_piece, peak_flops, pick_device)
 from smolkit.decoding import CacheBlock, Decoder, Step
 from smolkit.hf import config_to_hf
 from smolkit.quantize import check, quantize
@@ -188,6 +188,7 @@ def run_train_case(case, args, device):
         model = SmolLM(config).to(device)
         model.loss_rows_per_piece = {"auto": loss_rows_per_piece(device, B * T, config.vocab_size), "plain": None,
                                      "pieces": loss_rows_per_piece(device, float("inf"), config.vocab_size)}[loss]
+        model.expand_kv = expand_kv(device)  # as train.py: T4, V100 repeat the k/v heads
         optimizer = model.configure_optimizers(TrainConfig.weight_decay, TrainConfig.learning_rate,
                                                (TrainConfig.beta1, TrainConfig.beta2), device_type)
     else:
@@ -379,8 +380,8 @@ def main(argv=None):
     args.steps = args.steps or (20 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     hf_compile = args.hf_compile == "true" or (args.hf_compile == "auto" and cuda)
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    if cuda:  # TF32 for fp32 matmuls, through the one API train.py uses too (smolkit/common.autocast_for)
+        torch.set_float32_matmul_precision("high")
     if args.train_case:  # a child process timing one training case: its row as JSON on the last line
         print(json.dumps(run_train_case(json.loads(args.train_case), args, device)))
         return

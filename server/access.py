@@ -65,7 +65,8 @@ class Access:
         host, origin = headers.get("host", ""), headers.get("origin")
         if self.hosts is not None and host_of(host) not in self.hosts:
             return await reply(send, 403, f"Host '{host}' is not an address of this server (a page on another "
-                                          f"site, via DNS rebinding?); python -m server --allow_host NAME accepts a name",
+                                          f"site, via DNS rebinding?); python -m server --allow_host NAME "
+                                          f"accepts a name",
                                "forbidden_host")
         cross = origin is not None and origin.lower() != f"{scope.get('scheme', 'http')}://{host}".lower()
         allowed = "*" in self.origins or origin in self.origins

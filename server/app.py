@@ -405,7 +405,8 @@ def main(argv=None):
     fixed = served.batcher.fixed
     print(f"up to {args.max_batch} requests decode together, {args.max_waiting} more wait; KV cache budget "
           f"{cache_mb:,} MiB (about {(cache_mb << 20) // served.batcher.slot_bytes:,} tokens)"
-          + (f"; compiled step over {fixed[0]} rows of {fixed[1]} positions" if fixed else ""), flush=True)
+          + (f"; compiled step over {fixed[0]} rows of {fixed[1]} positions, its {served.buckets} length "
+             f"buckets compiled before listening ({served.compile_s:.0f} s)" if fixed else ""), flush=True)
     hosts = host_names(host, args.allow_host)
     if not args.api_key and (hosts is None or not hosts & {"127.0.0.1", "::1"}):
         print(f"warning: serving on {host} without --api_key: anyone who can reach this address can use the "
@@ -433,6 +434,8 @@ def start_model(args):
                                      compile=use_compile(args.compile, device, long_lived=True), thread=False)
             except ValueError as e:  # a compiled block that the budget cannot hold
                 raise UserError(f"--cache_mb {cache_mb}: {e} (--max_batch)") from None
+            t0 = time.perf_counter()  # compiled: every bucket now, not in the first requests to reach it
+            served.buckets, served.compile_s = served.batcher.compile_buckets(), time.perf_counter() - t0
         except BaseException as e:  # UserError, or a bug: main() reports it
             ready.put(e)
             return

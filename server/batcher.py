@@ -106,6 +106,10 @@ class Batcher:
         self.score_row_bytes = 3 * 4 * cfg.vocab_size
         self.score_rows = min(512, cache_bytes // 8 // self.score_row_bytes)
         self.block, self.rows, self.waiting = None, [], deque()  # rows[i] decodes in cache row i
+        # a step's inputs on the device, (rows, 1) tokens and positions, and the rows' version they
+        # are for: the next step's are this step's tokens at the next positions, made there without
+        # a copy; rebuilt from the host only when rows join or leave (each change bumps the version)
+        self.inputs, self.version = None, 0
         self.lock = threading.Condition()
         self.steps = self.generated = self.last_batch = 0  # counters for /health and the tests
         self.step, self.fixed = Step(model, compile), None
@@ -126,6 +130,22 @@ class Batcher:
         if self.fixed:
             return self.fixed
         return min(1 << max(0, n_rows - 1).bit_length(), self.max_batch), slots_for(slots, self.context)
+
+    def compile_buckets(self):
+        """compile=True: compile the step for every bucket of the fixed block now, before the
+        server takes requests, rather than inside the first requests that reach each bucket
+        (tens of seconds each). Returns how many were compiled (0 when not compiled)."""
+        if not self.fixed:
+            return 0
+        rows, slots = self.fixed
+        self.block = CacheBlock(self.model.config, rows, slots, self.device, self.dtype, keep=True,
+                                static=self.step.cuda_graphs)
+        buckets = sorted({slots_for(n, slots) for n in range(1, slots + 1)})
+        with torch.inference_mode():  # inputs made as run() makes them: inference tensors, one (2, rows, 1) copy
+            tokens, positions = torch.zeros(2, rows, 1, dtype=torch.long, device=self.device)  # token 0 at 0
+            for bucket in buckets:
+                self.step(tokens, self.block, positions, filled=bucket)
+        return len(buckets)
 
     def block_shape(self):
         """(rows, slots) of the cache block now, (0, 0) when there is none."""
@@ -198,7 +218,9 @@ class Batcher:
                 traceback.print_exc()
                 for seq in self.rows:
                     seq.on_token(e)
-                self.rows, self.block = [], None
+                self.rows, self.inputs = [], None
+                if not self.fixed:  # a compiled step's block stays: its views are static, a new one would leak
+                    self.block = None
 
     def _admit(self):
         """The next waiting request that fits, its row reserved (the block grown if it
@@ -232,6 +254,7 @@ class Batcher:
     def _prefill(self, seq):
         row, T = len(self.rows), len(seq.prompt)
         self.rows.append(seq)
+        self.version += 1
         idx = torch.tensor([seq.prompt], device=self.device)  # (1, T)
         if not seq.score_prompt:  # the last position's logits only
             logits = self.model(idx, kv_cache=self.block.view(1, T, first_row=row), last_only=True)[0][:, -1]
@@ -254,19 +277,24 @@ class Batcher:
         n = len(self.rows)
         self.steps, self.last_batch = self.steps + 1, n
         width = self.fixed[0] if self.fixed else n  # compiled: every row of the block, the free ones idle
-        tokens = [seq.last for seq in self.rows] + [0] * (width - n)
-        positions = [seq.pos for seq in self.rows] + [0] * (width - n)
-        logits = self.step(torch.tensor(tokens, device=self.device).view(width, 1), self.block,
-                           torch.tensor(positions, device=self.device).view(width, 1), filled=max(positions) + 1)[:n]
+        if self.inputs is None or self.inputs[2] != self.version:  # rows joined or left
+            host = [[seq.last, seq.pos] for seq in self.rows] + [[0, 0]] * (width - n)  # free rows: token 0 at 0
+            tokens, positions = torch.tensor(host, device=self.device).T.contiguous().view(2, width, 1)  # one copy
+            self.inputs = [tokens, positions, self.version]
+        tokens, positions, _ = self.inputs
+        logits = self.step(tokens, self.block, positions, filled=max(seq.pos for seq in self.rows) + 1)[:n]
         for seq in self.rows:
             seq.pos += 1
-        self._emit(self.rows, logits)
+        drawn = self._emit(self.rows, logits)  # (n, 1), on the device
+        self.inputs[0] = torch.cat([drawn.clamp(min=0), tokens[n:]])  # (width, 1): -1 marks an overflow, which leaves
+        self.inputs[1] = torch.cat([positions[:n] + 1, positions[n:]])
 
     def _emit(self, rows, logits):
         """Sample the next token of every row in one call, each with its own settings and
         random number, and hand each to its request."""
         settings = torch.tensor([[seq.temperature, seq.top_k, seq.top_p] for seq in rows], dtype=torch.float64)
-        u = torch.tensor([[uniform(seq.seed, seq.made)] for seq in rows], device=self.device)  # (n, 1)
+        u = torch.tensor([[uniform(seq.seed, seq.made)] for seq in rows])  # (n, 1), on the host: sample_next
+        # takes it to the device with the settings, the step's one copy there
         tokens = sample_next(logits, settings[:, 0].float(), settings[:, 1].long(), settings[:, 2].float(), uniform=u)
         if scored := [i for i, seq in enumerate(rows) if seq.logprobs is not None]:  # (an evaluator's rows)
             top = max(rows[i].logprobs for i in scored)
@@ -281,6 +309,7 @@ class Batcher:
             self.generated += 1
             seq.finished = token in seq.stop_ids or seq.made == seq.max_new_tokens
             seq.on_token(token)
+        return tokens
 
     def _leave(self):
         """Drop finished and cancelled rows; the others move down to fill the gaps
@@ -297,5 +326,6 @@ class Batcher:
                 for t in self.block.cache.k + self.block.cache.v:  # per layer
                     t[row, :, :seq.pos] = t[old_row, :, :seq.pos]
             kept.append(seq)
+        self.version += 1
         with self.lock:
             self.rows = kept

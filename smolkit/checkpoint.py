@@ -14,6 +14,7 @@ A checkpoint is the dict train.py saves with torch.save:
     eos_token_ids  the ids where sampling and serving stop ([0], <|endoftext|>, for models
                    trained here)
 """
+import errno
 import os
 import pickle
 from dataclasses import asdict
@@ -145,10 +146,29 @@ class RecordingWriter:
         return self.f.flush()
 
 
+# how Ceph, FUSE and virtiofs, among others, refuse to fsync a folder: they cannot, which
+# is not a failure of the save (the file itself was fsynced before the rename)
+FOLDER_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
+
+
+def sync_folder(folder):
+    """fsync a folder, so that a rename in it survives a power cut, where the filesystem
+    can; any other OSError (EIO: the disk failed) is raised."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in FOLDER_FSYNC_UNSUPPORTED:
+            raise
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(ckpt, path):
     """Write a temporary file in the same folder, fsync it, then rename it over the old
-    checkpoint: a crash mid-write leaves the previous checkpoint intact. A failed write
-    (disk full, out_dir gone) removes the partial file and raises OSError."""
+    checkpoint and fsync the folder: a crash mid-write leaves the previous checkpoint
+    intact. A failed write (disk full, out_dir gone) removes the partial file and raises
+    OSError."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -162,11 +182,7 @@ def save_checkpoint(ckpt, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        sync_folder(os.path.dirname(os.path.abspath(path)))
     except OSError:
         try:
             os.remove(tmp)  # a partial file would only take the space a retry needs

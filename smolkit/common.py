@@ -5,7 +5,6 @@ imports no other file of the project, so every other file can import it.
 """
 import argparse
 import difflib
-import inspect
 import math
 import os
 import sys
@@ -107,8 +106,8 @@ def add_model_flags(parser, verb):
                         help=f"weights while {verb}; auto: bfloat16 where the hardware computes it natively, "
                              f"float16 on older CUDA cards, float32 elsewhere")
     parser.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
-                        help="int8: weight-only int8 matrices (one scale per output channel); int4 (CPU): 4-bit, "
-                             "a scale and offset per 32 inputs; activations in --dtype")
+                        help="int8 (not on CUDA yet): weight-only int8 matrices (one scale per output channel); int4 "
+                             "(CPU): 4-bit, a scale and offset per 32 inputs; activations in --dtype")
 
 
 def pick_device(name):
@@ -170,11 +169,17 @@ def inference_dtype(device, setting="auto"):
 def autocast_for(device, setting):
     """(dtype name, why, context) for train.py's --dtype: autocast runs the matmuls in bf16
     or fp16 while the weights and AdamW state stay fp32 (fp16 also needs a GradScaler:
-    train.py); on CUDA the fp32 matmuls left use TF32. bf16 is about 1.6x faster than fp32 on a CPU with AVX-512 BF16 (bench/NOTES.md)."""
+    train.py); on CUDA the fp32 matmuls left use TF32. bf16 is about 1.6x faster than fp32 on
+    a CPU with AVX-512 BF16 (bench/NOTES.md)."""
     dtype, why = pick_dtype(device, setting)
     kind = device.split(":")[0]
-    if kind == "cuda":  # fp32 matmuls outside autocast (and all of an fp32 run) on TF32 tensor cores
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if kind == "cuda":
+        # fp32 matmuls outside autocast (and all of an fp32 run) on TF32 tensor cores, set here
+        # when a CUDA run starts, never at import. One API only, the one every torch since 1.12
+        # has: the legacy allow_tf32 flags warn on torch 2.9+, and mixing them with the newer
+        # fp32_precision settings broke torch.compile on 2.9 and 2.10 (pytorch/pytorch#166387).
+        # cuDNN's own TF32 flag is left alone: it governs convolutions, and the model has none
+        torch.set_float32_matmul_precision("high")
     ctx = nullcontext() if dtype == "float32" else torch.autocast(kind, dtype=getattr(torch, dtype))
     return dtype, why, ctx
 
@@ -214,6 +219,15 @@ def loss_rows_per_piece(device, rows, vocab_size):
     return max(1, LOGITS_PER_PIECE // vocab_size)
 
 
+def expand_kv(device):
+    """SmolLM.expand_kv for training and scoring on `device`: True on CUDA cards older than
+    compute capability 8.0 (V100, T4). Attention without a cache groups the k/v heads with
+    enable_gqa, and of SDPA's kernels only flash takes grouped heads, which needs 8.0; an
+    older card would fall to the math kernel, fp32 (T, T) scores and all. Repeating the k/v
+    heads instead lets the memory-efficient kernel run."""
+    return device.startswith("cuda") and cuda_capability(device) < (8, 0)
+
+
 def peak_flops(device):
     return PEAK_FLOPS.get(torch.cuda.get_device_name(device)) if device.startswith("cuda") else None
 
@@ -224,17 +238,29 @@ def start_processes(device, backend="auto"):
     process group started, auto: nccl on CUDA, gloo on a CPU."""
     if "RANK" not in os.environ:
         return 0, 1, device, None
-    if device.startswith("cuda"):
+    cuda = device.startswith("cuda")
+    if cuda:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
-    backend = backend if backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
-    dist.init_process_group(backend)
+    backend = backend if backend != "auto" else ("nccl" if cuda else "gloo")
+    # the process's GPU named to the group: without it, barrier() warns that it has to guess
+    # the device (a CPU process has none to name: device_id must be an accelerator)
+    dist.init_process_group(backend, device_id=torch.device(device) if cuda else None)
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device, backend
 
 
-def wrap_ddp(model, device):
-    """The model under DistributedDataParallel. The RoPE tables are the same in every process:
-    no need to broadcast buffers at each forward (the keyword was renamed in newer torch)."""
-    no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
-        else "broadcast_buffers"
-    return DDP(model, device_ids=[device] if device.startswith("cuda") else None, **{no_buffer_sync: False})
+def wrap_for_training(model, device, ddp, compiled):
+    """The module a training step calls: `model` under DistributedDataParallel (torchrun),
+    then compiled, in that order, as torch documents for DDP with torch.compile: compiling
+    the DDP module lets dynamo's DDPOptimizer split the graph at DDP's bucket boundaries, so
+    each bucket's gradient all-reduce overlaps the backward of the layers before it. A
+    compiled model wrapped in DDP runs its backward as one graph, and every all-reduce waits
+    for its end. Checkpoints save `model` itself: no "module." or "_orig_mod." prefixes."""
+    if not ddp:
+        return torch.compile(model) if compiled else model
+    # the RoPE tables are the same in every process: no broadcast of buffers at each forward
+    model = DDP(model, device_ids=[device] if device.startswith("cuda") else None, broadcast_buffers=False)
+    # one graph per shape (dynamic=False): DDPOptimizer's split graphs failed to compile once a
+    # shape turned symbolic (torch 2.13: "For 32*s24, expected [s24] to have been codegen-ed"),
+    # as at the first evaluation, whose batches hold all batch_size rows, not a process's share
+    return torch.compile(model, dynamic=False) if compiled else model

@@ -107,7 +107,8 @@ def load_conversations(path, tokenizer):
     files = [os.path.join(path, f"{name}.bin") for name in ("ids", "targets", "bounds")]
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
-        raise UserError(f"{missing[0]} is missing; rebuild the folder with `python -m tools.prepare SOURCE --out {path}`")
+        raise UserError(f"{missing[0]} is missing; rebuild the folder with "
+                        f"`python -m tools.prepare SOURCE --out {path}`")
     ids, targets = (np.memmap(f, dtype=t, mode="r") for f, t in zip(files, (np.uint16, np.uint8)))
     bounds = np.fromfile(files[2], dtype=np.int64)
     if len(ids) != len(targets) or len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != len(ids):

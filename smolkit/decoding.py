@@ -19,7 +19,7 @@ tokens as smol.py's generate from the same generator. The server's Batcher
 same Step over a CacheBlock.
 
     decoder = Decoder(model, compile=True)
-    for token in decoder.stream(idx, 200, temperature=0.8, stop_ids={0}):  # (B, 1) each
+    for ids in decoder.stream(idx, 200, temperature=0.8, stop_ids={0}):  # B ids a step
         ...
 """
 from contextlib import contextmanager
@@ -97,6 +97,13 @@ class CacheBlock:
         return self.views[rows, length]
 
 
+def allow_recompiles(n, config=torch._dynamo.config):
+    """Let dynamo keep at least n compilations of one function: recompile_limit from torch 2.7,
+    cache_size_limit before it (requirements.txt admits torch 2.5)."""
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), n))
+
+
 class Step:
     """One decoding step: the logits (B, V) after each row's token (B, 1) at its position
     input_pos (B, 1), through smol's forward over the first B rows of a CacheBlock and the
@@ -111,8 +118,7 @@ class Step:
         self.cuda_graphs = compile and model.model.norm.weight.is_cuda
         self.run = self.forward
         if compile:
-            # every bucket and batch shape is a compilation of this one function: let dynamo keep them all
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            allow_recompiles(64)  # every bucket and batch shape is a compilation of this one function
             how = dict(mode="reduce-overhead") if self.cuda_graphs else dict(options={"cpp_wrapper": True})
             self.run = torch.compile(self.forward, fullgraph=True, dynamic=False, **how)
 
@@ -129,27 +135,30 @@ class Step:
 
 
 class Decoder:
-    """Fast decoding of one model for sample.py: one cache, kept from call to call (grown
-    when a call needs more), so one stream at a time per Decoder."""
+    """Fast decoding of one model for sample.py, one stream at a time: a cache block per batch
+    size, kept from call to call (grown when an eager call needs more). Kept, never replaced
+    by a block of the same shape: a compiled step's views are marked static, which keeps them
+    alive until torch._dynamo.reset(), so a new block per call would leak one each time (and
+    compile the step again); a batch size seen again reuses its block and its compilation."""
 
     def __init__(self, model, compile=False):
-        self.model, self.step, self.block = model, Step(model, compile), None
+        self.model, self.step, self.blocks = model, Step(model, compile), {}
 
     def _block(self, B, slots, device, dtype):
-        b = self.block
-        if b is None or b.rows != B or b.slots < slots or b.cache.k[0].dtype != dtype or \
-                b.cache.k[0].device != torch.device(device):
-            self.block = None  # free the old one first
-            self.block = CacheBlock(self.model.config, B, slots, device, dtype, keep=self.step.compile,
-                               static=self.step.cuda_graphs)
-        return self.block
+        key = (B, torch.device(device), dtype)
+        if key not in self.blocks or self.blocks[key].slots < slots:
+            self.blocks.pop(key, None)  # free the old one first
+            self.blocks[key] = CacheBlock(self.model.config, B, slots, device, dtype, keep=self.step.compile,
+                                          static=self.step.cuda_graphs)
+        return self.blocks[key]
 
     @torch.inference_mode()  # like no_grad, and also skips autograd's version bookkeeping: faster small ops
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=()):
-        """Yield (B, 1) new tokens one at a time. The prompt idx (B, T) is read once into
-        the cache (prefill, eager); each later step feeds one token per row. A row that
+        """Yield each step's new tokens as a list of B ids. The prompt idx (B, T) is read once
+        into the cache (prefill, eager); each later step feeds one token per row. A row that
         samples one of stop_ids is finished: it yields that id, then repeats it while other
-        rows go on; the stream ends when all rows are done."""
+        rows go on; the stream ends when all rows are done. A step copies to the device once
+        (the sampling settings) and back once (these ids): on a GPU each copy waits."""
         model, context = self.model, self.model.config.max_position_embeddings
         B, T = idx.size()
         if T + max_new_tokens > context:
@@ -159,25 +168,23 @@ class Decoder:
         # step's shape, so it must never change (as it would when a chat's prompt grows)
         slots = context if self.step.compile else slots_for(T + max_new_tokens, context)
         block = self._block(B, slots, idx.device, model.model.norm.weight.dtype)
-        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=idx.device)  # (S,)
-        done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)  # rows that have stopped
+        stop, ended = set(stop_ids), [None] * B  # ended[b]: the stop id row b finished with
         logits = model(idx, kv_cache=block.view(B, T), last_only=True)[0][:, -1]  # (B, V)
         for pos in range(T, T + max_new_tokens):
-            token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
-            if len(stop_ids):
-                token = torch.where(done, prev, token) if pos > T else token
-                done = done | torch.isin(token, stop)
-            yield token
-            if pos == T + max_new_tokens - 1 or (len(stop_ids) and bool(done.all())):
+            token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1), on the device
+            ids = [i if e is None else e for i, e in zip(token.view(-1).tolist(), ended)]  # the copy to the host
+            ended = [i if e is None and i in stop else e for i, e in zip(ids, ended)]
+            yield ids
+            if pos == T + max_new_tokens - 1 or (stop and None not in ended):
                 break  # the last token needs no logits of its own
-            prev, input_pos = token, torch.full((B, 1), pos, device=idx.device)
-            logits = self.step(token, block, input_pos, filled=pos + 1)
+            # a finished row goes on with whatever it drew: its tokens are never read
+            logits = self.step(token, block, torch.full((B, 1), pos, device=idx.device), filled=pos + 1)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=()):
         """As smol.py's generate: idx (B, T) extended to (B, T + new), new <= max_new_tokens
         (fewer when every row stopped early; finished rows are padded with their stop id)."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, stop_ids))
-        return torch.cat([idx] + new, dim=1)
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, stop_ids))  # (new, B)
+        return torch.cat([idx, torch.tensor(new, dtype=idx.dtype, device=idx.device).view(-1, idx.size(0)).T], dim=1)
 
 
 class ModelOverflow(Exception):

@@ -123,6 +123,9 @@ def lock_out_dir(out_dir):
 
 # ---- while training ----
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # a request to save and stop after this step
+
+
 def is_out_of_memory(e):
     # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError with one of these phrases
     return isinstance(e, torch.cuda.OutOfMemoryError) or (
@@ -207,23 +210,31 @@ class Guard:
     def catch_signals(self):
         # SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) only raise a flag; the
         # loop finishes the step it is in, saves a checkpoint and exits
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, lambda signum, frame: self.signals.append(signum))
 
-    def stop_requested(self):
-        signum = self.signals[0] if self.signals else 0
-        if not self.ddp:  # read in Python: no trip to the device
-            return signum
-        # all processes stop after the same step, whichever got the signal
-        flag = torch.tensor([signum], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+    def stop_votes(self):
+        """This process's vote to stop, one number per signal in STOP_SIGNALS: 1 for the first
+        signal it caught, else 0. Under DDP, train.py's train_step sums them over the processes
+        in the all-reduce that already carries the loss: no collective, no wait of their own."""
+        return [float(self.signals[:1] == [sig]) for sig in STOP_SIGNALS]
+
+    def stop_requested(self, votes=None):
+        """The number of the signal to stop on, 0 for none. Alone (votes None): the first
+        signal this process caught, read in Python. Under DDP, votes: stop_votes() summed
+        over the processes. A sum, not a max, because it shares the loss's all-reduce; one
+        count per signal, so the sums still say which signals arrived: the answer is the
+        highest-numbered one any process caught first (SIGTERM over SIGINT), the same in every
+        process, so all stop after the same step with the same exit status 128 + signum."""
+        if votes is None:
+            return self.signals[0] if self.signals else 0
+        return max((sig for sig, count in zip(STOP_SIGNALS, votes) if count > 0), default=0)
 
     def exit_stopped(self, signum, step):
-        if self.ddp:
-            dist.barrier()  # nobody exits (and gets the others killed) before the checkpoint is on disk
-        if self.master:
+        if self.master:  # said before the barrier: torchrun kills the others once one process exits
             print(f"{signal.Signals(signum).name}: stopped after step {step}; saved {self.ckpt_path}. Continue with: "
                   f"python train.py --init_from resume --out_dir {self.cfg.out_dir} --max_iters {self.cfg.max_iters}",
-                  file=sys.stderr)
+                  file=sys.stderr, flush=True)
+        if self.ddp:
+            dist.barrier()  # nobody exits (and gets the others killed) before the checkpoint is on disk
         sys.exit(128 + signum)

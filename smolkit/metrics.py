@@ -61,7 +61,7 @@ class RunFacts:
     micro_steps: int = 1       # forward and backward passes a step, for the first guess of an evaluation's time
     peak_share: float | None = None  # a token's FLOPs / the peak FLOP/s of all processes (MFU = this x tok/s);
                                      # None where the peak is unknown
-    on_cpu: bool = False       # a CPU run that would take hours gets a note suggesting a small one
+    on_cpu: bool = False       # a CPU run from scratch that would take hours gets a note suggesting a small one
     intact: str = ""           # the guard's sentence about the checkpoint on disk, for a failed write
 
 

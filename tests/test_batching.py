@@ -1,14 +1,16 @@
 """server.batcher.Batcher, in this process: continuous batching of many requests over one
 model. Every observation is an order or a counter (the batch size of each step, the
 cache's size at each token), never a clock."""
+import os
 import threading
 
 import pytest
 import torch
 
-from conftest import fp16_overflowing_model
+from conftest import fp16_overflowing_model, wait_for
 from server.batcher import Batcher, Busy, Sequence
 from smol import SmolConfig, SmolLM
+from smolkit import decoding
 from smolkit.decoding import ModelOverflow
 
 CONFIG = dict(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128, block_size=64,
@@ -210,6 +212,27 @@ def test_the_compiled_batch_step_reads_only_its_bucket_and_compiles_once_per_buc
         batcher.submit(Sequence([1] * 200, 100, lambda t: None))
 
 
+def test_a_compiled_server_compiles_every_bucket_before_its_first_request(model, monkeypatch):
+    # the server calls compile_buckets before it listens: afterwards no request compiles anything
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from smolkit import decoding
+    monkeypatch.setattr(decoding, "MIN_SLOTS", 16)
+    torch._dynamo.reset()
+    counters.clear()
+    slot = Batcher(model, max_batch=1).slot_bytes
+    batcher = Batcher(model, max_batch=4, cache_bytes=4 * 64 * slot, compile=True)  # rows of 64 positions
+    assert batcher.fixed == (4, 64) and batcher.compile_buckets() == 3  # 16, 32 and 64 slots
+    assert counters["stats"]["unique_graphs"] == 3
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a compilation now would raise
+        run = Run(batcher)
+        for i in range(5):  # prompts of 3 to 19 tokens, 40 new each: through every bucket
+            run.submit(i, [i + 1] * (3 + 4 * i), 40, temperature=0)
+        run.wait()
+    assert all(len(run.tokens[i]) == 40 for i in range(5)) and counters["stats"]["unique_graphs"] == 3
+
+
 def test_a_request_whose_logits_overflow_fails_with_the_reason():
     # fp16 activations past 65,504: the logits are inf or NaN, and the request ends with the
     # reason instead of tokens drawn from garbage
@@ -280,3 +303,118 @@ def test_a_list_of_requests_is_queued_all_together_or_refused_together(model):
     assert len(batcher.waiting) == 1  # none of the three went in
     batcher.submit(*(Sequence([1], 4, lambda t: None) for _ in range(2)))
     assert len(batcher.waiting) == 3
+
+
+def copies_per_step(monkeypatch, clock):
+    """What a decoding loop of this project does that would copy between host and GPU, by
+    step: clock[0]() gives the step it is in. A host-to-device copy is a Tensor.to or torch.tensor
+    with a device; a device-to-host copy, a read of values (tolist, item, bool ...), except
+    sample_next's reads of its host-side settings (a test on the meta device shows it reads
+    no device value)."""
+    import sys
+    from smolkit.common import ROOT
+    events = []
+
+    def project_caller(kind):
+        frame = sys._getframe(2)
+        name = os.path.abspath(frame.f_code.co_filename)
+        return name.startswith(ROOT + os.sep) and os.sep + "tests" + os.sep not in name and \
+            not (kind == "to host" and frame.f_code.co_name == "sample_next")
+
+    def spy(kind, original):
+        def call(*args, **kwargs):
+            if project_caller(kind) and (kind != "to device" or kwargs.get("device") is not None or
+                                         any(isinstance(a, (str, torch.device)) for a in args[1:])):
+                events.append((clock[0](), kind))
+            return original(*args, **kwargs)
+        return call
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, spy("to host", getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch.Tensor, "to", spy("to device", torch.Tensor.to))
+    monkeypatch.setattr(torch, "tensor", spy("to device", torch.tensor))
+    return events
+
+
+def test_a_decoding_step_copies_once_each_way(model, monkeypatch):
+    # on a GPU each such copy waits for the device (or it for the host): a steady step of
+    # sample.py's Decoder and of the server's batch makes one each way, the sampling settings
+    # there and the drawn tokens back. The batch copies its inputs once more when rows join or leave
+    from collections import Counter
+    steps, clock = [0], [lambda: steps[0]]
+    events = copies_per_step(monkeypatch, clock)
+    decoder = decoding.Decoder(model)
+    for i, _ in enumerate(decoder.stream(torch.tensor([[5, 6, 7]]), 6, temperature=0.8, top_k=20)):
+        steps[0] = i + 1
+    per_step = Counter(events)
+    assert all(per_step[(s, "to device")] == 1 and per_step[(s, "to host")] == 1 for s in range(1, 5)), per_step
+
+    batcher = Batcher(model, max_batch=4, thread=False)
+    ended = []
+    for seed in (1, 2):  # both admitted before the first step; 8 tokens each
+        batcher.submit(Sequence([5, 6, 7], 8, lambda t: ended.append(t) if t is None else None, temperature=0.9,
+                                seed=seed))
+    events.clear()
+    clock[0] = lambda: batcher.steps
+    worker = threading.Thread(target=batcher.run, daemon=True)
+    worker.start()
+    wait_for(lambda: len(ended) == 2, "the two requests did not end")
+    per_step = Counter(events)
+    assert per_step[(1, "to device")] == 2  # the first step: the rows' inputs, then the settings
+    assert all(per_step[(s, "to device")] == 1 and per_step[(s, "to host")] == 1 for s in range(2, 8)), per_step
+
+
+def test_a_compiled_decoder_keeps_one_block_per_batch_size_and_compiles_each_once(model, monkeypatch):
+    # a compiled step's views are marked static (as for CUDA graphs, forced here on the CPU),
+    # which keeps them alive: alternating batch sizes (bench.bench runs 1, 16, 1, 16 ...) must
+    # reuse each size's block and compilation, not leak a block and compile again every time
+    import torch._dynamo
+    monkeypatch.setattr(decoding, "MIN_SLOTS", 16)
+    made = []
+
+    class CountedBlock(decoding.CacheBlock):
+        def __init__(self, *args, **kwargs):
+            made.append((args[1], kwargs["static"]))
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(decoding, "CacheBlock", CountedBlock)
+    torch._dynamo.reset()
+    decoder = decoding.Decoder(model, compile=True)
+    decoder.step.cuda_graphs = True  # static views, as on CUDA
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    first = [decoder.generate(prompt.repeat(rows, 1), 6, temperature=0) for rows in (1, 2)]
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a compilation now would raise
+        again = [decoder.generate(prompt.repeat(rows, 1), 6, temperature=0) for rows in (1, 2, 1, 2)]
+    assert made == [(1, True), (2, True)]  # one block per batch size, ever
+    assert all(torch.equal(a, b) for a, b in zip(again, first * 2))
+
+
+def test_a_compiled_batch_keeps_its_block_after_a_failed_step(model):
+    # the fixed block's views are marked static (kept alive by the compiler): dropping the block
+    # after an error and making a new one would leak one a failure, and soon run out of memory
+    slot = Batcher(model, max_batch=1).slot_bytes
+    batcher = Batcher(model, max_batch=2, cache_bytes=2 * 256 * slot, compile=True)
+    failures = [RuntimeError("out of memory, planted")]
+
+    def step(token, cache, input_pos):  # eager (no compile time here), failing once
+        if failures:
+            raise failures.pop()
+        return batcher.step.forward(token, cache, input_pos)
+    batcher.step.run = step
+    run = Run(batcher)
+    run.submit("failed", [5, 6, 7], 4, temperature=0)
+    run.wait()
+    block = batcher.block
+    assert block is not None and len(run.tokens["failed"]) == 1  # the prefill's token, then the step failed
+    run = Run(batcher)
+    run.submit("served", [5, 6, 7], 4, temperature=0)
+    run.wait()
+    assert batcher.block is block and len(run.tokens["served"]) == 4
+
+
+def test_the_compile_limit_is_raised_on_every_supported_torch():
+    # torch 2.7 renamed dynamo's cache_size_limit to recompile_limit; requirements.txt admits 2.5
+    import types
+    new, old = types.SimpleNamespace(recompile_limit=8), types.SimpleNamespace(cache_size_limit=8)
+    decoding.allow_recompiles(64, new), decoding.allow_recompiles(64, old)
+    assert (new.recompile_limit, old.cache_size_limit) == (64, 64)
+    decoding.allow_recompiles(16, new)
+    assert new.recompile_limit == 64  # never lowered

@@ -222,9 +222,10 @@ def test_fine_tuning_resumes_exactly_and_teaches_the_end_of_a_turn(tmp_path):
     tune = ["--init_from", "base/ckpt.pt", "--data", "qa.jsonl", "--learning_rate", "1e-2", "--min_lr", "1e-3",
             "--eval_interval", 25, *TINY[-8:]]
     straight = run("train.py", *tune, "--max_iters", 50, "--out_dir", "straight", cwd=tmp_path)
-    assert "fine-tuning from base/ckpt.pt on conversations, 50 steps; defaults for fine-tuning unless given: " \
-           "learning_rate 0.0001, min_lr 1e-05, warmup_iters 0, weight_decay 0.0, epochs 3.0, batch_size 8" \
-           in straight.stdout
+    # the settings in effect: the fine-tuning defaults, but for the flags given (max_iters: no passes)
+    assert "fine-tuning from base/ckpt.pt on conversations, 50 steps; settings for fine-tuning (their defaults " \
+           "unless given): learning_rate 0.01, min_lr 0.001, warmup_iters 0, weight_decay 0.0, epochs 0.0, " \
+           "batch_size 8, eval_interval 25, sample_prompt Who are you?, sample_tokens 4\n" in straight.stdout
     assert "190 train / 10 val conversations" in straight.stdout
     run("train.py", *tune, "--max_iters", 25, "--out_dir", "split", cwd=tmp_path)
     resumed = run("train.py", "--init_from", "resume", "--max_iters", 50, "--out_dir", "split", cwd=tmp_path)

@@ -1,9 +1,12 @@
 """DistributedDataParallel under torchrun, on CPU with the gloo backend."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import pytest
 import torch
 
 from conftest import command
@@ -17,11 +20,17 @@ TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2",
         "--data", os.path.join(ROOT, "input.txt")]
 
 
-def train(*args, procs=1, cwd):
+def launch(*args, procs=1, script="train.py"):
+    """The argv of train.py (or of tests/instrumented.py, args then starting with its changes
+    and "--"), alone or under torchrun."""
     launcher = [sys.executable] if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-    proc = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
+    return [*launcher, os.path.join(ROOT, script), *map(str, args)]
+
+
+def train(*args, procs=1, cwd, script="train.py", timeout=300):
+    proc = subprocess.run(launch(*args, procs=procs, script=script), capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
@@ -63,6 +72,66 @@ def test_resume_under_torchrun_is_exact(tmp_path):
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")
     wa, wb = weights(tmp_path / "straight"), weights(tmp_path / "split")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def events(folder, rank):
+    return json.load(open(os.path.join(folder, f"events{rank}.json")))
+
+
+def test_one_collective_per_step_carries_the_loss_and_the_stop_votes(tmp_path):
+    # besides DDP's gradient buckets (its C++ reducer), each step makes one all-reduce: the
+    # loss and a vote per stop signal (SIGINT, SIGTERM), 3 numbers; none between the steps,
+    # where the stop flag used to take an all-reduce and a wait of its own
+    (tmp_path / "rec").mkdir()
+    train("record=rec", "--", *TINY, "--max_iters", 5, "--eval_interval", 3, "--gradient_accumulation_steps", 2,
+          "--out_dir", "run", procs=2, cwd=tmp_path, script="tests/instrumented.py")
+    for rank in (0, 1):
+        assert events(tmp_path / "rec", rank) == ["step", "all_reduce of 3", "end"] * 5 + ["barrier"]
+
+
+@pytest.mark.timeout(900)
+def test_compiled_ddp_trains_as_uncompiled(tmp_path):
+    # the DDP module compiled (DDPOptimizer splits its graph at the gradient buckets), with a
+    # process's share of the rows at a step (1) and all of them at an evaluation (2): shapes
+    # that once failed to compile at the first evaluation. Compiled kernels may round apart
+    args = [*TINY, "--max_iters", 4, "--eval_interval", 2]
+    train(*args, "--out_dir", "eager", procs=2, cwd=tmp_path)
+    compiled = train(*args, "--compile", "true", "--out_dir", "compiled", procs=2, cwd=tmp_path, timeout=800)
+    assert "device cpu x 2 processes (gloo), each 1 micro step(s) x 1 rows" in compiled.stdout
+    assert "compile True" in compiled.stdout
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    for (_, la), (_, lb) in zip(a, b):
+        assert abs(la - lb) <= 1e-4 * la
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in weights(tmp_path / "compiled"))
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
+    # a scheduler may signal one process only: its vote reaches the others in the step's
+    # all-reduce, and all of them stop after that step, the checkpoint saved, each with 128 + 15
+    (tmp_path / "rec").mkdir()
+    steps = [*TINY, "--eval_interval", 1000]
+    proc = subprocess.Popen(launch("record=rec", "--", *steps, "--max_iters", 1000, "--out_dir", "stopped",
+                                   procs=2, script="tests/instrumented.py"),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, pid = tmp_path / "stopped" / "metrics.jsonl", tmp_path / "rec" / "pid1"
+    deadline = time.time() + 120
+    while not (pid.exists() and log.exists() and len(log.read_text().splitlines()) >= 5):
+        assert time.time() < deadline and proc.poll() is None, "five steps were never logged"
+        time.sleep(0.05)
+    os.kill(int(pid.read_text()), signal.SIGTERM)  # rank 1; rank 0 saves and logs
+    _, err = proc.communicate(timeout=120)
+    # torchrun fails: the first process to exit did so with 143, and it stopped the other
+    assert proc.returncode != 0 and "exitcode  : 143" in err, err
+    assert "SIGTERM: stopped after step" in err and "--init_from resume --out_dir stopped" in err
+    stopped_at = torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)["iter_num"]
+    assert 5 <= stopped_at < 1000
+    for rank in (0, 1):  # every step of both, and no more
+        assert events(tmp_path / "rec", rank).count("end") == stopped_at
+    # and the run goes on as if nothing had happened
+    train("--init_from", "resume", "--max_iters", stopped_at + 2, "--out_dir", "stopped", procs=2, cwd=tmp_path)
+    train(*steps, "--max_iters", stopped_at + 2, "--out_dir", "straight", procs=2, cwd=tmp_path)
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
 
 
 def test_a_step_the_processes_cannot_share_equally_is_refused(tmp_path):

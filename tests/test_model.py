@@ -132,7 +132,7 @@ def test_each_row_stops_at_its_own_stop_id():
         ends.append(end)
     assert ends[0] != ends[1] and got.size(1) == max(ends)  # rows end apart; the stream ends with the last
     tokens = list(Decoder(m).stream(prompt[:1], 12, temperature=0, stop_ids=[stop]))
-    assert len(tokens) == ends[0] and tokens[-1].item() == stop  # batch 1: the stop id is the last token
+    assert len(tokens) == ends[0] and tokens[-1] == [stop]  # batch 1: the stop id is the last token
 
 
 def positions(B, start, stop):
@@ -398,3 +398,41 @@ def test_chunked_loss_equals_plain_cross_entropy_with_its_gradients(monkeypatch,
     torch.testing.assert_close(loss, plain, atol=1e-5, rtol=1e-5)
     for n, p in m.named_parameters():
         torch.testing.assert_close(chunked[n], p.grad, atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_a_search_that_lands_on_a_removed_token_takes_the_likeliest(monkeypatch):
+    # on a GPU a parallel cumsum may dip by a few ulps, so the inverse-CDF search can land on a
+    # token top_k removed; stand in for that by a search that lands on the least likely token
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0], [0.5, 0.1, 2.5, 0.2]])
+    monkeypatch.setattr(torch, "searchsorted", lambda cdf, u, right: torch.full_like(u, 3, dtype=torch.long))
+    assert sample_next(logits, top_k=2, uniform=torch.rand(2, 1)).view(-1).tolist() == [1, 2]
+    assert sample_next(logits, uniform=torch.rand(2, 1)).view(-1).tolist() == [3, 3]  # nothing removed: kept
+
+
+def moves_to_another_device(monkeypatch):
+    """Record every Tensor.to that moves a tensor to another device: on a GPU, a copy."""
+    moves, to = [], torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        if out.device != self.device:
+            moves.append((self.device.type, out.device.type))
+        return out
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    return moves
+
+
+def test_a_draw_copies_its_settings_to_the_device_once_and_never_waits_for_it(monkeypatch):
+    # logits on the meta device stand in for a GPU's: any read of a device value (.item(), a
+    # bool, .tolist(), .cpu()) would raise there, so a draw that ends asked the device nothing;
+    # and the settings (with a host uniform) reach it in one copy, per row or not
+    moves = moves_to_another_device(monkeypatch)
+    logits = torch.randn(3, 512).to("meta")
+    moves.clear()
+    per_row = sample_next(logits, torch.tensor([0.0, 0.8, 1.2]), torch.tensor([0, 20, 0]),
+                          torch.tensor([1.0, 1.0, 0.5]), uniform=torch.rand(3, 1))
+    assert per_row.shape == (3, 1) and moves == [("cpu", "meta")]
+    u = torch.rand(3, 1).to("meta")  # drawn on the device, as Decoder's generator does there
+    moves.clear()
+    one = sample_next(logits, 0.7, 50, 0.9, uniform=u)
+    assert one.shape == (3, 1) and moves == [("cpu", "meta")]

@@ -52,7 +52,7 @@ def test_quantize_says_in_one_line_where_its_kernel_does_not_run():
         assert reason.startswith(f"the {kind} weight-only matmul does not run on cpu in torch.float64 ("), reason
         assert "\n" not in reason
     assert check("int4", "cuda", torch.bfloat16) == \
-        "int4 runs on a CPU only (aten._weight_int4pack_mm_for_cpu), not on cuda; int8 may"
+        "int4 runs on a CPU only (aten._weight_int4pack_mm_for_cpu), not on cuda"
     with pytest.raises(ValueError, match="int4 needs every matrix's inputs divisible by 32 and outputs by 16; "
                                          "this model has a 24 x 48 one"):
         Int4Linear(torch.randn(24, 48), torch.float32)

@@ -312,6 +312,9 @@ def test_the_compiled_batch_serves_the_same_answers(small_server):
     assert r.status_code == 400 and "at most 4096 tokens per request" in error_of(r)["message"]
     r = post(small_server, {"prompt": "Once", "stream": False, "ignore_eos": True}, path="/v1/completions")
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4096 - 1
+    # every length bucket (256 ... 4,096 positions) was compiled before the server listened
+    assert "; compiled step over 4 rows of 4096 positions, its 5 length buckets compiled before listening (" \
+        in small_server.stop()
 
 
 def test_a_compiled_block_the_budget_cannot_hold_is_one_line(chat_model):

@@ -66,7 +66,7 @@ def main(argv=None):
             replaced = os.path.exists(args.to)
             write_gguf(model, args.to, args.dtype)
         else:
-            replaced = False
+            replaced = os.path.exists(os.path.join(args.to, "config.json"))
             save_pretrained(model.to(getattr(torch, args.dtype)), args.to)
     except OSError as e:
         raise UserError(f"cannot write {args.to} ({e.strerror})")
