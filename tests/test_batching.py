@@ -305,9 +305,10 @@ def test_a_list_of_requests_is_queued_all_together_or_refused_together(model):
     assert len(batcher.waiting) == 3
 
 
-def copies_per_step(monkeypatch, clock):
+def copies_per_step(monkeypatch, clock, watched):
     """What a decoding loop of this project does that would copy between host and GPU, by
-    step: clock[0]() gives the step it is in. A host-to-device copy is a Tensor.to or torch.tensor
+    step: clock[0]() gives the step it is in; only the thread watched[0] counts (other tests'
+    batchers may still be winding down in theirs). A host-to-device copy is a Tensor.to or torch.tensor
     with a device; a device-to-host copy, a read of values (tolist, item, bool ...), except
     sample_next's reads of its host-side settings (a test on the meta device shows it reads
     no device value)."""
@@ -323,8 +324,9 @@ def copies_per_step(monkeypatch, clock):
 
     def spy(kind, original):
         def call(*args, **kwargs):
-            if project_caller(kind) and (kind != "to device" or kwargs.get("device") is not None or
-                                         any(isinstance(a, (str, torch.device)) for a in args[1:])):
+            if threading.current_thread() is watched[0] and project_caller(kind) and (
+                    kind != "to device" or kwargs.get("device") is not None or
+                    any(isinstance(a, (str, torch.device)) for a in args[1:])):
                 events.append((clock[0](), kind))
             return original(*args, **kwargs)
         return call
@@ -340,8 +342,8 @@ def test_a_decoding_step_copies_once_each_way(model, monkeypatch):
     # sample.py's Decoder and of the server's batch makes one each way, the sampling settings
     # there and the drawn tokens back. The batch copies its inputs once more when rows join or leave
     from collections import Counter
-    steps, clock = [0], [lambda: steps[0]]
-    events = copies_per_step(monkeypatch, clock)
+    steps, clock, watched = [0], [lambda: steps[0]], [threading.current_thread()]
+    events = copies_per_step(monkeypatch, clock, watched)
     decoder = decoding.Decoder(model)
     for i, _ in enumerate(decoder.stream(torch.tensor([[5, 6, 7]]), 6, temperature=0.8, top_k=20)):
         steps[0] = i + 1
@@ -355,7 +357,7 @@ def test_a_decoding_step_copies_once_each_way(model, monkeypatch):
                                 seed=seed))
     events.clear()
     clock[0] = lambda: batcher.steps
-    worker = threading.Thread(target=batcher.run, daemon=True)
+    worker = watched[0] = threading.Thread(target=batcher.run, daemon=True)
     worker.start()
     wait_for(lambda: len(ended) == 2, "the two requests did not end")
     per_step = Counter(events)

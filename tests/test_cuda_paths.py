@@ -2,7 +2,7 @@
 saved on a filesystem that cannot fsync a folder (the clusters' Ceph, FUSE, virtiofs),
 --quantize int8 asked for on CUDA, the compiled training step (auto on CUDA) with the loss
 in pieces (the default on the 24 GB cards), and attention with its k/v heads repeated (T4,
-V100). train.py's choices are forced from outside through tests/instrumented.py."""
+V100). train.py's choices are forced from outside through tests/faults.py."""
 import errno
 import json
 import os
@@ -25,7 +25,7 @@ TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2",
 
 
 def run(*args, cwd):
-    proc = subprocess.run(command("tests/instrumented.py", *args), capture_output=True, text=True, cwd=cwd,
+    proc = subprocess.run(command("tests/faults.py", *args), capture_output=True, text=True, cwd=cwd,
                           timeout=500)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc

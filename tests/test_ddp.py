@@ -21,7 +21,7 @@ TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2",
 
 
 def launch(*args, procs=1, script="train.py"):
-    """The argv of train.py (or of tests/instrumented.py, args then starting with its changes
+    """The argv of train.py (or of tests/faults.py, args then starting with its changes
     and "--"), alone or under torchrun."""
     launcher = [sys.executable] if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
@@ -84,7 +84,7 @@ def test_one_collective_per_step_carries_the_loss_and_the_stop_votes(tmp_path):
     # where the stop flag used to take an all-reduce and a wait of its own
     (tmp_path / "rec").mkdir()
     train("record=rec", "--", *TINY, "--max_iters", 5, "--eval_interval", 3, "--gradient_accumulation_steps", 2,
-          "--out_dir", "run", procs=2, cwd=tmp_path, script="tests/instrumented.py")
+          "--out_dir", "run", procs=2, cwd=tmp_path, script="tests/faults.py")
     for rank in (0, 1):
         assert events(tmp_path / "rec", rank) == ["step", "all_reduce of 3", "end"] * 5 + ["barrier"]
 
@@ -112,7 +112,7 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
     (tmp_path / "rec").mkdir()
     steps = [*TINY, "--eval_interval", 1000]
     proc = subprocess.Popen(launch("record=rec", "--", *steps, "--max_iters", 1000, "--out_dir", "stopped",
-                                   procs=2, script="tests/instrumented.py"),
+                                   procs=2, script="tests/faults.py"),
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log, pid = tmp_path / "stopped" / "metrics.jsonl", tmp_path / "rec" / "pid1"
     deadline = time.time() + 120
