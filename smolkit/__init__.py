@@ -5,7 +5,8 @@ It imports smol.py (the model) and never the server, the tools or the three comm
     common         one-line errors, the argument parser, device / dtype / compile choices
     data           the tokenizer, text and token files, the one .jsonl reader, the train/val split
     conversations  fine-tuning conversations: checked, rendered as ChatML, targets on the replies
-    samplers       the batches a training step reads: text windows or padded conversations
+    preferences    preference pairs and the DPO loss (the stage after fine-tuning)
+    samplers       the batches a training step reads: text windows, padded conversations or pairs
     checkpoint     training checkpoints: atomic save, weights-only load, validate, restore
     models         --init_from: the one way every command names a model
     guards         checks before the first step, the out_dir lock, signals, one-line failures

@@ -8,7 +8,8 @@ A checkpoint is the dict train.py saves with torch.save:
     config         the SmolConfig as a dict;  train_config  the TrainConfig as a dict
     iter_num       steps done;  best_val_loss  the lowest validation loss seen so far
     rng            {"data": the batch sampler's state before the next step's draw (for
-                    conversations: how many rows were drawn),
+                    conversations: how many rows were drawn; for preference pairs, that
+                    and the reference's log-probabilities of every reply),
                     "torch": the global one}
     scaler         the fp16 GradScaler's state (scale, growth tracker); {} when not in use
     eos_token_ids  the ids where sampling and serving stop ([0], <|endoftext|>, for models

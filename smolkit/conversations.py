@@ -9,6 +9,7 @@ turn's content and its closing <|im_end|>, never the system or user turns nor th
 
 The batches these make: smolkit/samplers.py (ConversationSampler).
 """
+import json
 import os
 
 import numpy as np
@@ -19,14 +20,22 @@ from smolkit.data import jsonl_records
 
 
 def check_messages(record, where):
-    """The messages of one record, checked, each content one string (a list of text
-    parts is joined, as the server joins them). UserError naming `where` otherwise."""
+    """The messages of one conversation record, checked. UserError naming `where` otherwise."""
+    if isinstance(record, dict) and "messages" not in record and {"chosen", "rejected"} & record.keys():
+        raise UserError(f"{where} is a preference pair, but the file's first record is a conversation; "
+                        f"a file holds one kind")
     if not isinstance(record, dict) or "messages" not in record:
         raise UserError(f"{where} has no \"messages\"; each line must be {{\"messages\": [{{\"role\": ..., "
                         f"\"content\": ...}}, ...]}}")
-    messages = record["messages"]
+    return check_turns(record["messages"], where, "messages")
+
+
+def check_turns(messages, where, field):
+    """A list of {"role", "content"} messages (a record's `field`), checked, each content one
+    string (a list of text parts is joined, as the server joins them). `where` names the
+    record (and, in a preference pair, its part) in the errors."""
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: \"messages\" must be a non-empty list")
+        raise UserError(f"{where}: \"{field}\" must be a non-empty list")
     checked = []
     for i, m in enumerate(messages, 1):
         role = m.get("role") if isinstance(m, dict) else None
@@ -56,19 +65,22 @@ def require_replies(targets, source):
         raise UserError(f"{source} has no assistant turn: there is nothing to learn to say")
 
 
-def encode(messages, tokenizer):
+def encode(messages, tokenizer, first_reply=0):
     """(ids, targets): the conversation as chat.py renders it, token for token, and for each
-    token whether the model should learn to say it (uint16 and bool arrays)."""
+    token whether the model should learn to say it (uint16 and bool arrays): the assistant
+    turns from messages[first_reply] on (a preference pair's prompt may hold earlier ones)."""
     text = render_chat(messages, add_generation_prompt=False)
+    learn = [m["role"] == "assistant" and i >= first_reply for i, m in enumerate(messages)]
     if messages[0]["role"] != "system":  # render_chat put the default system prompt first
         messages = [{"role": "system", "content": text[len("<|im_start|>system\n"):text.index("<|im_end|>")]},
                     *messages]
+        learn = [False, *learn]
     # the characters the model must say: each assistant content and its <|im_end|>
     spans, at = [], 0
-    for m in messages:
+    for m, learned in zip(messages, learn):
         start = at + len(f"<|im_start|>{m['role']}\n")
         at = start + len(m["content"]) + len("<|im_end|>\n")
-        if m["role"] == "assistant":
+        if learned:
             spans.append((start, at - 1))  # up to the <|im_end|>, not the newline after it
     assert at == len(text), "the spans must follow chat.render_chat"
     enc = tokenizer.encode(text)
@@ -80,19 +92,35 @@ def encode(messages, tokenizer):
     return np.array(enc.ids, dtype=np.uint16), targets
 
 
+def lay_out(encoded):
+    """(ids, targets, bounds) of [(ids, targets)] end to end, bounds (n + 1,) int64, sequence
+    i being ids[bounds[i]:bounds[i + 1]]. The layout tools.prepare writes."""
+    bounds = np.cumsum([0] + [len(ids) for ids, _ in encoded], dtype=np.int64)
+    return np.concatenate([e[0] for e in encoded]), np.concatenate([e[1] for e in encoded]), bounds
+
+
 def encode_all(conversations, tokenizer):
-    """(ids, targets, bounds): every conversation end to end, and bounds (n + 1,) int64,
-    conversation i being ids[bounds[i]:bounds[i + 1]]. The layout tools.prepare writes."""
-    pairs = [encode(c, tokenizer) for c in conversations]
-    bounds = np.cumsum([0] + [len(ids) for ids, _ in pairs], dtype=np.int64)
-    return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs]), bounds
+    """(ids, targets, bounds) of every conversation, as lay_out lays them out."""
+    return lay_out([encode(c, tokenizer) for c in conversations])
 
 
-def is_conversations(path):
-    """--data names conversations: a .jsonl file, or a folder tools.prepare made from them."""
+def data_kind(path):
+    """What --data holds: "text", "conversations" or "preferences" (pairs of replies,
+    smolkit/preferences.py). A .jsonl file is what its first record is ({"messages": ...} or
+    {"chosen": ..., "rejected": ...}); a folder tools.prepare made says so in meta.json."""
     if os.path.isdir(path):
-        return os.path.isfile(os.path.join(path, "targets.bin"))
-    return path.lower().endswith(".jsonl")
+        if not os.path.isfile(os.path.join(path, "targets.bin")):
+            return "text"
+        try:
+            with open(os.path.join(path, "meta.json")) as f:
+                return json.load(f).get("kind", "conversations")
+        except (OSError, ValueError, AttributeError):
+            return "conversations"  # load_conversations says what is missing
+    if not path.lower().endswith(".jsonl"):
+        return "text"
+    first = next(jsonl_records(path), (None, None))[0] if os.path.isfile(path) else None
+    is_pair = isinstance(first, dict) and "messages" not in first and bool({"chosen", "rejected"} & first.keys())
+    return "preferences" if is_pair else "conversations"
 
 
 def load_conversations(path, tokenizer):

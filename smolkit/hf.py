@@ -15,6 +15,7 @@ import shutil
 import torch
 
 from smol import EOT_ID, SmolConfig, SmolLM, rope_tables
+from smolkit.chat import CHAT_TEMPLATE
 from smolkit.checkpoint import eos_ids, state_problems
 from smolkit.common import ROOT
 
@@ -121,11 +122,12 @@ def save_pretrained(model, out_dir):
 
 def tokenizer_config(config):
     """tokenizer_config.json of an exported directory, and what the server's /tokenizer_info
-    says, so that an evaluator sees the same special tokens through either: cosmo2 adds
-    no bos, and <|endoftext|> (id 0) is its bos, eos and unk."""
+    says, so that an evaluator sees the same special tokens and chat template through either
+    (transformers' apply_chat_template, TRL and vLLM read the template from here): cosmo2
+    adds no bos, and <|endoftext|> (id 0) is its bos, eos and unk."""
     return {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
             "unk_token": "<|endoftext|>", "add_bos_token": False, "add_prefix_space": False,
-            "model_max_length": config.max_position_embeddings}
+            "model_max_length": config.max_position_embeddings, "chat_template": CHAT_TEMPLATE}
 
 
 def _local_checkpoint_dir(name):

@@ -3,8 +3,10 @@ What a training run reports, and tools.plot reads back: one line per logged step
 learning rate, time per step, tokens/s, MFU on known GPUs, ETA), one per evaluation with
 its sample, a note when a CPU run would take hours, and the same numbers as JSON lines in
 out_dir/metrics.jsonl: {step, loss, lr, tok_s} per logged step and {step, train_loss,
-val_loss} per evaluation. A resumed run appends to the file, so the curve continues, after
-one {step, resumed: true} row naming the checkpoint's step it continues from.
+val_loss} per evaluation (on preference pairs also TRL's rewards/... and logps/... figures,
+eval_ before the validation pairs', and an evaluation row for step 0 before training). A
+resumed run appends to the file, so the curve continues, after one {step, resumed: true}
+row naming the checkpoint's step it continues from.
 """
 import json
 import os
@@ -22,6 +24,19 @@ EVAL_NOTE_S = 5  # an evaluation expected to take longer than this many seconds 
 SMALL_CPU_RUN = ("--n_layer 4 --n_embd 128 --n_head 4 --n_kv_head 2 --intermediate_size 384 --block_size 128 "
                  "--batch_size 8 --max_iters 1500 --lr_decay_iters 1500 --learning_rate 2e-3 --min_lr 2e-4 "
                  "--warmup_iters 100 --eval_interval 250 --log_interval 50 --out_dir out-cpu")
+
+
+def tuning_line(cfg, kind, defaults):
+    """The first line of a run from trained weights; on conversations or pairs, with the
+    settings their defaults (FINETUNE_DEFAULTS or DPO_DEFAULTS in train.py) cover, as in effect."""
+    line = f"fine-tuning from {cfg.init_from}"
+    if kind == "text":
+        return line
+    passes = f"{cfg.epochs:g} passes = {cfg.max_iters:,} steps" if cfg.epochs > 0 else f"{cfg.max_iters:,} steps"
+    pairs = kind == "preferences"
+    return (f"{line} on {'preference pairs (DPO)' if pairs else 'conversations'}, {passes}; settings for "
+            f"{'DPO' if pairs else 'fine-tuning'} (their defaults unless given): "
+            + ", ".join(f"{k} {getattr(cfg, k)}" for k in defaults))
 
 
 def param_breakdown(model):
@@ -152,11 +167,23 @@ class TrainingLog:
                      f"sequences, about {fmt_time(guess)}")
 
     def eval(self, step, losses, best_val_loss, sample):
-        self.log(f"eval step {step} | train {losses['train']:.4f} | val {losses['val']:.4f} "
-                 f"| best val {best_val_loss:.4f}")
+        """losses: {"train", "val"} and, for preference pairs, DPO.summary's figures besides;
+        step 0 is the pairs' evaluation before training."""
+        pairs = {k: v for k, v in losses.items() if k not in ("train", "val")}
+        if step:
+            self.log(f"eval step {step} | train {losses['train']:.4f} | val {losses['val']:.4f} "
+                     f"| best val {best_val_loss:.4f}")
+        if pairs and step:
+            self.log(f"pairs | val reward accuracy {pairs['eval_rewards/accuracies']:.0%}, margin "
+                     f"{pairs['eval_rewards/margins']:.3f} (chosen {pairs['eval_rewards/chosen']:.3f}, rejected "
+                     f"{pairs['eval_rewards/rejected']:.3f}) | the model prefers the chosen reply in "
+                     f"{pairs['preference']:.0%} of train and {pairs['eval_preference']:.0%} of val pairs")
+        elif pairs:
+            self.log(f"before training, the starting model (the reference) prefers the chosen reply in "
+                     f"{pairs['preference']:.0%} of train and {pairs['eval_preference']:.0%} of val pairs")
         if sample is not None:
             self.log(f"sample: {sample!r}")
-        self.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
+        self.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"], **pairs})
 
     def saved(self, path, step, intact):
         self.log(f"saved {path} at step {step}")

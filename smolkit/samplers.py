@@ -4,6 +4,7 @@ smolkit/conversations.py make, and how the processes of a torchrun job share the
 
     BatchSampler         random windows of block_size + 1 tokens of a text corpus
     ConversationSampler  whole conversations, one a row, padded to the micro batch's longest
+    PairSampler          preference pairs for DPO, each two rows (the prompt + either reply)
     open_data            the sampler for --data, and the settings the data decides
 
 One conversation is one row of a batch, padded at the end, so that the loss never reads
@@ -18,8 +19,9 @@ import torch
 
 from smol import IM_END_ID
 from smolkit.common import UserError
-from smolkit.conversations import is_conversations, load_conversations
+from smolkit.conversations import data_kind, load_conversations
 from smolkit.data import load_splits
+from smolkit.preferences import load_pairs, reply_logps
 
 PAD_TO = 64  # conversation rows are padded to a multiple of this: few distinct shapes for torch.compile
 
@@ -212,8 +214,9 @@ class ConversationSampler:
             x, y = x.to(self.device), y.to(self.device)
         return x, y
 
-    def targets_of(self, spans):
-        """How many tokens of these rows the model learns to say."""
+    def weight_of(self, spans):
+        """What these rows weigh in a step's loss: how many tokens of them the model learns to
+        say (each target token weighs the same)."""
         return sum(int(self.targets[a + 1:b].sum()) for a, b in spans)
 
     def prefetch(self):
@@ -224,7 +227,7 @@ class ConversationSampler:
         if not self.todo:  # a new step: every process draws its rows alike
             per_step = self.batch_size * self.micro_steps
             rows = [self.row(self.drawn + j) for j in range(per_step)]
-            self.step_targets = self.targets_of(rows)
+            self.step_weight = self.weight_of(rows)
             micro = [rows[m * self.batch_size:(m + 1) * self.batch_size] for m in range(self.micro_steps)]
             if self.rows == self.batch_size:  # whole micro steps
                 mine = micro[self.rank * self.accum:(self.rank + 1) * self.accum]
@@ -233,9 +236,9 @@ class ConversationSampler:
             self.todo, self.step_start = list(mine), self.drawn
             self.drawn += per_step
         spans = self.todo.pop(0)
-        # each target token weighs the same in the step's loss, whichever micro batch (and
+        # each target token (pair) weighs the same in the step's loss, whichever micro batch (and
         # process: DDP averages over them) it falls in
-        weight = self.world * self.targets_of(spans) / max(1, self.step_targets)
+        weight = self.world * self.weight_of(spans) / max(1, self.step_weight)
         self.ahead = (*self.batch(spans), weight, self.step_start if len(self.todo) == self.accum - 1 else None)
 
     def next(self):
@@ -250,6 +253,8 @@ class ConversationSampler:
         return torch.tensor(self.drawn)
 
     def restore(self, state):
+        if isinstance(state, dict):
+            raise UserError("the checkpoint was saved by a run on preference pairs; resume it with its own --data")
         self.drawn, self.todo, self.ahead = int(state), [], None
 
     def eval_batches(self, split, n):
@@ -259,16 +264,122 @@ class ConversationSampler:
             yield self.batch([convs[(i * self.batch_size + j) % len(convs)] for j in range(self.batch_size)])
 
 
+class PairSampler(ConversationSampler):
+    """Preference pairs for DPO (smolkit/preferences.py), the interface of ConversationSampler:
+    what is drawn is a pair, and a micro batch of P pairs is 2P rows, the P prompts + chosen
+    replies then the P prompts + rejected replies, so that both go through one forward. Its y
+    is (targets (2P, T), the reference's log-probabilities of the rows (2P,)). The reference
+    (score_reference: the starting model's log-probabilities of every reply, (pairs, 2)) is
+    computed once and travels in the checkpoint with the rows drawn, so resuming is exact."""
+
+    def __init__(self, data, block_size, batch_size, device, seed, share=(0, 1, 1)):
+        ids, targets, bounds = data
+        self.ids, self.targets = ids, targets
+        self.n_pairs, self.cut, self.dropped = (len(bounds) - 1) // 2, 0, 0
+        kept = []
+        for i in range(self.n_pairs):
+            # cut as TRL cuts (keep_start): the first block_size + 1 tokens; a pair keeps while both
+            # replies keep a target token
+            starts, ends = bounds[2 * i:2 * i + 2].tolist(), bounds[2 * i + 1:2 * i + 3].tolist()
+            rows = [(a, min(b, a + block_size + 1)) for a, b in zip(starts, ends)]
+            if not all(targets[a + 1:b].any() for a, b in rows):
+                self.dropped += 1
+                continue
+            self.cut += any(b < end for (_, b), end in zip(rows, ends))
+            kept.append((*rows, i))
+        if not kept:
+            raise UserError(f"no preference pair keeps a reply token within block_size {block_size}; "
+                            f"raise --block_size")
+        train, val = split(len(kept))
+        self.held_out = val != train
+        self.splits = {"train": [kept[i] for i in train], "val": [kept[i] for i in val]}
+        self.batch_size, self.device, self.seed = batch_size, device, seed
+        rank, world, micro_steps = share
+        self.accum, self.rows = shard(batch_size, micro_steps, world)
+        self.rank, self.world, self.micro_steps = rank, world, micro_steps
+        self.drawn, self.todo, self.ahead, self.order = 0, [], None, (None, None)
+        self.reference = None  # (pairs, 2) float32: log ref(chosen), log ref(rejected) of each pair
+
+    def lengths(self):
+        """(the longest row's tokens, padded; a pair's own tokens, both rows, on average)."""
+        n = [(b1 - a1 - 1, b2 - a2 - 1) for (a1, b1), (a2, b2), _ in self.splits["train"]]
+        return math.ceil(max(map(max, n)) / PAD_TO) * PAD_TO, sum(map(sum, n)) / len(n)
+
+    def describe(self):
+        n = {k: len(v) for k, v in self.splits.items()}
+        return (f"{n['train']:,} train / {n['val'] if self.held_out else 0:,} val preference pairs"
+                + ("" if self.held_out else " (under 20: the val figures are on the training ones)")
+                + (f", {self.cut:,} cut to the context" if self.cut else "")
+                + (f", {self.dropped:,} dropped (no reply token fits)" if self.dropped else ""))
+
+    def weight_of(self, pairs):
+        return len(pairs)  # each pair weighs the same, whatever its length
+
+    def batch(self, pairs):
+        x, targets = super().batch([p[0] for p in pairs] + [p[1] for p in pairs])
+        ref_logps = self.reference[[p[2] for p in pairs]].T.flatten()  # (2P,): chosen, then rejected
+        return x, (targets, ref_logps.to(self.device))
+
+    def eval_pairs(self, split, n):
+        """The pairs an evaluation scores: every validation pair once, and as many training
+        pairs as n batches hold."""
+        pairs = self.splits[split]
+        return pairs if split == "val" else pairs[:n * self.batch_size]
+
+    def eval_batches(self, split, n):
+        pairs = self.eval_pairs(split, n)
+        return (self.batch(pairs[i:i + self.batch_size]) for i in range(0, len(pairs), self.batch_size))
+
+    @torch.no_grad()
+    def score_reference(self, model, ctx):
+        """The reference's log-probabilities of every reply: the model as it is now, frozen
+        by being computed once. Under torchrun each process scores its share of the pairs and
+        the sum over processes fills the table."""
+        device = model.model.norm.weight.device
+        reference = torch.zeros(self.n_pairs, 2, device=device)
+        mine = [p for p in self.splits["train"] + (self.splits["val"] if self.held_out else [])
+                if p[2] % self.world == self.rank]
+        was_training, self.reference = model.training, torch.zeros(self.n_pairs, 2)
+        model.eval()
+        for at in range(0, len(mine), self.batch_size):
+            pairs = mine[at:at + self.batch_size]
+            x, (targets, _) = self.batch(pairs)
+            with ctx:
+                reference[[p[2] for p in pairs]] = reply_logps(model, x, targets).view(2, -1).T
+        model.train(was_training)
+        if self.world > 1:
+            torch.distributed.all_reduce(reference)
+        self.reference = reference.cpu()
+
+    def resume_state(self):
+        return {"drawn": super().resume_state(), "reference": self.reference}
+
+    def restore(self, state):
+        if not isinstance(state, dict) or "reference" not in state:
+            raise UserError("the checkpoint was not saved by a run on preference pairs; resume it with its own "
+                            "--data, or start preference tuning from it with --init_from PATH/ckpt.pt")
+        if len(state["reference"]) != self.n_pairs:
+            raise UserError(f"the checkpoint's reference scores {len(state['reference']):,} pairs, --data holds "
+                            f"{self.n_pairs:,}: resume with the data the run started with")
+        super().restore(state["drawn"])
+        self.reference = state["reference"].float()
+
+
 def open_data(cfg, mcfg, tokenizer, device, share):
-    """(sampler, its log line) for cfg.data: text windows of block_size, or conversations
-    (a .jsonl file or a folder tools.prepare made of one) padded to their batch's longest.
-    share: (rank, world, micro steps of a step), as shard() splits them."""
-    if not is_conversations(cfg.data):
+    """(sampler, its log line) for cfg.data: text windows of block_size, conversations (a
+    .jsonl file or a folder tools.prepare made of one) padded to their batch's longest, or
+    preference pairs likewise. share: (rank, world, micro steps of a step), as shard() splits them."""
+    kind = data_kind(cfg.data)
+    if kind == "text":
         splits = load_splits(cfg.data, mcfg.block_size, mcfg.vocab_size)
         sampler = BatchSampler(splits, mcfg.block_size, cfg.batch_size, device, cfg.seed, share)
         return sampler, f"{len(splits['train']):,} train / {len(splits['val']):,} val tokens"
-    sampler = ConversationSampler(load_conversations(cfg.data, tokenizer), mcfg.block_size, cfg.batch_size,
-                                  device, cfg.seed, share)
+    if kind == "preferences":
+        sampler = PairSampler(load_pairs(cfg.data, tokenizer), mcfg.block_size, cfg.batch_size, device, cfg.seed,
+                              share)
+    else:
+        sampler = ConversationSampler(load_conversations(cfg.data, tokenizer), mcfg.block_size, cfg.batch_size,
+                                      device, cfg.seed, share)
     return sampler, sampler.describe()
 
 

@@ -112,7 +112,7 @@ def test_each_target_weighs_the_same_whichever_micro_batch_holds_it():
     total = 0.0
     for _ in range(3):
         x, y, weight = sampler.next()
-        assert weight == pytest.approx((y != -1).sum().item() / sampler.step_targets)
+        assert weight == pytest.approx((y != -1).sum().item() / sampler.step_weight)
         total += weight
     assert total == pytest.approx(1.0)
 

@@ -158,3 +158,29 @@ def test_prepared_corpus_trains_and_resumes_exactly(tmp_path):
     train(*common, "--eval_interval", 4, "--max_iters", 6, "--out_dir", "split", cwd=tmp_path)
     train("--init_from", "resume", "--max_iters", 10, "--out_dir", "split", cwd=tmp_path)
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+
+
+def test_preference_tuning_on_two_processes_equals_one_process(tmp_path):
+    # each process scores its share of the pairs for the reference and the sum fills the
+    # table; each takes half the pairs of every step, so the step is one process's
+    with open(tmp_path / "prefs.jsonl", "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"prompt": [{"role": "user", "content": f"Is {i} even?"}],
+                                "chosen": [{"role": "assistant", "content": "yes" if i % 2 == 0 else "no"}],
+                                "rejected": [{"role": "assistant", "content": "no" if i % 2 == 0 else "yes"}]}) + "\n")
+    train(*TINY, "--max_iters", 2, "--eval_interval", 2, "--out_dir", "base", cwd=tmp_path)
+    tune = ["--init_from", "base/ckpt.pt", "--data", "prefs.jsonl", "--batch_size", 4, "--max_iters", 4,
+            "--learning_rate", "1e-3", "--block_size", 64, "--eval_iters", 1, "--sample_tokens", 2,
+            "--dtype", "float32", "--device", "cpu"]
+    train(*tune, "--out_dir", "one", cwd=tmp_path)
+    two = train(*tune, "--out_dir", "two", procs=2, cwd=tmp_path)
+    assert "23 train / 1 val preference pairs" in two.stdout and "each 1 micro step(s) x 2 pairs" in two.stdout
+    ref = [torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["rng"]["data"]["reference"] for d in ("one", "two")]
+    torch.testing.assert_close(ref[0], ref[1], atol=1e-5, rtol=1e-5)
+    assert (ref[0] != 0).all()  # every pair scored, by one process or the other
+    evals = [[json.loads(line) for line in open(tmp_path / d / "metrics.jsonl") if "val_loss" in line]
+             for d in ("one", "two")]
+    for a, b in zip(*evals):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], abs=1e-5, rel=1e-4), k

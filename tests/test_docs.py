@@ -37,6 +37,7 @@ from smolkit.common import ROOT, UserError, pick_device
 from smolkit.conversations import load_conversations
 from smolkit.data import load_tokenizer
 from smolkit.metrics import read_metrics
+from smolkit.preferences import load_pairs
 
 PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))),
          os.path.join("bench", "NOTES.md")]
@@ -645,7 +646,17 @@ def bad_utf8_line(**_):
     return user_error(load_conversations, "chats.jsonl", load_tokenizer())
 
 
+def pairs_mistake(line):
+    def provoke(**_):
+        with open("prefs.jsonl", "w") as f:
+            f.write("".join(PAIR + "\n" for _ in range(3)) + line + "\n")
+        return user_error(load_pairs, "prefs.jsonl", load_tokenizer())
+    return provoke
+
+
 GOOD = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}'
+PAIR = '{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello"}], ' \
+       '"rejected": [{"role": "assistant", "content": "Go away"}]}'
 T = "docs/troubleshooting.md"
 QUOTES = [
     # (page, the quoted code span, [(provoke, fragments or None: the quote cut at "...")])
@@ -747,6 +758,18 @@ QUOTES = [
      [(conversations_mistake(['{"messages": [{"role": "user", "content": " "}]}']), None)]),
     ("docs/training.md", "error: chats.jsonl has no assistant turn: there is nothing to learn to say",
      [(conversations_mistake(['{"messages": [{"role": "user", "content": "Hi"}]}']), None)]),
+    ("docs/training.md", "... line 4: chosen and rejected are the same reply; a pair must differ",
+     [(pairs_mistake(PAIR.replace("Go away", "Hello")), None)]),
+    ("docs/training.md", "... line 4: rejected has no assistant turn: there is no reply to prefer",
+     [(pairs_mistake(PAIR.replace('"assistant", "content": "Go away"', '"user", "content": "Go away"')), None)]),
+    ("docs/training.md", "... line 4: chosen and rejected differ at message 1, a user turn; both must hold the "
+     "same prompt before their replies",
+     [(pairs_mistake('{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], '
+                     '"rejected": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "b"}]}'),
+       None)]),
+    ("docs/training.md", "... line 9 is a conversation, but the file's first record is a preference pair; a file "
+     "holds one kind",
+     [(pairs_mistake("\n".join([PAIR] * 5 + [GOOD])), None)]),
     ("docs/chat-and-serve.md", "{\"error\": {\"message\": \"max_tokens: Input should be greater than or equal to 1\",\n"
      "\"type\": \"invalid_request_error\", \"param\": \"max_tokens\", \"code\": null}}",
      [("tests/test_serve.py::BAD", ["greater than or equal to 1", "max_tokens"]),

@@ -1,5 +1,6 @@
 """
-Turn the metrics train.py writes (out_dir/metrics.jsonl) into a PNG of the loss curves.
+Turn the metrics train.py writes (out_dir/metrics.jsonl) into a PNG of the loss curves (and,
+for a run on preference pairs, of how often the chosen reply wins).
 
     pip install matplotlib
     python -m tools.plot                       # out/metrics.jsonl -> out/loss.png
@@ -38,16 +39,28 @@ def main(argv=None):
     except ImportError:
         raise UserError("tools.plot needs matplotlib: pip install matplotlib") from None
 
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
+    e = sorted(evals)
+    pairs = [s for s in e if "eval_rewards/accuracies" in evals[s]]  # a run on preference pairs (DPO)
+    fig, axes = plt.subplots(3 if pairs else 2, 1, figsize=(8, 8 if pairs else 6), sharex=True,
+                             height_ratios=(3, 2, 1) if pairs else (3, 1))
+    ax, ax_lr = axes[0], axes[-1]
     steps = sorted(train)
     ax.plot(steps, [train[s]["loss"] for s in steps], lw=0.8, alpha=0.7, label="train loss (each logged step)")
-    e = sorted(evals)
     ax.plot(e, [evals[s]["train_loss"] for s in e], "o-", ms=3, label="train loss (evaluation)")
     ax.plot(e, [evals[s]["val_loss"] for s in e], "o-", ms=3, label="validation loss")
     for n, step in enumerate(resumes):
-        for a in (ax, ax_lr):
-            a.axvline(step, color="black", ls="--", lw=0.8, label=None if n or a is ax_lr else "resumed from checkpoint")
-    ax.set_ylabel("cross-entropy (nats)")
+        for a in axes:
+            a.axvline(step, color="black", ls="--", lw=0.8,
+                      label=None if n or a is not ax else "resumed from checkpoint")
+    ax.set_ylabel("DPO loss" if pairs else "cross-entropy (nats)")
+    if pairs:  # the share of pairs won by the chosen reply: by reward, and by the model's own likelihood
+        for key, label in (("eval_rewards/accuracies", "val reward accuracy"), ("eval_preference",
+                           "val: model prefers chosen"), ("preference", "train: model prefers chosen")):
+            axes[1].plot(pairs, [evals[s][key] for s in pairs], "o-", ms=3, label=label)
+        axes[1].set_ylabel("share of pairs")
+        axes[1].set_ylim(-0.05, 1.05)
+        axes[1].grid(alpha=0.3)
+        axes[1].legend()
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(args.title or f"{args.out_dir}: {len(steps)} logged steps, last {max(steps + e)}")

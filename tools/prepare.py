@@ -17,7 +17,9 @@ Conversations: when the first .jsonl, .parquet or hub record has a "messages" fi
 is conversations for fine-tuning (docs/training.md): ids.bin (uint16), targets.bin (uint8, 1
 where the assistant speaks) and bounds.bin (int64, where each conversation starts, then the
 end), as conversations.encode_all lays them out; train.py holds every 20th out for
-validation itself, so --val_fraction does not apply.
+validation itself, so --val_fraction does not apply. Preference pairs (a first record with
+"chosen" and "rejected") are laid out alike, two sequences a pair (prompt + chosen, prompt +
+rejected, as smolkit/preferences.py encodes them), and meta.json says "kind": "preferences".
 
 Output: train.bin and val.bin are uint16 token ids (49,152 < 65,536), every document
 followed by <|endoftext|> (id 0): the token stream of load_tokens. Read them with
@@ -45,6 +47,7 @@ import numpy as np
 from smol import EOT_ID
 from smolkit.common import Parser, UserError, fail
 from smolkit.conversations import check_messages, encode, require_replies
+from smolkit.preferences import check_pair, encode_pair
 from smolkit.data import DOC_SEPARATOR, jsonl_records, load_tokenizer
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet")  # what a folder is searched for
@@ -178,45 +181,57 @@ def batches(docs, max_docs, max_bytes):
         yield batch, size
 
 
-def message_records(path, args):
-    """(record, where) for each record of a .jsonl or .parquet file of conversations, or of the
-    hub dataset for path None."""
+def message_records(path, args, columns=("messages",)):
+    """(record, where) for each record of a .jsonl or .parquet file of conversations (or pairs:
+    their columns), or of the hub dataset for path None."""
     if path is None:
         yield from hub_records(args.source, args.subset)
     elif path.lower().endswith(".parquet"):
         import pyarrow.parquet as pq
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["messages"]):
-            yield from (({"messages": m}, path) for m in batch.column(0).to_pylist())
+        pf = pq.ParquetFile(path)
+        present = [c for c in columns if c in pf.schema_arrow.names]
+        for batch in pf.iter_batches(batch_size=1024, columns=present):
+            yield from ((dict(zip(present, row)), path) for row in zip(*(c.to_pylist() for c in batch.columns)))
     else:
         yield from jsonl_records(path)
 
 
-def holds_conversations(paths, args):
-    """Is the source conversations: its first .jsonl, .parquet or hub record has "messages"?"""
+def record_kind(keys):
+    """"conversations" for a record with "messages", "preferences" for one with "chosen" and
+    "rejected", else "text": smolkit.conversations.data_kind's rule."""
+    if "messages" in keys:
+        return "conversations"
+    return "preferences" if {"chosen", "rejected"} & set(keys) else "text"
+
+
+def source_kind(paths, args):
+    """What the source holds, from its first .jsonl, .parquet or hub record."""
     if paths is None:
         first = next(message_records(None, args), (None, None))[0]
-        return isinstance(first, dict) and "messages" in first
+        return record_kind(first.keys()) if isinstance(first, dict) else "text"
     for path in paths:
         if path.lower().endswith(".parquet"):
             try:
                 import pyarrow.parquet as pq
-                return "messages" in pq.ParquetFile(path).schema_arrow.names
+                return record_kind(pq.ParquetFile(path).schema_arrow.names)
             except Exception:
-                return False  # read_documents says what is wrong with it
+                return "text"  # read_documents says what is wrong with it
         if path.lower().endswith(".jsonl"):
             first = next(message_records(path, args), (None, None))[0]
-            return isinstance(first, dict) and "messages" in first
-    return False
+            return record_kind(first.keys()) if isinstance(first, dict) else "text"
+    return "text"
 
 
-def prepare_conversations(args, paths):
+def prepare_conversations(args, paths, kind):
     """Conversations into ids.bin (uint16), targets.bin (uint8: 1 where the model learns to
     say the token) and bounds.bin (int64, n + 1: conversation i is ids[bounds[i]:bounds[i + 1]]),
-    as conversations.encode_all lays them out; train.py --data FOLDER reads them."""
+    as conversations.encode_all lays them out; preference pairs likewise, two sequences each;
+    train.py --data FOLDER reads them."""
     text = [p for p in paths or [] if not p.lower().endswith((".jsonl", ".parquet"))]
     if text:
-        raise UserError(f"{text[0]} is text, but {args.source} holds conversations; prepare them apart")
+        raise UserError(f"{text[0]} is text, but {args.source} holds {kind}; prepare them apart")
     tokenizer = load_tokenizer()
+    pairs = kind == "preferences"
     names = ("ids.bin", "targets.bin", "bounds.bin", "meta.json")
     outputs = [os.path.join(args.out, name) for name in names]
     files = [open(path + ".tmp", "wb") for path in outputs[:3]]
@@ -224,16 +239,22 @@ def prepare_conversations(args, paths):
     try:
         np.zeros(1, dtype=np.int64).tofile(files[2])
         for path in [None] if paths is None else paths:
-            for record, where in message_records(path, args):
-                ids, targets = encode(check_messages(record, where), tokenizer)
-                ids.tofile(files[0])
-                targets.astype(np.uint8).tofile(files[1])
-                n, total, learned = n + 1, total + len(ids), learned + int(targets.sum())
-                np.array([total], dtype=np.int64).tofile(files[2])
+            columns = ("prompt", "chosen", "rejected") if pairs else ("messages",)
+            for record, where in message_records(path, args, columns):
+                if pairs:
+                    encoded = encode_pair(*check_pair(record, where), tokenizer)
+                else:
+                    encoded = [encode(check_messages(record, where), tokenizer)]
+                for ids, targets in encoded:
+                    ids.tofile(files[0])
+                    targets.astype(np.uint8).tofile(files[1])
+                    total, learned = total + len(ids), learned + int(targets.sum())
+                    np.array([total], dtype=np.int64).tofile(files[2])
+                n += 1
         require_replies(learned, args.source)
         with open(outputs[3] + ".tmp", "w") as f:
-            f.write(json.dumps({"conversations": n, "tokens": total, "targets": learned, "dtype": "uint16",
-                                "source": args.source}, indent=2) + "\n")
+            f.write(json.dumps({"kind": kind, "pairs" if pairs else "conversations": n, "tokens": total,
+                                "targets": learned, "dtype": "uint16", "source": args.source}, indent=2) + "\n")
         for f in files:
             f.flush()
             os.fsync(f.fileno())
@@ -245,9 +266,9 @@ def prepare_conversations(args, paths):
         for path in outputs:
             if os.path.exists(path + ".tmp"):
                 os.remove(path + ".tmp")
-    print(f"{n:,} conversations: {total:,} tokens, {learned:,} of them the assistant's, in {args.out} | "
-          f"{time.time() - t0:.2f}s")
-    return {"conversations": n, "tokens": total, "targets": learned}
+    print(f"{n:,} {'preference pairs' if pairs else 'conversations'}: {total:,} tokens, {learned:,} of them the "
+          f"assistant's, in {args.out} | {time.time() - t0:.2f}s")
+    return {"pairs" if pairs else "conversations": n, "tokens": total, "targets": learned}
 
 
 def prepare(args):
@@ -263,8 +284,9 @@ def prepare(args):
         os.remove(os.path.join(args.out, "train.bin.tmp"))
     except OSError as e:
         raise UserError(f"cannot write to --out {args.out} ({e.strerror}); pass a writable folder")
-    if holds_conversations(paths, args):
-        return prepare_conversations(args, paths)
+    kind = source_kind(paths, args)
+    if kind != "text":
+        return prepare_conversations(args, paths, kind)
     tokenizer = load_tokenizer()
     # encode_batch_fast (tokenizers >= 0.20) gives the same ids as encode_batch without
     # computing character offsets, about 10% sooner; both spread a batch over all cores
