@@ -158,10 +158,9 @@ class ConversationSampler:
     def __init__(self, data, block_size, batch_size, device, seed, share=(0, 1, 1)):
         ids, targets, bounds = data
         self.ids, self.targets = ids, targets
-        spans, self.cut, self.dropped = fit(ids, targets, bounds, block_size + 1)  # x and y: one more token
+        spans, self.cut, self.dropped = self.fit(bounds, block_size + 1)  # x and y: one more token
         if not spans:
-            raise UserError(f"no conversation's first assistant turn fits in block_size {block_size}; "
-                            f"raise --block_size")
+            raise UserError(self.NOTHING_FITS.format(block_size))
         train, val = split(len(spans))
         self.held_out = val != train
         self.splits = {"train": [spans[i] for i in train], "val": [spans[i] for i in val]}
@@ -172,6 +171,13 @@ class ConversationSampler:
         self.drawn = 0  # training rows drawn so far, every process's
         self.todo, self.ahead = [], None
         self.order = (None, None)  # (pass, its shuffled order)
+
+    WHAT, DROPPED = "conversations", "their first reply does not fit"
+    NOTHING_FITS = "no conversation's first assistant turn fits in block_size {}; raise --block_size"
+
+    def fit(self, bounds, length):
+        """(what is drawn, here each conversation's (start, end), cut, dropped): fit()."""
+        return fit(self.ids, self.targets, bounds, length)
 
     def lengths(self):
         """(the longest row's tokens, padded; the mean row's own tokens) of the training split."""
@@ -184,10 +190,10 @@ class ConversationSampler:
 
     def describe(self):
         n = {k: len(v) for k, v in self.splits.items()}
-        return (f"{n['train']:,} train / {n['val'] if self.held_out else 0:,} val conversations"
-                + ("" if self.held_out else " (under 20: the val loss is on the training ones)")
+        return (f"{n['train']:,} train / {n['val'] if self.held_out else 0:,} val {self.WHAT}"
+                + ("" if self.held_out else " (under 20: the val figures are on the training ones)")
                 + (f", {self.cut:,} cut to the context" if self.cut else "")
-                + (f", {self.dropped:,} dropped (their first reply does not fit)" if self.dropped else ""))
+                + (f", {self.dropped:,} dropped ({self.DROPPED})" if self.dropped else ""))
 
     def row(self, k):
         # the k-th training conversation drawn: pass k // n, in that pass's shuffled order
@@ -272,45 +278,33 @@ class PairSampler(ConversationSampler):
     (score_reference: the starting model's log-probabilities of every reply, (pairs, 2)) is
     computed once and travels in the checkpoint with the rows drawn, so resuming is exact."""
 
+    WHAT, DROPPED = "preference pairs", "no reply token fits"
+    NOTHING_FITS = "no preference pair keeps a reply token within block_size {}; raise --block_size"
+
     def __init__(self, data, block_size, batch_size, device, seed, share=(0, 1, 1)):
-        ids, targets, bounds = data
-        self.ids, self.targets = ids, targets
-        self.n_pairs, self.cut, self.dropped = (len(bounds) - 1) // 2, 0, 0
-        kept = []
-        for i in range(self.n_pairs):
-            # cut as TRL cuts (keep_start): the first block_size + 1 tokens; a pair keeps while both
-            # replies keep a target token
-            starts, ends = bounds[2 * i:2 * i + 2].tolist(), bounds[2 * i + 1:2 * i + 3].tolist()
-            rows = [(a, min(b, a + block_size + 1)) for a, b in zip(starts, ends)]
-            if not all(targets[a + 1:b].any() for a, b in rows):
-                self.dropped += 1
-                continue
-            self.cut += any(b < end for (_, b), end in zip(rows, ends))
-            kept.append((*rows, i))
-        if not kept:
-            raise UserError(f"no preference pair keeps a reply token within block_size {block_size}; "
-                            f"raise --block_size")
-        train, val = split(len(kept))
-        self.held_out = val != train
-        self.splits = {"train": [kept[i] for i in train], "val": [kept[i] for i in val]}
-        self.batch_size, self.device, self.seed = batch_size, device, seed
-        rank, world, micro_steps = share
-        self.accum, self.rows = shard(batch_size, micro_steps, world)
-        self.rank, self.world, self.micro_steps = rank, world, micro_steps
-        self.drawn, self.todo, self.ahead, self.order = 0, [], None, (None, None)
+        self.n_pairs = (len(data[2]) - 1) // 2
+        super().__init__(data, block_size, batch_size, device, seed, share)
         self.reference = None  # (pairs, 2) float32: log ref(chosen), log ref(rejected) of each pair
+
+    def fit(self, bounds, length):
+        """((chosen span, rejected span, pair number) of each pair kept, cut, dropped): each
+        sequence cut as TRL cuts (keep_start) to its first `length` tokens; a pair is kept
+        while both replies keep a target token."""
+        kept, cut, dropped = [], 0, 0
+        for i in range(self.n_pairs):
+            starts, ends = bounds[2 * i:2 * i + 2].tolist(), bounds[2 * i + 1:2 * i + 3].tolist()
+            rows = [(a, min(b, a + length)) for a, b in zip(starts, ends)]
+            if not all(self.targets[a + 1:b].any() for a, b in rows):
+                dropped += 1
+                continue
+            cut += any(b < end for (_, b), end in zip(rows, ends))
+            kept.append((*rows, i))
+        return kept, cut, dropped
 
     def lengths(self):
         """(the longest row's tokens, padded; a pair's own tokens, both rows, on average)."""
         n = [(b1 - a1 - 1, b2 - a2 - 1) for (a1, b1), (a2, b2), _ in self.splits["train"]]
         return math.ceil(max(map(max, n)) / PAD_TO) * PAD_TO, sum(map(sum, n)) / len(n)
-
-    def describe(self):
-        n = {k: len(v) for k, v in self.splits.items()}
-        return (f"{n['train']:,} train / {n['val'] if self.held_out else 0:,} val preference pairs"
-                + ("" if self.held_out else " (under 20: the val figures are on the training ones)")
-                + (f", {self.cut:,} cut to the context" if self.cut else "")
-                + (f", {self.dropped:,} dropped (no reply token fits)" if self.dropped else ""))
 
     def weight_of(self, pairs):
         return len(pairs)  # each pair weighs the same, whatever its length
