@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 EOT_ID = 0  # <|endoftext|>: separates documents; where base models stop
@@ -165,14 +166,19 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is None:
-            # training, scoring: the plain causal triangle. enable_gqa lets SDPA broadcast each
+            # training, scoring: the plain causal triangle, or packed_mask's for packed rows (a
+            # tensor for SDPA, or flex attention's BlockMask). enable_gqa lets SDPA broadcast each
             # k/v head over its group of query heads without materialising repeated copies; only
             # its flash kernel takes grouped heads, and that needs a GPU of compute capability 8.0,
             # so for older ones (expand_kv) the k/v heads are repeated, (B, nh, T, hd), for the
             # memory-efficient kernel rather than leaving the math kernel its fp32 (T, T) scores
             if self.expand_kv:
                 k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != self.n_head)
+            gqa = k.size(1) != self.n_head
+            if isinstance(mask, BlockMask):
+                y = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         else:
             # generating: the new keys and values go into the cache at their positions, and the
             # queries attend over all of its slots under the mask, which lets each see the slots
@@ -257,6 +263,8 @@ class SmolLM(nn.Module):
         # the training loss in pieces of this many rows (None: the plain loss, all the logits
         # at once); train.py sets it where a device could not hold all the logits
         self.loss_rows_per_piece = None
+        # packed rows through flex attention (no T x T mask; CUDA, compiled) or a dense mask
+        self.flex_attention = False
 
     @property
     def expand_kv(self):
@@ -282,9 +290,12 @@ class SmolLM(nn.Module):
         # never needs all the logits at once, and they are the largest tensors of a step.
         # kv_cache: generating. input_pos (B, T) is where each token stands, each row its own
         # (default 0..T-1: a prompt into an empty cache); the same call reads a prompt and,
-        # one token per row at a time, decodes after it. last_only: logits (B, 1, V) of the
-        # last position, all a prompt needs (an 8,190-token prompt's would be 1.6 GB in fp32)
+        # one token per row at a time, decodes after it. Without a cache, input_pos makes packed
+        # rows: several sequences end to end, each counting from position 0 (packed_mask).
+        # last_only: logits (B, 1, V) of the last position, all a prompt needs (an 8,190-token
+        # prompt's would be 1.6 GB in fp32)
         B, T = idx.size()
+        packed = kv_cache is None and input_pos is not None
         if input_pos is None:
             if T > self.config.max_position_embeddings:
                 raise ValueError(f"sequence of {T} tokens exceeds max_position_embeddings "
@@ -300,6 +311,8 @@ class SmolLM(nn.Module):
             mask = torch.arange(kv_cache.max_len, device=idx.device) <= input_pos.unsqueeze(-1)  # (B, T, max_len)
             g = self.config.n_head // self.config.n_kv_head  # query heads per k/v head (see Attention)
             mask = mask.unsqueeze(1).repeat(1, 1, g, 1)  # (B, 1, g*T, max_len)
+        elif packed:
+            mask = packed_mask(input_pos, self.flex_attention)
         for block in self.model.layers:
             x = block(x, cos, sin, kv_cache, input_pos, mask)
         x = self.model.norm(x)
@@ -353,6 +366,30 @@ class SmolLM(nn.Module):
             input_pos = torch.full((B, 1), pos, device=idx.device)  # (B, 1): every row at the same place
             logits = self(token, kv_cache=cache, input_pos=input_pos)[0][:, -1]  # (B, V)
         return idx
+
+
+def packed_mask(input_pos, flex=False):
+    """The attention mask of packed rows, input_pos (B, T) counting from 0 at each sequence's
+    start: query t sees key s when s <= t within the same sequence, a block-diagonal causal
+    mask (x: attends; a row a b c holding three sequences; RoPE positions restart too):
+
+              keys: a0 a1 a2 b0 b1 c0
+        query a2:   x  x  x  .  .  .
+        query b1:   .  .  .  x  x  .
+        query c0:   .  .  .  .  .  x
+
+    flex False: (B, 1, T, T) booleans for SDPA. flex True: flex attention's BlockMask, which
+    keeps only which 128 x 128 tiles are empty, full or partial, never a T x T tensor."""
+    seq = (input_pos == 0).cumsum(1)  # (B, T): which sequence of its row each token is in
+
+    def same_sequence_causal(b, h, q, k):
+        return (seq[b, q] == seq[b, k]) & (k <= q)
+    B, T = input_pos.shape
+    if flex:
+        return create_block_mask(same_sequence_causal, B, None, T, T, device=input_pos.device)
+    t = torch.arange(T, device=input_pos.device)
+    return same_sequence_causal(torch.arange(B, device=t.device).view(B, 1, 1), None, t.view(1, T, 1),
+                                t.view(1, 1, T)).unsqueeze(1)
 
 
 def chunked_cross_entropy(x, weight, targets, rows=None):

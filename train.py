@@ -70,6 +70,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0           # 0 disables clipping
     dpo_beta: float = 0.1            # preference pairs: how far from the starting model the rewards pull (TRL's)
+    packing: str = "true"            # conversations: several a row, each kept to itself; false: one a row, padded
+    pack_len: int = 2048             # tokens a packed row holds at most (a longer conversation has a row of its own)
+    doc_mask: str = "false"          # text: true keeps each document to itself across <|endoftext|> (SmolLM3)
     # system
     device: str = "auto"             # auto: cuda, then mps, then cpu
     dtype: str = "auto"              # auto: bfloat16 autocast where the hardware computes it (CUDA
@@ -84,12 +87,13 @@ class TrainConfig:
 # the short context keeps the default run quick; --block_size changes it
 MODEL_DEFAULTS = SmolConfig(block_size=512)
 ARCH_FIELDS = [f.name for f in fields(SmolConfig) if f.name not in ("block_size", "init_std")]
-CHOICES = {"dtype": DTYPES, "compile": ("auto", "true", "false"), "backend": ("auto", "nccl", "gloo")}
+CHOICES = {"dtype": DTYPES, "compile": ("auto", "true", "false"), "backend": ("auto", "nccl", "gloo"),
+           "packing": ("true", "false"), "doc_mask": ("true", "false")}
 
 
 # fine-tuning a trained model on a few conversations: pretraining's 6e-4 for 5,000 steps with
 # weight decay 0.1 would wreck it. A few passes at a low rate, the model's whole context
-# (rows are padded to their longest conversation, so a long context costs nothing unused)
+# (rows are only as long as their conversations, so a long context costs nothing unused)
 FINETUNE_DEFAULTS = dict(learning_rate=1e-4, min_lr=1e-5, warmup_iters=0, weight_decay=0.0, epochs=3.0,
                          batch_size=8, eval_interval=50, sample_prompt="Who are you?", sample_tokens=64)
 
@@ -129,7 +133,11 @@ def get_lr(it, cfg):
 
 
 def next_token_loss(model, x, y):
-    return model(x, y)[1]  # the mean cross-entropy of the targets (-1: none)
+    """The mean cross-entropy of the targets (y = -1: none). Packed rows and --doc_mask
+    windows come as x = (ids, positions), from which smol.py builds their mask."""
+    if isinstance(x, tuple):
+        return model(x[0], y, input_pos=x[1])[1]
+    return model(x, y)[1]
 
 
 def train_step(model, optimizer, scaler, batches, accum, ctx, grad_clip, votes=None, loss_of=next_token_loss):
@@ -228,7 +236,7 @@ def evaluate(model, sampler, eval_iters, ctx):
         total = 0.0
         for x, y in sampler.eval_batches(split, eval_iters):
             with ctx:
-                total += model(x, y)[1].item()
+                total += next_token_loss(model, x, y).item()
         losses[split] = total / eval_iters
     model.train()
     return losses
@@ -271,6 +279,7 @@ def main(argv=None):
     model.config = mcfg  # the same architecture, with this run's block_size
     model.loss_rows_per_piece = loss_rows_per_piece(device, rows * seq_len, mcfg.vocab_size)
     model.expand_kv = expand_kv(device)  # T4, V100: attention without grouped k/v heads
+    model.flex_attention = compiled and device_type == "cuda"  # packed rows: no T x T mask (smol.packed_mask)
     log(param_breakdown(model))
     model.to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)

@@ -7,23 +7,38 @@ smolkit/conversations.py make, and how the processes of a torchrun job share the
     PairSampler          preference pairs for DPO, each two rows (the prompt + either reply)
     open_data            the sampler for --data, and the settings the data decides
 
-One conversation is one row of a batch, padded at the end, so that the loss never reads
-across two of them (smol.py's attention has no block-diagonal mask; packing several
-conversations into a row would need one). Rows are padded to the longest conversation of
-the micro batch, not to block_size, so short conversations cost little.
+Conversations are packed (pack()): several to a row, each with positions from 0, which
+smol.py reads as a block-diagonal mask (packed_mask), so that no token sees another
+conversation; or, with --packing false, one to a row. Rows are padded at the end to the
+longest of the micro batch (rounded up to PAD_TO), not to block_size.
 """
 import math
 
 import numpy as np
 import torch
 
-from smol import IM_END_ID
+from smol import EOT_ID, IM_END_ID
 from smolkit.common import UserError
 from smolkit.conversations import data_kind, load_conversations
 from smolkit.data import load_splits
 from smolkit.preferences import load_pairs, reply_logps
 
 PAD_TO = 64  # conversation rows are padded to a multiple of this: few distinct shapes for torch.compile
+
+
+def to_device(t, device):
+    if device.startswith("cuda"):  # pinned: the copy runs while the device computes
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def document_positions(x):
+    """(B, T) positions for windows x (B, T) of a corpus, counting from 0 at each row's start and
+    again after every <|endoftext|>: smol.py's packed_mask then keeps each document to itself
+    (--doc_mask, SmolLM3's intra-document masking)."""
+    t = torch.arange(x.size(1)).expand_as(x)
+    starts = torch.cat([torch.ones_like(x[:, :1], dtype=torch.bool), x[:, :-1] == EOT_ID], 1)
+    return t - torch.cummax(torch.where(starts, t, 0), dim=1).values
 
 
 def shard(batch_size, accum, world):
@@ -50,9 +65,9 @@ class BatchSampler:
     Training batches come one ahead: prefetch() builds the next micro batch and starts its
     copy to the device while the device still works on the current one."""
 
-    def __init__(self, splits, block_size, batch_size, device, seed, share=(0, 1, 1)):
+    def __init__(self, splits, block_size, batch_size, device, seed, share=(0, 1, 1), doc_mask=False):
         self.splits, self.block_size, self.batch_size = splits, block_size, batch_size
-        self.device, self.seed = device, seed
+        self.device, self.seed, self.doc_mask = device, seed, doc_mask
         self.rank, self.world, self.micro_steps = share  # (this process, processes, micro steps of a step)
         self.accum, self.rows = shard(batch_size, self.micro_steps, self.world)  # this process's share
         # the training draws come from this generator alone, and the checkpoint saves its
@@ -76,9 +91,9 @@ class BatchSampler:
         data = self.splits[split]
         xy = torch.from_numpy(np.stack([data[i:i + self.block_size + 1] for i in offsets.tolist()]).astype(np.int64))
         x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
-        if self.device.startswith("cuda"):  # pinned: the copy runs while the device computes
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
+        if self.doc_mask:  # each document kept to itself: x comes with positions that restart at each
+            return (to_device(x, self.device), to_device(document_positions(x), self.device)), to_device(y, self.device)
+        return to_device(x, self.device), to_device(y, self.device)
 
     def my_offsets(self):
         """This process's share of a new step's offsets: (micro steps, rows) of shard()."""
@@ -141,6 +156,23 @@ def fit(ids, targets, bounds, length):
     return spans, cut, dropped
 
 
+def pack(lengths, room):
+    """Rows for sequences of these lengths: lists of their indices, each row summing to at most
+    `room` tokens (a longer sequence alone in its row), filled best-fit in decreasing length:
+    each sequence goes where it leaves the least room. A pure function of the lengths."""
+    rows, free = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fits = [r for r in range(len(rows)) if free[r] >= lengths[i]]
+        if fits:
+            r = min(fits, key=lambda r: (free[r], r))
+            rows[r].append(i)
+            free[r] -= lengths[i]
+        else:
+            rows.append([i])
+            free.append(room - lengths[i])
+    return rows
+
+
 def split(n):
     """(train, val) conversation numbers: every 20th (5%) held out from 20 conversations on;
     fewer are all for training, and the validation loss is on them too."""
@@ -155,9 +187,9 @@ class ConversationSampler:
     training conversations takes them in an order shuffled from (seed, pass): the k-th row
     ever drawn is a function of k alone, so resuming needs only how many were drawn."""
 
-    def __init__(self, data, block_size, batch_size, device, seed, share=(0, 1, 1)):
+    def __init__(self, data, block_size, batch_size, device, seed, share=(0, 1, 1), pack_len=None):
         ids, targets, bounds = data
-        self.ids, self.targets = ids, targets
+        self.ids, self.targets, self.pack_len = ids, targets, pack_len  # pack_len None: one conversation a row
         spans, self.cut, self.dropped = self.fit(bounds, block_size + 1)  # x and y: one more token
         if not spans:
             raise UserError(self.NOTHING_FITS.format(block_size))
@@ -193,7 +225,8 @@ class ConversationSampler:
         return (f"{n['train']:,} train / {n['val'] if self.held_out else 0:,} val {self.WHAT}"
                 + ("" if self.held_out else " (under 20: the val figures are on the training ones)")
                 + (f", {self.cut:,} cut to the context" if self.cut else "")
-                + (f", {self.dropped:,} dropped ({self.DROPPED})" if self.dropped else ""))
+                + (f", {self.dropped:,} dropped ({self.DROPPED})" if self.dropped else "")
+                + (f", packed into rows of up to {self.pack_len:,} tokens" if self.pack_len else ""))
 
     def row(self, k):
         # the k-th training conversation drawn: pass k // n, in that pass's shuffled order
@@ -205,20 +238,26 @@ class ConversationSampler:
 
     def batch(self, spans):
         """x, y (B, T) on the device, T the longest row rounded up to PAD_TO, y = -1 where
-        nothing is to be learned (the prompt's turns, the padding)."""
-        T = math.ceil((max(b - a for a, b in spans) - 1) / PAD_TO) * PAD_TO
-        x = np.zeros((len(spans), T), dtype=np.int64)
-        y = np.full((len(spans), T), -1, dtype=np.int64)
-        for r, (a, b) in enumerate(spans):
-            ids = self.ids[a:b].astype(np.int64)
-            x[r, :b - a - 1] = ids[:-1]
-            y[r, :b - a - 1] = np.where(self.targets[a + 1:b], ids[1:], -1)
-        x, y = torch.from_numpy(x), torch.from_numpy(y)
-        if self.device.startswith("cuda"):
-            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        else:
-            x, y = x.to(self.device), y.to(self.device)
-        return x, y
+        nothing is to be learned (the prompt's turns, the padding). One conversation a row,
+        or packed (pack_len): x is then (ids, input_pos), the rows as pack() fills them, each
+        conversation's positions from 0, so that smol.py keeps it to itself (packed_mask)."""
+        rows = pack([b - a - 1 for a, b in spans], self.pack_len) if self.pack_len else [[i] for i in range(len(spans))]
+        lengths = [sum(spans[i][1] - spans[i][0] - 1 for i in row) for row in rows]
+        T = math.ceil(max(lengths) / PAD_TO) * PAD_TO
+        x = np.zeros((len(rows), T), dtype=np.int64)
+        y = np.full((len(rows), T), -1, dtype=np.int64)
+        pos = np.zeros((len(rows), T), dtype=np.int64)
+        for r, row in enumerate(rows):
+            at = 0
+            for a, b in (spans[i] for i in row):
+                ids, n = self.ids[a:b].astype(np.int64), b - a - 1
+                x[r, at:at + n] = ids[:-1]
+                y[r, at:at + n] = np.where(self.targets[a + 1:b], ids[1:], -1)
+                pos[r, at:at + n] = np.arange(n)
+                at += n
+            pos[r, at:] = np.arange(T - at)  # the padding: a sequence of its own, never a target
+        x, y, pos = (to_device(torch.from_numpy(t), self.device) for t in (x, y, pos))
+        return ((x, pos) if self.pack_len else x), y
 
     def weight_of(self, spans):
         """What these rows weigh in a step's loss: how many tokens of them the model learns to
@@ -366,14 +405,15 @@ def open_data(cfg, mcfg, tokenizer, device, share):
     kind = data_kind(cfg.data)
     if kind == "text":
         splits = load_splits(cfg.data, mcfg.block_size, mcfg.vocab_size)
-        sampler = BatchSampler(splits, mcfg.block_size, cfg.batch_size, device, cfg.seed, share)
-        return sampler, f"{len(splits['train']):,} train / {len(splits['val']):,} val tokens"
+        sampler = BatchSampler(splits, mcfg.block_size, cfg.batch_size, device, cfg.seed, share, cfg.doc_mask == "true")
+        return sampler, f"{len(splits['train']):,} train / {len(splits['val']):,} val tokens" + (
+            ", each document kept to itself" if cfg.doc_mask == "true" else "")
     if kind == "preferences":
         sampler = PairSampler(load_pairs(cfg.data, tokenizer), mcfg.block_size, cfg.batch_size, device, cfg.seed,
                               share)
     else:
         sampler = ConversationSampler(load_conversations(cfg.data, tokenizer), mcfg.block_size, cfg.batch_size,
-                                      device, cfg.seed, share)
+                                      device, cfg.seed, share, cfg.pack_len if cfg.packing == "true" else None)
     return sampler, sampler.describe()
 
 

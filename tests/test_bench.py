@@ -147,3 +147,18 @@ def test_quantize_quality_scores_each_setting_and_asks_the_questions(chat_model)
     assert [line.split()[1] for line in fp32] == ["none", "int8", "int4"]
     assert "(+0.00%)" in fp32[0]  # the reference row
     assert all(line.endswith("Paris. | Rome.") for line in fp32), lines  # the tiny chat model's answers
+
+
+def test_bench_packing_runs_both_ways_on_the_committed_set(chat_model, tmp_path, monkeypatch):
+    from bench import bench_packing
+    committed = open(bench_packing.DATA).read()
+    monkeypatch.setattr(bench_packing, "DATA", str(tmp_path / "mixed.jsonl"))
+    bench_packing.make_data(96)  # the committed set is what --make_data 96 writes from input.txt
+    assert open(tmp_path / "mixed.jsonl").read() == committed
+    proc = subprocess.run([*command("bench.bench_packing"), "--init_from", chat_model["out_dir"] / "ckpt.pt",
+                           "--rounds", "1"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "96 conversations, 15,004 tokens of conversation, lengths 66 to 634 (median 118)" in proc.stdout
+    assert "packed into rows of up to 2,048 tokens" in proc.stdout.split("--packing true:")[1].split("\n")[0]
+    assert "packed into rows" not in proc.stdout.split("--packing false:")[1].split("\n")[0]
+    assert re.search(r"best of 1: packed [\d.]+ s, padded [\d.]+ s: packed [\d.]+x faster", proc.stdout)

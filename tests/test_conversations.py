@@ -1,6 +1,7 @@
 """Fine-tuning on conversations: what is rendered, what is learned (the mask), how rows
 are cut and shared, prepare.py's files, and train.py end to end on a tiny model."""
 import json
+import math
 import os
 import random
 import subprocess
@@ -16,7 +17,7 @@ from smolkit.chat import DEFAULT_SYSTEM_PROMPT, render_chat
 from smolkit.common import ROOT, UserError
 from smolkit.conversations import check_messages, encode, encode_all, load_conversations, read_conversations
 from smolkit.data import jsonl_records, load_tokenizer
-from smolkit.samplers import ConversationSampler, fit
+from smolkit.samplers import ConversationSampler, fit, pack
 
 TOKENIZER = load_tokenizer()
 CONVERSATIONS = [
@@ -226,7 +227,7 @@ def test_fine_tuning_resumes_exactly_and_teaches_the_end_of_a_turn(tmp_path):
     assert "fine-tuning from base/ckpt.pt on conversations, 50 steps; settings for fine-tuning (their defaults " \
            "unless given): learning_rate 0.01, min_lr 0.001, warmup_iters 0, weight_decay 0.0, epochs 0.0, " \
            "batch_size 8, eval_interval 25, sample_prompt Who are you?, sample_tokens 4\n" in straight.stdout
-    assert "190 train / 10 val conversations" in straight.stdout
+    assert "190 train / 10 val conversations, packed into rows of up to 2,048 tokens;" in straight.stdout
     run("train.py", *tune, "--max_iters", 25, "--out_dir", "split", cwd=tmp_path)
     resumed = run("train.py", "--init_from", "resume", "--max_iters", 50, "--out_dir", "split", cwd=tmp_path)
     assert "step 26 |" in resumed.stdout and "step 25 |" not in resumed.stdout
@@ -257,3 +258,85 @@ def test_fine_tuning_defaults_apply_to_a_trained_model_on_conversations(tmp_path
     assert (given.learning_rate, given.max_iters, given.epochs) == (3e-4, 7, 0.0)  # flags given win
     text = train.resolve_settings({"init_from": str(tmp_path / "model")})[0]  # text data: pretraining's defaults
     assert (text.learning_rate, text.epochs) == (6e-4, 0.0)
+
+
+def test_pack_fills_rows_best_fit_in_decreasing_length():
+    # worked by hand: 5 opens a row (2 left), 4 opens another (3 left), 3 fills it exactly,
+    # 2 takes the first row's last 2
+    assert pack([5, 3, 4, 2], 7) == [[0, 3], [2, 1]]
+    assert pack([9, 1], 7) == [[0], [1]]  # longer than a row: a row of its own
+    lengths = [random.Random(i).randint(1, 300) for i in range(100)]
+    rows = pack(lengths, 512)
+    assert sorted(i for row in rows for i in row) == list(range(100))
+    assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
+    assert len(rows) <= math.ceil(sum(lengths) / 512) + 1  # within a row of the least possible here
+
+
+def packed_batch(pack_len):
+    data = encode_all(CONVERSATIONS * 3, TOKENIZER)
+    sampler = ConversationSampler(data, 256, 9, "cpu", seed=0, pack_len=pack_len)
+    return sampler, sampler.splits["train"][:9]
+
+
+def test_a_packed_row_scores_each_conversation_as_if_alone():
+    model = tiny()
+    sampler, spans = packed_batch(512)
+    alone, _ = packed_batch(None)  # one conversation a row
+    (x, pos), y = sampler.batch(spans)
+    assert x.shape[0] == 1 and pos[0, 0] == 0  # 9 short conversations, one row
+    with torch.no_grad():
+        packed_logits = model(x, input_pos=pos)[0]
+        packed_sum = model(x, y, input_pos=pos)[1] * (y != -1).sum()
+        alone_sum, at = 0.0, 0
+        (order,) = pack([b - a - 1 for a, b in spans], 512)  # the row: longest conversation first
+        for a, b in (spans[i] for i in order):
+            xa, ya = alone.batch([(a, b)])
+            n = b - a - 1
+            torch.testing.assert_close(packed_logits[0, at:at + n], model(xa[:, :n])[0][0], atol=1e-5, rtol=1e-5)
+            alone_sum = alone_sum + model(xa, ya)[1] * (ya != -1).sum()
+            at += n
+    torch.testing.assert_close(packed_sum, alone_sum, atol=1e-5, rtol=1e-5)
+    # the padding after the last conversation is never a target
+    assert (y[0, at:] == -1).all() and int((y != -1).sum()) == sampler.weight_of(spans)
+
+
+def test_flex_attention_gives_the_dense_masks_logits():
+    model = tiny()
+    sampler, spans = packed_batch(200)  # several rows
+    (x, pos), _ = sampler.batch(spans)
+    assert x.shape[0] > 1
+    with torch.no_grad(), pytest.warns(UserWarning):  # eager flex attention: slow but the same sums
+        dense = model(x, input_pos=pos)[0]
+        model.flex_attention = True
+        flex = model(x, input_pos=pos)[0]
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_doc_mask_keeps_each_document_of_a_window_to_itself():
+    from smol import EOT_ID
+    from smolkit.samplers import BatchSampler, document_positions
+    a, b = [5, 6, 7, EOT_ID], [8, 9, 10, 11, 12]
+    x = torch.tensor([a + b, [3] + b + [EOT_ID, 4, 4]])
+    assert document_positions(x).tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 0, 1]]
+    model = tiny()
+    with torch.no_grad():  # the second document's logits are its own, as if alone
+        torch.testing.assert_close(model(x[:1], input_pos=document_positions(x[:1]))[0][0, 4:],
+                                   model(torch.tensor([b]))[0][0], atol=1e-5, rtol=1e-5)
+    data = np.array((a + b) * 20, dtype=np.uint16)
+    on, off = (BatchSampler({"train": data, "val": data}, 16, 2, "cpu", 0, doc_mask=m) for m in (True, False))
+    (x_on, pos), y_on = on.next()[:2]
+    x_off, y_off = off.next()[:2]
+    assert torch.equal(x_on, x_off) and torch.equal(y_on, y_off) and torch.equal(pos, document_positions(x_on))
+
+
+def test_compiled_flex_attention_gives_the_dense_masks_logits():
+    # the graph CUDA compiles for packed rows, block mask built inside it; a CPU runs its
+    # forward (torch has no flex attention backward on a CPU: the training step is GPU-only)
+    model = tiny().eval()
+    sampler, spans = packed_batch(200)
+    (x, pos), _ = sampler.batch(spans)
+    with torch.no_grad():
+        dense = model(x, input_pos=pos)[0]
+        model.flex_attention = True
+        flex = torch.compile(model)(x, input_pos=pos)[0]
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)

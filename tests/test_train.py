@@ -176,3 +176,10 @@ def test_a_run_of_hours_on_a_cpu_says_so_and_offers_the_small_model(tmp_path):
     note = lines[-1]
     assert "on this CPU" in note and "python train.py --n_layer 4 --n_embd 128" in note and "--out_dir out-cpu" in note
     assert proc.returncode == 130 and (tmp_path / "ckpt.pt").exists()
+
+
+def test_doc_mask_trains_and_says_so(tmp_path):
+    out = run("train.py", *TINY, "--max_iters", 2, "--eval_interval", 2, "--doc_mask", "true", "--out_dir", tmp_path)
+    assert " val tokens, each document kept to itself; " in out.stdout
+    plain = run("train.py", *TINY, "--max_iters", 2, "--eval_interval", 2, "--out_dir", tmp_path / "plain")
+    assert "kept to itself" not in plain.stdout
