@@ -257,7 +257,7 @@ def main(argv=None):
     # the out_dir lock stays held, open, until the process ends
     n_params, out_dir_lock = guards.before_first_step(cfg, mcfg, device, master, resuming=ckpt is not None)
 
-    # ---- data: text windows, conversations one a row (the loss on the assistant's words), or pairs ----
+    # ---- data: text windows, conversations (the loss on the assistant's words), or pairs ----
     tokenizer = load_tokenizer()
     sampler, data_line = open_data(cfg, mcfg, tokenizer, device, (rank, world, cfg.gradient_accumulation_steps))
     kind = data_kind(cfg.data)

@@ -3,7 +3,7 @@ The batches a training step reads, from the arrays smolkit/data.py and
 smolkit/conversations.py make, and how the processes of a torchrun job share them:
 
     BatchSampler         random windows of block_size + 1 tokens of a text corpus
-    ConversationSampler  whole conversations, one a row, padded to the micro batch's longest
+    ConversationSampler  whole conversations, packed several to a row or one a row, padded
     PairSampler          preference pairs for DPO, each two rows (the prompt + either reply)
     open_data            the sampler for --data, and the settings the data decides
 
@@ -182,10 +182,11 @@ def split(n):
 
 
 class ConversationSampler:
-    """Batches of whole conversations, one a row, for train.py: the interface of BatchSampler
-    (next, prefetch, lengths, resume_state, restore, eval_batches). Each pass over the
-    training conversations takes them in an order shuffled from (seed, pass): the k-th row
-    ever drawn is a function of k alone, so resuming needs only how many were drawn."""
+    """Batches of whole conversations, packed or one a row (batch()), for train.py: the
+    interface of BatchSampler (next, prefetch, lengths, resume_state, restore, eval_batches).
+    Each pass over the training conversations takes them in an order shuffled from (seed,
+    pass): the k-th conversation ever drawn is a function of k alone, so resuming needs only
+    how many were drawn."""
 
     def __init__(self, data, block_size, batch_size, device, seed, share=(0, 1, 1), pack_len=None):
         ids, targets, bounds = data
@@ -400,7 +401,7 @@ class PairSampler(ConversationSampler):
 
 def open_data(cfg, mcfg, tokenizer, device, share):
     """(sampler, its log line) for cfg.data: text windows of block_size, conversations (a
-    .jsonl file or a folder tools.prepare made of one) padded to their batch's longest, or
+    .jsonl file or a folder tools.prepare made of one) packed or one a row, or
     preference pairs likewise. share: (rank, world, micro steps of a step), as shard() splits them."""
     kind = data_kind(cfg.data)
     if kind == "text":
