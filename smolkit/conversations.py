@@ -104,6 +104,14 @@ def encode_all(conversations, tokenizer):
     return lay_out([encode(c, tokenizer) for c in conversations])
 
 
+def record_kind(keys):
+    """What a record with these keys is: "conversations" ("messages"), "preferences"
+    ("chosen" or "rejected") or "text" (neither)."""
+    if "messages" in keys:
+        return "conversations"
+    return "preferences" if {"chosen", "rejected"} & set(keys) else "text"
+
+
 def data_kind(path):
     """What --data holds: "text", "conversations" or "preferences" (pairs of replies,
     smolkit/preferences.py). A .jsonl file is what its first record is ({"messages": ...} or
@@ -119,8 +127,8 @@ def data_kind(path):
     if not path.lower().endswith(".jsonl"):
         return "text"
     first = next(jsonl_records(path), (None, None))[0] if os.path.isfile(path) else None
-    is_pair = isinstance(first, dict) and "messages" not in first and bool({"chosen", "rejected"} & first.keys())
-    return "preferences" if is_pair else "conversations"
+    # a .jsonl of neither kind is read as conversations, whose reader names what is missing
+    return "preferences" if isinstance(first, dict) and record_kind(first) == "preferences" else "conversations"
 
 
 def load_conversations(path, tokenizer):

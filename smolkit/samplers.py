@@ -65,6 +65,8 @@ class BatchSampler:
     Training batches come one ahead: prefetch() builds the next micro batch and starts its
     copy to the device while the device still works on the current one."""
 
+    KIND = "text"  # what --data holds (conversations.data_kind)
+
     def __init__(self, splits, block_size, batch_size, device, seed, share=(0, 1, 1), doc_mask=False):
         self.splits, self.block_size, self.batch_size = splits, block_size, batch_size
         self.device, self.seed, self.doc_mask = device, seed, doc_mask
@@ -205,7 +207,7 @@ class ConversationSampler:
         self.todo, self.ahead = [], None
         self.order = (None, None)  # (pass, its shuffled order)
 
-    WHAT, DROPPED = "conversations", "their first reply does not fit"
+    KIND, WHAT, DROPPED = "conversations", "conversations", "their first reply does not fit"
     NOTHING_FITS = "no conversation's first assistant turn fits in block_size {}; raise --block_size"
 
     def fit(self, bounds, length):
@@ -318,7 +320,7 @@ class PairSampler(ConversationSampler):
     (score_reference: the starting model's log-probabilities of every reply, (pairs, 2)) is
     computed once and travels in the checkpoint with the rows drawn, so resuming is exact."""
 
-    WHAT, DROPPED = "preference pairs", "no reply token fits"
+    KIND, WHAT, DROPPED = "preferences", "preference pairs", "no reply token fits"
     NOTHING_FITS = "no preference pair keeps a reply token within block_size {}; raise --block_size"
 
     def __init__(self, data, block_size, batch_size, device, seed, share=(0, 1, 1)):
@@ -351,6 +353,8 @@ class PairSampler(ConversationSampler):
 
     def batch(self, pairs):
         x, targets = super().batch([p[0] for p in pairs] + [p[1] for p in pairs])
+        if self.reference is None:  # scoring the reference itself
+            return x, (targets, None)
         ref_logps = self.reference[[p[2] for p in pairs]].T.flatten()  # (2P,): chosen, then rejected
         return x, (targets, ref_logps.to(self.device))
 
@@ -373,7 +377,7 @@ class PairSampler(ConversationSampler):
         reference = torch.zeros(self.n_pairs, 2, device=device)
         mine = [p for p in self.splits["train"] + (self.splits["val"] if self.held_out else [])
                 if p[2] % self.world == self.rank]
-        was_training, self.reference = model.training, torch.zeros(self.n_pairs, 2)
+        was_training, self.reference = model.training, None
         model.eval()
         for at in range(0, len(mine), self.batch_size):
             pairs = mine[at:at + self.batch_size]

@@ -46,7 +46,7 @@ import numpy as np
 
 from smol import EOT_ID
 from smolkit.common import Parser, UserError, fail
-from smolkit.conversations import check_messages, encode, require_replies
+from smolkit.conversations import check_messages, encode, record_kind, require_replies
 from smolkit.preferences import check_pair, encode_pair
 from smolkit.data import DOC_SEPARATOR, jsonl_records, load_tokenizer
 
@@ -194,14 +194,6 @@ def message_records(path, args, columns=("messages",)):
             yield from ((dict(zip(present, row)), path) for row in zip(*(c.to_pylist() for c in batch.columns)))
     else:
         yield from jsonl_records(path)
-
-
-def record_kind(keys):
-    """"conversations" for a record with "messages", "preferences" for one with "chosen" and
-    "rejected", else "text": smolkit.conversations.data_kind's rule."""
-    if "messages" in keys:
-        return "conversations"
-    return "preferences" if {"chosen", "rejected"} & set(keys) else "text"
 
 
 def source_kind(paths, args):
