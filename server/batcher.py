@@ -14,6 +14,7 @@ import torch
 
 from smol import sample_next
 from smolkit.decoding import CacheBlock, ModelOverflow, Step, slots_for
+from smolkit.grammar import masked_logits
 
 
 class Busy(Exception):
@@ -28,7 +29,7 @@ class Sequence:
     string was seen) and it leaves the batch before the next step."""
 
     def __init__(self, prompt_ids, max_new_tokens, on_token, temperature=1.0, top_k=None, top_p=None,
-                 seed=None, stop_ids=(), logprobs=None, score_prompt=False):
+                 seed=None, stop_ids=(), logprobs=None, score_prompt=False, constraint=None):
         self.prompt, self.max_new_tokens, self.on_token = list(prompt_ids), max_new_tokens, on_token
         # as sample_next takes them per row: top_k 0 and top_p 1 filter nothing
         self.temperature, self.top_k, self.top_p = temperature, top_k or 0, 1.0 if top_p is None else top_p
@@ -43,6 +44,7 @@ class Sequence:
         # scores gets one (logprob, [(id, logprob)] * N) per scored token, the prompt's first,
         # each appended before on_token hands over its token
         self.logprobs, self.score_prompt, self.scores = logprobs, score_prompt, []
+        self.constraint = constraint  # a grammar.Constraint: the tokens each step may draw (None: any)
 
 
 MASK64 = (1 << 64) - 1
@@ -291,11 +293,13 @@ class Batcher:
 
     def _emit(self, rows, logits):
         """Sample the next token of every row in one call, each with its own settings and
-        random number, and hand each to its request."""
+        random number (a constrained row among the tokens its grammar allows), and hand each
+        to its request. Log-probabilities are the model's own, before any grammar's mask."""
         settings = torch.tensor([[seq.temperature, seq.top_k, seq.top_p] for seq in rows], dtype=torch.float64)
         u = torch.tensor([[uniform(seq.seed, seq.made)] for seq in rows])  # (n, 1), on the host: sample_next
         # takes it to the device with the settings, the step's one copy there
-        tokens = sample_next(logits, settings[:, 0].float(), settings[:, 1].long(), settings[:, 2].float(), uniform=u)
+        allowed = masked_logits(logits, [seq.constraint for seq in rows])  # logits itself if none is constrained
+        tokens = sample_next(allowed, settings[:, 0].float(), settings[:, 1].long(), settings[:, 2].float(), uniform=u)
         if scored := [i for i, seq in enumerate(rows) if seq.logprobs is not None]:  # (an evaluator's rows)
             top = max(rows[i].logprobs for i in scored)
             for i, (lp, best) in zip(scored, token_scores(logits[scored], tokens[scored].clamp(min=0), top)):
@@ -305,6 +309,13 @@ class Batcher:
                 seq.finished = True
                 seq.on_token(ModelOverflow(logits.dtype))
                 continue
+            if seq.constraint is not None:
+                try:
+                    seq.constraint.advance(token)
+                except RuntimeError as e:  # a bug in the grammar's mask: this request fails, the others go on
+                    seq.finished = True
+                    seq.on_token(e)
+                    continue
             seq.last, seq.made = token, seq.made + 1
             self.generated += 1
             seq.finished = token in seq.stop_ids or seq.made == seq.max_new_tokens

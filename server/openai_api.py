@@ -7,9 +7,11 @@ the extensions that vLLM's and llama.cpp's servers add and that evaluators send.
 """
 import codecs
 import json
+import re
+import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from server.access import error_body
@@ -21,10 +23,11 @@ MAX_MESSAGES = 1024
 MAX_STOPS, MAX_STOP_CHARS = 16, 1024  # OpenAI's API allows 4; evaluators add the eos string to a task's own
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (each one a row of the batch, admitted together)
 MAX_LOGPROBS = 20  # the likeliest tokens a scored position may list, as OpenAI's API allows
+MAX_TOOLS = 128  # tools offered, or calls sent back, in one request (OpenAI's limit on tools)
 # fields of OpenAI's API (or vLLM's) that would change the answer and that this server does not
 # implement: accepted at the value that changes nothing, else refused with a 400 naming them
 INERT = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": {}, "best_of": 1,
-         "suffix": "", "min_tokens": 0, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none"}
+         "suffix": "", "min_tokens": 0}
 
 
 class APIError(Exception):
@@ -69,28 +72,107 @@ class SamplingRequest(BaseModel):
                                     f"leave it out)", param=name, code="unsupported_parameter")
 
 
-class TextPart(BaseModel):
+class Strict(BaseModel):
+    """A part of a request: strict types, as the requests' own fields."""
     model_config = ConfigDict(strict=True)
+
+
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(strict=True)
-    role: Literal[ROLES]
-    content: str | list[TextPart]
+class FunctionCall(Strict):
+    name: str
+    arguments: str  # JSON, as the model wrote it
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class Message(Strict):
+    role: Literal[ROLES + ("tool",)]
+    content: str | list[TextPart] | None = None  # None only beside tool_calls
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)  # an assistant's calls, sent back
+    tool_call_id: str | None = None  # a tool's result: the call it answers
+    name: str | None = None  # who speaks (OpenAI's API): changes nothing
+
+    @model_validator(mode="after")
+    def complete(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError("missing", "content is needed (null only in an assistant message with "
+                                                 "tool_calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise PydanticCustomError("tool_calls", "only an assistant message has tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise PydanticCustomError("tool_call_id", "a tool message needs the tool_call_id it answers")
+        return self
 
     def text(self):
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+
+    def turn(self):
+        """The message as chat.render_chat takes it."""
+        turn = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            turn["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        return turn
+
+
+# ---- structured output: response_format, tools and tool_choice ----
+
+class JSONSchemaFormat(Strict):
+    name: str = Field(max_length=64)
+    schema_: dict | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # the schema is always kept: constrained decoding cannot do otherwise
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def complete(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise PydanticCustomError("json_schema", "json_schema is given with type json_schema, and only then")
+        return self
+
+
+class Function(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule: nothing to escape in a call's JSON
+    description: str | None = None
+    parameters: dict  # a JSON schema of the arguments; OpenAI makes it optional, a grammar needs one
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: Function
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     logprobs: bool = False  # each token of the reply with its log-probability
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # ... and the N likeliest (needs logprobs)
-    response_format: dict | None = None
-    tools: list | None = None
-    tool_choice: str | dict | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    # how the reply may call them (OpenAI's default: "auto" with tools, "none" without)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # at most one call a reply, which either value allows
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -105,6 +187,7 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # each token's log-probability and the N likeliest
     suffix: str | None = None
     best_of: int | None = None
+    response_format: ResponseFormat | None = None  # as vLLM extends its completions
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -186,15 +269,65 @@ def completion_choice(text, finish, index=0, logprobs=None):
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
-def chat_choice(text, finish, index=0, logprobs=None):
-    """One choice of a whole chat reply."""
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": finish}
+def chat_choice(text, finish, index=0, logprobs=None, call=None):
+    """One choice of a whole chat reply: its text, or (call) the CallReader of a tool call."""
+    message = {"role": "assistant", "content": text} if call is None else \
+        {"role": "assistant", "content": None, "tool_calls": [call.whole()]}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
-def chat_delta(text, finish):
-    """One choice of a streamed chat reply: the next piece of its text, if any (the last may have none)."""
-    return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish}
+def chat_delta(text, finish, delta=None):
+    """One choice of a streamed chat reply: the next piece of its text, if any (the last may have
+    none), or a delta of another kind (a tool call's)."""
+    delta = delta or ({"content": text} if text else {})
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+class CallReader:
+    """A reply decoded under a tool grammar (smolkit/grammar.py), read as it streams: a call,
+    <tool_call>{"name":NAME,"arguments":ARGS}</tool_call>, or plain text (which tool_choice
+    "auto" allows, and which never begins with "<"). push(piece) -> the stream's deltas in
+    OpenAI's shape: text as content; a call's id and name once the name is whole, then its
+    arguments in pieces. The call's last characters, which may be its closing "}</tool_call>",
+    are held back until the next piece or the end (last=True) says whether they are."""
+    HEAD = re.compile(r'<tool_call>\{"name":"([A-Za-z0-9_-]+)","arguments":')
+    TAIL = "}" + "</tool_call>"
+
+    def __init__(self):
+        self.id, self.text, self.name, self.start, self.sent = "call_" + uuid.uuid4().hex[:24], "", None, 0, 0
+
+    @property
+    def is_call(self):
+        return self.text.startswith("<")
+
+    @property
+    def complete(self):
+        return self.name is not None and self.text.endswith(self.TAIL)
+
+    def _end(self, last):
+        return len(self.text) - len(self.TAIL) if not last or self.complete else len(self.text)
+
+    def push(self, piece, last=False):
+        self.text += piece
+        if not self.is_call:
+            return [{"content": piece}] if piece else []
+        deltas = []
+        if self.name is None:
+            if not (head := self.HEAD.match(self.text)):  # cut short before its name is whole: words after all
+                return [{"content": self.text}] if last else []
+            self.name, self.start = head.group(1), head.end()
+            deltas.append({"tool_calls": [{"index": 0, "id": self.id, "type": "function",
+                                           "function": {"name": self.name, "arguments": ""}}]})
+        args = self.text[self.start + self.sent:max(self.start + self.sent, self._end(last))]
+        self.sent += len(args)
+        if args:
+            deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": args}}]})
+        return deltas
+
+    def whole(self):
+        """The call as a whole message holds it (the reply read to its end)."""
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.text[self.start:self._end(True)]}}
 
 
 # a streamed chat reply's first choice: the role, before any text, as OpenAI sends it

@@ -2,6 +2,8 @@
 Talking to a model: the chat format of SmolLM2-Instruct (ChatML), fitting a
 conversation into the context, and token ids to text as it streams.
 """
+import json
+
 from smol import EOT_ID, IM_END_ID
 
 # SmolLM2-Instruct speaks ChatML: each turn is <|im_start|>ROLE\nTEXT<|im_end|>\n, and
@@ -9,23 +11,63 @@ from smol import EOT_ID, IM_END_ID
 # with the instruct weights, e.g. as tokenizer.chat_template in their GGUF files) puts
 # this system message first when a conversation does not begin with one.
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant")  # the turns of a conversation (the API adds "tool")
+# Tools (OpenAI's [{"type": "function", "function": {"name", "description", "parameters"}}])
+# have no place in SmolLM2's template, so this one gives them one: listed in the system
+# message, a call written as <tool_call>{"name":...,"arguments":{...}}</tool_call> at the end of
+# an assistant turn (the form grammar.py makes the model write), a tool's result sent back as a
+# user turn in <tool_response> tags
+TOOLS_INTRO = ("\n\nYou may call one of these functions, each given with a JSON schema of its arguments:\n"
+               "<tools>")
+TOOLS_OUTRO = ("\n</tools>\nTo call one, answer with only <tool_call>{\"name\":NAME,\"arguments\":{...}}</tool_call>. "
+               "Its result comes back in <tool_response></tool_response>.")
 # render_chat as a Jinja template, for the programs that render chats themselves (the server's
-# /tokenizer_info gives it to evaluators; GGUF files carry it for llama.cpp)
+# /tokenizer_info gives it to evaluators; GGUF files carry it for llama.cpp; transformers'
+# apply_chat_template, whose tojson is json.dumps as render_chat calls it, renders tools alike)
 CHAT_TEMPLATE = (
-    "{% if messages and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' }}{% endif %}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    "{%- set ns = namespace(tools='') %}"
+    "{%- if tools %}{% set ns.tools = '" + TOOLS_INTRO.replace("\n", "\\n") + "' %}"
+    "{% for tool in tools %}{% set ns.tools = ns.tools + '\\n' + tool['function'] | tojson %}{% endfor %}"
+    "{% set ns.tools = ns.tools + '" + TOOLS_OUTRO.replace("\n", "\\n") + "' %}{% endif %}"
+    "{%- if messages and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "' + ns.tools + '<|im_end|>\\n' }}{% endif %}"
+    "{%- for message in messages %}"
+    "{%- set content = message['content'] if message['content'] is string else '' %}"
+    "{%- if loop.first and message['role'] == 'system' %}{% set content = content + ns.tools %}{% endif %}"
+    "{%- if message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + content + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}{{ '<|im_start|>' + message['role'] + '\\n' + content }}"
+    "{%- for call in message['tool_calls'] or [] %}"
+    "{{ '<tool_call>{\"name\":\"' + call['function']['name'] + '\",\"arguments\":' }}"
+    "{%- if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
+    "{%- else %}{{ call['function']['arguments'] | tojson }}{% endif %}{{ '}</tool_call>' }}"
+    "{%- endfor %}{{ '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-def render_chat(messages, add_generation_prompt=True):
+def tool_call_text(name, arguments):
+    """A call as an assistant turn holds it; arguments: a JSON string, or a dict."""
+    args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return f'<tool_call>{{"name":"{name}","arguments":{args}}}</tool_call>'
+
+
+def render_chat(messages, add_generation_prompt=True, tools=None):
     """[{"role", "content"}, ...] -> prompt text, as the official template renders it;
-    add_generation_prompt opens the assistant's turn for the model to write."""
+    add_generation_prompt opens the assistant's turn for the model to write. tools, and
+    messages with "tool_calls" or role "tool", in OpenAI's shapes: as CHAT_TEMPLATE says."""
     if messages and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}] + list(messages)
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    listed = "" if not tools else \
+        TOOLS_INTRO + "".join("\n" + json.dumps(t["function"], ensure_ascii=False) for t in tools) + TOOLS_OUTRO
+    text = ""
+    for i, m in enumerate(messages):
+        content = (m.get("content") or "") + (listed if i == 0 else "")
+        if m["role"] == "tool":
+            text += f"<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n"
+            continue
+        calls = "".join(tool_call_text(c["function"]["name"], c["function"]["arguments"])
+                        for c in m.get("tool_calls") or [])
+        text += f"<|im_start|>{m['role']}\n{content}{calls}<|im_end|>\n"
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 

@@ -28,6 +28,7 @@ import torch
 
 from smol import KVCache, sample_next
 from smolkit.common import UserError, inference_dtype, pick_device
+from smolkit.grammar import masked_logits
 from smolkit.models import load_model
 from smolkit.quantize import check, quantize
 
@@ -153,12 +154,15 @@ class Decoder:
         return self.blocks[key]
 
     @torch.inference_mode()  # like no_grad, and also skips autograd's version bookkeeping: faster small ops
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=()):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, stop_ids=(),
+               constraints=None):
         """Yield each step's new tokens as a list of B ids. The prompt idx (B, T) is read once
         into the cache (prefill, eager); each later step feeds one token per row. A row that
         samples one of stop_ids is finished: it yields that id, then repeats it while other
         rows go on; the stream ends when all rows are done. A step copies to the device once
-        (the sampling settings) and back once (these ids): on a GPU each copy waits."""
+        (the sampling settings) and back once (these ids): on a GPU each copy waits.
+        constraints: a grammar.Constraint per row (None: free), whose mask each draw obeys."""
+        constraints = constraints or [None] * idx.size(0)
         model, context = self.model, self.model.config.max_position_embeddings
         B, T = idx.size()
         if T + max_new_tokens > context:
@@ -171,8 +175,11 @@ class Decoder:
         stop, ended = set(stop_ids), [None] * B  # ended[b]: the stop id row b finished with
         logits = model(idx, kv_cache=block.view(B, T), last_only=True)[0][:, -1]  # (B, V)
         for pos in range(T, T + max_new_tokens):
-            token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1), on the device
+            token = sample_next(masked_logits(logits, constraints), temperature, top_k, top_p, generator)  # (B, 1)
             ids = [i if e is None else e for i, e in zip(token.view(-1).tolist(), ended)]  # the copy to the host
+            for c, i, e in zip(constraints, ids, ended):
+                if c is not None and e is None:
+                    c.advance(i)
             ended = [i if e is None and i in stop else e for i, e in zip(ids, ended)]
             yield ids
             if pos == T + max_new_tokens - 1 or (stop and None not in ended):

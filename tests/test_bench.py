@@ -162,3 +162,17 @@ def test_bench_packing_runs_both_ways_on_the_committed_set(chat_model, tmp_path,
     assert "packed into rows of up to 2,048 tokens" in proc.stdout.split("--packing true:")[1].split("\n")[0]
     assert "packed into rows" not in proc.stdout.split("--packing false:")[1].split("\n")[0]
     assert re.search(r"best of 1: packed [\d.]+ s, padded [\d.]+ s: packed [\d.]+x faster", proc.stdout)
+
+
+def test_bench_structured_times_both_kinds_of_row(chat_model):
+    need_module("llguidance", "pip install llguidance")
+    proc = subprocess.run([*command("bench.bench_structured"), "--init_from", chat_model["out_dir"] / "ckpt.pt",
+                           "--batch", "1", "3", "--max_tokens", "6", "--rounds", "1", "--device", "cpu"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # every row made its 6 tokens, or it says not
+    lines = proc.stdout.splitlines()
+    assert "6 tokens a row, best of 1" in lines[0]
+    for line, rows in zip(lines[1:], (1, 3)):
+        assert re.fullmatch(rf"batch +{rows}: free +[\d.]+ tok/s  schema +[\d.]+ tok/s  \([\d.]+x, -?\d+% slower\)"
+                            r"  mask [\d.]+ ms a step", line), line
+        assert float(line.split("mask ")[1].split()[0]) > 0  # the constrained rows went through the mask
