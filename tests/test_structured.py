@@ -331,7 +331,7 @@ def test_sample_json_schema_replies_in_the_schema(instruct_dir, tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("Data:{"), proc.stdout + proc.stderr
 
 
-SAMPLE_MISTAKES = {  # what --json_schema names -> the one line
+SAMPLE_MISTAKES = {  # what --json_schema names -> its message (in-process; the one-line exit: the test below)
     "missing": (None, "--json_schema {path}: cannot read it (No such file or directory)"),
     "not JSON": ("{nope", "--json_schema {path}: not JSON (Expecting property name"),
     "uncompilable": ('{"type": "strin"}', "--json_schema {path}: the grammar library cannot use it: Invalid type: strin"),
@@ -339,15 +339,18 @@ SAMPLE_MISTAKES = {  # what --json_schema names -> the one line
 
 
 @pytest.mark.parametrize("name", SAMPLE_MISTAKES)
-def test_sample_schema_mistakes_are_one_line(tmp_path, name):
+def test_sample_schema_mistakes_are_named(tmp_path, name):
+    import sample
+    from smolkit.common import UserError
     content, words = SAMPLE_MISTAKES[name]
     path = tmp_path / "schema.json"
     if content is not None:
         path.write_text(content)
-    proc = subprocess.run(command("sample.py", "--json_schema", path, "--out_dir", tmp_path / "none"),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stderr.startswith("error: " + words.format(path=path)), proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    with pytest.raises(UserError) as e:
+        sample.read_grammar(sample.build_parser().parse_args(["--json_schema", str(path)]))
+    assert str(e.value).startswith(words.format(path=path))
+    with pytest.raises(UserError, match="--json_schema and --json: give one"):
+        sample.read_grammar(sample.build_parser().parse_args(["--json_schema", str(path), "--json"]))
 
 
 def test_without_llguidance_the_error_names_it(tmp_path):
