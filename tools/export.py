@@ -9,7 +9,7 @@ picked by --to:
   world read it as a LlamaForCausalLM, and --init_from takes it;
 - FILE.gguf: one file that llama.cpp (llama-cli, llama-server), Ollama and
   llama-cpp-python run as is, tokenizer and chat template inside (smolkit/gguf_io.py);
-  --dtype q8_0 makes it about a quarter of float32's size.
+  --dtype q8_0 makes it about a third of float32's size (attn_v and ffn_down kept float16: docs/huggingface.md).
 
 Either way it stops where this project's sampling stops (the model's eos ids).
 
