@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from server.access import error_body
-from smolkit.chat import ROLES
+from smolkit.chat import CALL_CLOSE, CALL_OPEN, ROLES
 
 # what one request may ask for: every bound answers a client's mistake with a 400, not a 500
 MAX_BODY = 1 << 20  # bytes of JSON (413 past it): a whole context of text fits many times over
@@ -290,8 +290,8 @@ class CallReader:
     OpenAI's shape: text as content; a call's id and name once the name is whole, then its
     arguments in pieces. The call's last characters, which may be its closing "}</tool_call>",
     are held back until the next piece or the end (last=True) says whether they are."""
-    HEAD = re.compile(r'<tool_call>\{"name":"([A-Za-z0-9_-]+)","arguments":')
-    TAIL = "}" + "</tool_call>"
+    HEAD = re.compile(re.escape(CALL_OPEN) + r'\{"name":"([A-Za-z0-9_-]+)","arguments":')
+    TAIL = "}" + CALL_CLOSE
 
     def __init__(self):
         self.id, self.text, self.name, self.start, self.sent = "call_" + uuid.uuid4().hex[:24], "", None, 0, 0

@@ -17,10 +17,11 @@ ROLES = ("system", "user", "assistant")  # the turns of a conversation (the API 
 # message, a call written as <tool_call>{"name":...,"arguments":{...}}</tool_call> at the end of
 # an assistant turn (the form grammar.py makes the model write), a tool's result sent back as a
 # user turn in <tool_response> tags
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"  # around a call; grammar.py makes the model write them
 TOOLS_INTRO = ("\n\nYou may call one of these functions, each given with a JSON schema of its arguments:\n"
                "<tools>")
-TOOLS_OUTRO = ("\n</tools>\nTo call one, answer with only <tool_call>{\"name\":NAME,\"arguments\":{...}}</tool_call>. "
-               "Its result comes back in <tool_response></tool_response>.")
+TOOLS_OUTRO = ("\n</tools>\nTo call one, answer with only " + CALL_OPEN + "{\"name\":NAME,\"arguments\":{...}}"
+               + CALL_CLOSE + ". Its result comes back in <tool_response></tool_response>.")
 # render_chat as a Jinja template, for the programs that render chats themselves (the server's
 # /tokenizer_info gives it to evaluators; GGUF files carry it for llama.cpp; transformers'
 # apply_chat_template, whose tojson is json.dumps as render_chat calls it, renders tools alike)
@@ -38,9 +39,9 @@ CHAT_TEMPLATE = (
     "{{ '<|im_start|>user\\n<tool_response>\\n' + content + '\\n</tool_response><|im_end|>\\n' }}"
     "{%- else %}{{ '<|im_start|>' + message['role'] + '\\n' + content }}"
     "{%- for call in message['tool_calls'] or [] %}"
-    "{{ '<tool_call>{\"name\":\"' + call['function']['name'] + '\",\"arguments\":' }}"
+    "{{ '" + CALL_OPEN + "{\"name\":\"' + call['function']['name'] + '\",\"arguments\":' }}"
     "{%- if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
-    "{%- else %}{{ call['function']['arguments'] | tojson }}{% endif %}{{ '}</tool_call>' }}"
+    "{%- else %}{{ call['function']['arguments'] | tojson }}{% endif %}{{ '}" + CALL_CLOSE + "' }}"
     "{%- endfor %}{{ '<|im_end|>\\n' }}{% endif %}{% endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
@@ -48,7 +49,7 @@ CHAT_TEMPLATE = (
 def tool_call_text(name, arguments):
     """A call as an assistant turn holds it; arguments: a JSON string, or a dict."""
     args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return f'<tool_call>{{"name":"{name}","arguments":{args}}}</tool_call>'
+    return f'{CALL_OPEN}{{"name":"{name}","arguments":{args}}}{CALL_CLOSE}'
 
 
 def render_chat(messages, add_generation_prompt=True, tools=None):

@@ -14,11 +14,11 @@ from functools import lru_cache
 
 import torch
 
+from smolkit.chat import CALL_CLOSE, CALL_OPEN
 from smolkit.common import UserError
 
 # compact JSON: a small model under a grammar that allows whitespace can fill the reply with it
 COMPACT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
-CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 # what one grammar may cost: compiling it (the lexer's fuel, ~50k a millisecond: about 100 ms,
 # off the server's event loop) and each step's mask (~14k a millisecond: at most about 15 ms a row)
 LIMITS = dict(initial_lexer_fuel=5_000_000, step_lexer_fuel=200_000, max_grammar_size=200_000)
@@ -76,7 +76,7 @@ def tool_grammar(tools, text_too=False):
 
 
 class Constraint:
-    """One reply's grammar state: which tokens may come next, and the tokens drawn so far.
+    """One reply's grammar state: which tokens may come next, given the tokens drawn so far.
     tokenizer: a tokenizers.Tokenizer; stop_ids: the tokens that end the reply, the only
     ones allowed once the grammar is complete. Raises GrammarError if it does not compile."""
 
