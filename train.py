@@ -33,7 +33,7 @@ from smolkit.common import (DTYPES, Parser, UserError, autocast_for, expand_kv, 
                             pick_device, start_processes, use_compile, wrap_for_training)
 from smolkit.conversations import data_kind
 from smolkit.data import load_tokenizer
-from smolkit.metrics import RunFacts, TrainingLog, eval_sample, param_breakdown, tuning_line
+from smolkit.metrics import RunFacts, TrainingLog, eval_sample, param_breakdown, setup_line, tuning_line
 from smolkit.models import load_model
 from smolkit.preferences import DPO
 from smolkit.samplers import open_data, settings_from_data, shard
@@ -293,15 +293,8 @@ def main(argv=None):
     # for conversations: their own tokens on average, not the padding
     tokens_per_step = round(cfg.batch_size * mean_len * cfg.gradient_accumulation_steps)
     peak = peak_flops(device)
-    pieces = raw_model.loss_rows_per_piece
-    processes = f" x {world} processes ({backend}), each {accum} micro step(s) x {rows} " + \
-        ("pairs" if pairs else "rows") if ddp else ""
-    loss_line = f"DPO (beta {cfg.dpo_beta:g}) on the whole logits" if pairs else "the loss in " + (
-        "one piece" if pieces is None else f"pieces of {pieces:,} rows")
-    per_step = f"{cfg.batch_size * cfg.gradient_accumulation_steps:,} {'pairs' if pairs else 'conversations'} per step"
-    log(f"device {device}{processes}, {dtype} ({dtype_why}{', GradScaler' if scaler.is_enabled() else ''}), "
-        f"compile {compiled}, {loss_line}; {data_line}; "
-        + (per_step if chat else f"{tokens_per_step:,} tokens per step"))
+    log(setup_line(cfg, kind, device, (world, backend, accum, rows), (dtype, dtype_why, scaler.is_enabled()),
+                   compiled, raw_model.loss_rows_per_piece, data_line, tokens_per_step))
     guard = guards.Guard(cfg, mcfg, device, n_params, ddp, master, saved_step=iter_num if resumed else None)
     peak_share = raw_model.flops_per_token(seq_len) / (world * peak) if peak else None  # x tok/s = MFU
     report = TrainingLog(cfg, RunFacts(master, iter_num if resumed else None, tokens_per_step, accum, peak_share,

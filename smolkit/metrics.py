@@ -39,6 +39,21 @@ def tuning_line(cfg, kind, defaults):
             + ", ".join(f"{k} {getattr(cfg, k)}" for k in defaults))
 
 
+def setup_line(cfg, kind, device, processes, precision, compiled, pieces, data_line, tokens_per_step):
+    """The line before the first step: where and how the run computes, and what a step reads.
+    processes: (world, DDP backend or None, micro steps, rows each); precision: (dtype, why,
+    GradScaler on); pieces: the loss's rows per piece (None: one piece)."""
+    (world, backend, accum, rows), (dtype, why, scaled), pairs = processes, precision, kind == "preferences"
+    shared = f" x {world} processes ({backend}), each {accum} micro step(s) x {rows} " + \
+        ("pairs" if pairs else "rows") if backend is not None else ""
+    loss = f"DPO (beta {cfg.dpo_beta:g}) on the whole logits" if pairs else "the loss in " + (
+        "one piece" if pieces is None else f"pieces of {pieces:,} rows")
+    per_step = f"{cfg.batch_size * cfg.gradient_accumulation_steps:,} {'pairs' if pairs else 'conversations'}" \
+        if kind != "text" else f"{tokens_per_step:,} tokens"
+    return (f"device {device}{shared}, {dtype} ({why}{', GradScaler' if scaled else ''}), compile {compiled}, "
+            f"{loss}; {data_line}; {per_step} per step")
+
+
 def param_breakdown(model):
     """The start-of-run line: a SmolLM's embedding, one layer, total."""
     emb = model.model.embed_tokens.weight.numel()
