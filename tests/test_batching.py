@@ -1,13 +1,15 @@
 """server.batcher.Batcher, in this process: continuous batching of many requests over one
 model. Every observation is an order or a counter (the batch size of each step, the
-cache's size at each token), never a clock."""
+cache's size whenever a block is made), never a clock."""
 import os
 import threading
+import weakref
 
 import pytest
 import torch
 
 from conftest import fp16_overflowing_model, wait_for
+from server import batcher as batcher_module
 from server.batcher import Batcher, Busy, Sequence
 from smol import SmolConfig, SmolLM
 from smolkit import decoding
@@ -25,16 +27,21 @@ def model():
 
 class Run:
     """Requests submitted to a batcher; what each received, and a log of (name, token)
-    in the order the worker delivered them. on_each(batcher) runs at every token."""
+    in the order the worker delivered them. on_each(batcher) runs at every token. A request
+    ends with None, or with an Exception if it failed: wait() fails on such an end, unless
+    the test names the request in wait(..., failing=...) and then checks the exception
+    (errors[name])."""
 
     def __init__(self, batcher, on_each=None):
         self.batcher, self.on_each = batcher, on_each
-        self.log, self.tokens, self.ended = [], {}, {}
+        self.log, self.tokens, self.ended, self.errors = [], {}, {}, {}
 
     def submit(self, name, prompt, n, **sampling):
         self.tokens[name], self.ended[name] = [], threading.Event()
 
         def on_token(token):
+            if isinstance(token, Exception):
+                self.errors[name] = token
             if token is None or isinstance(token, Exception):
                 self.ended[name].set()
                 return
@@ -46,9 +53,13 @@ class Run:
         self.batcher.submit(seq)
         return seq
 
-    def wait(self, *names):
+    def wait(self, *names, failing=()):
         for name in names or list(self.ended):
             assert self.ended[name].wait(120), f"{name} never ended"
+            if name in failing:
+                assert name in self.errors, f"{name} ended without the failure the test expects"
+            else:
+                assert name not in self.errors, f"{name} failed: {self.errors[name]!r}"
 
 
 def prompts(n, seed=1):
@@ -69,13 +80,16 @@ def test_sixteen_requests_together_give_what_each_gives_alone(model):
         run.submit("a", p, n, **sampling)
         run.wait()
         alone.append(run.tokens["a"])
-    batcher = Batcher(model, max_batch=16)
-    together = Run(batcher)
+    batcher = Batcher(model, max_batch=16, thread=False)  # the worker starts once all 16 are in line
+    sizes = []  # the batch size of the step that made each token after the prefills
+    together = Run(batcher, on_each=lambda b: sizes.append(b.last_batch) if b.steps else None)
     for i, (p, n, sampling) in enumerate(requests):
         together.submit(i, p, n, **sampling)
+    threading.Thread(target=batcher.run, daemon=True).start()
     together.wait()
     assert [together.tokens[i] for i in range(16)] == alone
-    assert batcher.last_batch > 1 and batcher.steps < 16 * 39  # they did share steps
+    # they shared every step: 39 steps of 16 rows (each request's first token is its prefill's)
+    assert batcher.steps == 39 and sizes == [16] * (16 * 39)
     # and the plain loop of smol.py agrees for the greedy ones
     for i in range(0, 16, 4):
         p = requests[i][0]
@@ -121,35 +135,46 @@ def test_a_cancelled_request_leaves_the_batch_at_the_next_step(model):
     assert steps[0] == 2 and steps[-1] == 1 and steps == sorted(steps, reverse=True)
 
 
-def test_the_cache_stays_in_its_budget_and_the_line_is_bounded(model):
+def test_the_cache_stays_in_its_budget_and_the_line_is_bounded(model, monkeypatch):
     slot = Batcher(model, max_batch=1).slot_bytes  # k and v of one position, all layers
     # a request that could never fit is refused at once, with the reason
     with pytest.raises(ValueError, match="need .* MiB of KV cache; this server's cache budget is"):
         Batcher(model, cache_bytes=100 * slot).submit(Sequence([1] * 50, 974, lambda t: None))
-    # each request below needs 24 + 1000 = 1024 slots. Growing the block from 2 to 4 rows
-    # needs both blocks at once for the copy: 6 x 1024 slots, the budget; 8 rows do not fit
-    budget = 6 * 1024 * slot
+    # each request below needs 1000 + 24 = 1024 slots (a long prompt: one prefill, few steps). Growing the block from 2 to 4 rows
+    # needs both blocks at once for the copy: 6 x 1024 slots. A budget of 5 x 1024 holds
+    # 4 rows alone but not the copy: the batch stays at 2 rows
+    budget = 5 * 1024 * slot
     batcher = Batcher(model, max_batch=16, cache_bytes=budget, max_waiting=6)
-    gate, seen = threading.Event(), []
+    # the cache's bytes at the moment a block is made, the old one (being copied from) still
+    # held: every block alive then, counted by their own shapes
+    live, held = weakref.WeakSet(), []
 
-    def watch(b):  # at every token: the block's size; the worker waits at the gate once 4 run
-        seen.append((b.cache_size(), b.last_batch))
-        if not gate.is_set() and all(run.tokens[i] for i in range(4)):
+    class WatchedBlock(decoding.CacheBlock):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            live.add(self)
+            held.append(sum(batcher.cache_size((b.rows, b.slots)) for b in live))
+    monkeypatch.setattr(batcher_module, "CacheBlock", WatchedBlock)
+    gate, rows = threading.Event(), []
+
+    def watch(b):  # at every token: the batch's rows; the worker waits at the gate once 2 run
+        rows.append(b.last_batch)
+        if not gate.is_set() and all(run.tokens[i] for i in range(2)):
             gate.wait(60)
     run = Run(batcher, on_each=watch)
     for i in range(4):
-        run.submit(i, [1 + i] * 24, 1000, temperature=0)
-    while not all(run.tokens[i] for i in range(4)):  # the worker is now held at the gate
+        run.submit(i, [1 + i] * 1000, 24, temperature=0)
+    while not all(run.tokens[i] for i in range(2)):  # the worker is now held at the gate
         run.ended[0].wait(0.01)
-    for i in range(4, 10):
-        run.submit(i, [1 + i] * 24, 1000, temperature=0)  # in line: 4 rows are all the budget allows
-    with pytest.raises(Busy, match="4 requests are generating and 6 are waiting"):
-        run.submit(10, [1] * 24, 1000, temperature=0)
+    for i in range(4, 8):
+        run.submit(i, [1 + i] * 1000, 24, temperature=0)  # in line: 2 rows are all the budget allows
+    with pytest.raises(Busy, match="2 requests are generating and 6 are waiting"):
+        run.submit(8, [1] * 1000, 24, temperature=0)
     gate.set()
-    run.wait(*range(10))
-    assert all(len(run.tokens[i]) == 1000 for i in range(10))  # every accepted request completes
-    assert max(size for size, _ in seen) <= budget
-    assert max(rows for _, rows in seen) == 4
+    run.wait(*range(8))
+    assert all(len(run.tokens[i]) == 24 for i in range(8))  # every accepted request completes
+    assert held and max(held) <= budget  # also while a block grows (1 row to 2: 3 x 1024 slots held)
+    assert max(rows) == 2
 
 
 def test_a_long_prompt_holds_the_batch_up_for_its_prefill_and_no_longer(model):
@@ -401,10 +426,12 @@ def test_a_compiled_batch_keeps_its_block_after_a_failed_step(model):
             raise failures.pop()
         return batcher.step.forward(token, cache, input_pos)
     batcher.step.run = step
+    planted = failures[0]
     run = Run(batcher)
     run.submit("failed", [5, 6, 7], 4, temperature=0)
-    run.wait()
+    run.wait(failing=("failed",))
     block = batcher.block
+    assert run.errors["failed"] is planted and not failures  # the request ended with the step's failure
     assert block is not None and len(run.tokens["failed"]) == 1  # the prefill's token, then the step failed
     run = Run(batcher)
     run.submit("served", [5, 6, 7], 4, temperature=0)
