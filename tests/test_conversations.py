@@ -80,10 +80,33 @@ def test_the_loss_reads_only_the_assistants_tokens_of_one_conversation_a_row():
     mask = y != -1
     by_hand = F.cross_entropy(logits[mask].float(), y[mask])
     torch.testing.assert_close(model(x, y)[1], by_hand)
-    # changing what the prompt's tokens would be trained to say changes nothing
-    y2 = y.clone()
-    y2[~mask] = -1
-    torch.testing.assert_close(model(x, y2)[1], by_hand)
+    # nothing outside the assistant's targets is learned: the loss's gradient with respect to
+    # the logits the loss computes (caught as the loss makes them) is exactly zero at every
+    # other position (the prompt, the padding), and not zero at any target
+    logits_of_loss = KeepLogits(model.config.vocab_size)
+    with logits_of_loss:
+        loss = model(x, y)[1]
+    loss.backward()
+    [kept] = logits_of_loss.kept
+    grad = kept.grad.view(*y.shape, -1)  # (B, T, V)
+    assert (grad[~mask] == 0).all()
+    assert (grad[mask].abs().amax(dim=-1) > 0).all()
+
+
+class KeepLogits(torch.overrides.TorchFunctionMode):
+    """Keeps every (N, V) output of F.linear made inside it, its gradient retained: the
+    logits the loss computes from the final features and the tied head."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.vocab_size, self.kept = vocab_size, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.linear and out.size(-1) == self.vocab_size and out.requires_grad:
+            out.retain_grad()
+            self.kept.append(out)
+        return out
 
 
 def test_a_batch_without_targets_has_loss_zero_not_nan():
