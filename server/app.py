@@ -16,7 +16,9 @@ Serve one model over HTTP: a chat page for people, an OpenAI-compatible API for 
                                  generating or waiting, "decoding": rows in the batch, "waiting",
                                  "decode_steps" and "last_batch": batched steps so far and the rows
                                  of the last one, "tokens_generated": every token generated since
-                                 the server started, for all requests together}
+                                 the server started, for all requests together, "prefill_passes":
+                                 forward passes that read prompts (one a prompt, one per piece of a
+                                 prompt scored for echo and logprobs)}
 
 How requests share the model: continuous batching (server/batcher.py). Every request
 being generated is one row of one batch, advanced by one batched decode step per
@@ -271,7 +273,8 @@ async def health(request: Request):
     b = served.batcher
     return {"status": "ok", "model": served.name, "chat": served.chat, "context_length": served.context,
             "active_requests": b.active, "decoding": len(b.rows), "waiting": len(b.waiting),
-            "decode_steps": b.steps, "last_batch": b.last_batch, "tokens_generated": b.generated}
+            "decode_steps": b.steps, "last_batch": b.last_batch, "tokens_generated": b.generated,
+            "prefill_passes": b.prefill_passes}
 
 
 @app.get("/v1/models")

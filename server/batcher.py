@@ -114,6 +114,9 @@ class Batcher:
         self.inputs, self.version = None, 0
         self.lock = threading.Condition()
         self.steps = self.generated = self.last_batch = 0  # counters for /health and the tests
+        # forward passes that read prompts: one a prompt, or one per piece of score_rows positions
+        # when its every position is scored (the pieces an evaluator's long prompt costs)
+        self.prefill_passes = 0
         self.step, self.fixed = Step(model, compile), None
         if compile:
             slots = slots_for(self.context, self.context)
@@ -259,11 +262,13 @@ class Batcher:
         self.version += 1
         idx = torch.tensor([seq.prompt], device=self.device)  # (1, T)
         if not seq.score_prompt:  # the last position's logits only
+            self.prefill_passes += 1
             logits = self.model(idx, kv_cache=self.block.view(1, T, first_row=row), last_only=True)[0][:, -1]
         else:  # every position's, score_rows at a time: never all T x V logits at once
             for start in range(0, T, self.score_rows):
                 end = min(T, start + self.score_rows)
                 pos = torch.arange(start, end, device=self.device).view(1, -1)  # (1, p)
+                self.prefill_passes += 1
                 logits = self.model(idx[:, start:end], kv_cache=self.block.view(1, end, first_row=row),
                                     input_pos=pos)[0][0]  # (p, V)
                 scored = min(end, T - 1) - start  # position i scores prompt token i + 1

@@ -48,7 +48,7 @@ def test_models_and_health(chat_server, client):
     h = health(chat_server)
     assert h["status"] == "ok" and h["chat"] is True and h["context_length"] == 8192
     assert h["active_requests"] == 0 and h["decoding"] == 0 and h["waiting"] == 0
-    assert all(isinstance(h[k], int) for k in ("tokens_generated", "decode_steps", "last_batch"))
+    assert all(isinstance(h[k], int) for k in ("tokens_generated", "decode_steps", "last_batch", "prefill_passes"))
 
 
 def test_chat_completion_with_the_openai_client(client, reference):
