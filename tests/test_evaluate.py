@@ -24,6 +24,10 @@ def post(server, body, path="/v1/completions"):
     return httpx.post(server.url + path, json=body, timeout=120)
 
 
+def health(server):
+    return httpx.get(server.url + "/health", timeout=30).json()
+
+
 @pytest.fixture(scope="module")
 def reference(chat_model):
     """transformers' LlamaForCausalLM on the chat model's exported weights, fp32."""
@@ -39,7 +43,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def small_pieces_server(chat_model):
-    """The chat model with a 64 MiB budget: prompts are scored 14 positions at a time."""
+    """The chat model with a 64 MiB budget: prompts are scored 14 positions at a time (an
+    eighth of 64 MiB over 12 bytes a logit of 49,152: 8,388,608 // 589,824 = 14)."""
     with Server("--init_from", chat_model["hf"], "--dtype", "float32", "--cache_mb", "64") as server:
         yield server
 
@@ -55,11 +60,15 @@ def test_a_prompt_is_scored_in_pieces_as_transformers_scores_it(small_pieces_ser
     text = "What is the capital of France? Paris. What color is the sky? Blue. " * 4
     ids = tokenizer.encode(text).ids
     assert len(ids) > 3 * 14  # several pieces at 14 positions each
+    passes = health(small_pieces_server)["prefill_passes"]
     r = post(small_pieces_server, {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 3})
     assert r.status_code == 200, r.text
+    # the forward passes that read this prompt: one per piece of 14 positions
+    assert health(small_pieces_server)["prefill_passes"] - passes == -(-len(ids) // 14)
     choice = r.json()["choices"][0]
     got = choice["logprobs"]
     assert choice["text"] == text and got["tokens"] == [tokenizer.decode([i]) for i in ids]
+    assert len(got["token_logprobs"]) == len(got["top_logprobs"]) == len(ids)  # every token scored
     assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
     want, lp = reference_logprobs(reference, ids)
     assert max(abs(a - b) for a, b in zip(got["token_logprobs"][1:], want)) < 1e-4
@@ -122,20 +131,28 @@ def test_chat_logprobs_give_each_reply_token_and_its_top(chat_server):
 
 
 def test_the_tokenizer_routes_are_the_servers_tokenizer(chat_server, chat_model, tokenizer):
+    """/tokenize and /tokenizer_info against transformers' own reader of the exported
+    directory (AutoTokenizer) and ChatML written out by hand."""
     import jinja2
-
-    from smolkit.chat import render_chat
+    transformers = need_module("transformers", "pip install transformers")
+    exported = transformers.AutoTokenizer.from_pretrained(chat_model["hf"])
     text = "Hello world! café 日本語 🎉 def f(x): return x**2"
     r = post(chat_server, {"prompt": text, "add_special_tokens": False}, "/tokenize")
-    assert r.json()["tokens"] == tokenizer.encode(text).ids and r.json()["count"] == len(r.json()["tokens"])
+    assert r.json()["tokens"] == tokenizer.encode(text).ids == exported(text, add_special_tokens=False).input_ids
+    assert r.json()["count"] == len(r.json()["tokens"])
     assert post(chat_server, {"tokens": r.json()["tokens"]}, "/detokenize").json() == {"prompt": text}
     info = httpx.get(chat_server.url + "/tokenizer_info").json()
-    with open(os.path.join(chat_model["hf"], "tokenizer_config.json")) as f:
-        exported = json.load(f)
-    assert {k: info[k] for k in exported} == exported  # what export.py writes: the same bos and eos
+    # cosmo2: <|endoftext|> (id 0) is bos, eos and unk, and no bos is added; the context is 8,192
+    assert [info[k] for k in ("bos_token", "eos_token", "unk_token")] == \
+        [exported.bos_token, exported.eos_token, exported.unk_token] == ["<|endoftext|>"] * 3
+    assert exported.convert_tokens_to_ids("<|endoftext|>") == 0 and exported("2024").input_ids == [34, 32, 34, 36]
+    assert info["add_bos_token"] is False and info["model_max_length"] == exported.model_max_length == 8192
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    chatml = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+              "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>assistant\n")
+    assert exported.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == chatml
     assert jinja2.Environment().from_string(info["chat_template"]).render(
-        messages=messages, add_generation_prompt=True) == render_chat(messages)
+        messages=messages, add_generation_prompt=True) == chatml
 
 
 BAD = {  # body (completions unless it has messages) -> (param, words the message must contain)
@@ -157,7 +174,7 @@ BAD = {  # body (completions unless it has messages) -> (param, words the messag
     "an empty list": ({"prompt": []}, "prompt", "never an empty list"),
     "an empty prompt in a list": ({"prompt": [[1], []]}, "prompt", "never an empty list"),
     "65 prompts": ({"prompt": ["Hi"] * 65}, "prompt", "at most 64"),
-    "a mixed list": ({"prompt": ["Hi", 1]}, "prompt", ""),
+    "a mixed list": ({"prompt": ["Hi", 1]}, "prompt", "prompt: Input should be a valid string"),
     "stream with echo": ({"prompt": "Hi", "stream": True, "echo": True}, "stream", "without echo or logprobs"),
     "stream with two prompts": ({"prompt": ["a", "b"], "stream": True}, "stream", "one prompt"),
     "chat max_tokens 0": ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 0}, "max_tokens",
@@ -179,8 +196,17 @@ def test_each_misuse_of_the_new_fields_is_a_400_naming_it(chat_server, name):
 
 
 def test_more_than_four_stop_strings_are_taken(chat_server):
-    r = post(chat_server, {"prompt": "Hi", "max_tokens": 2, "stop": list("abcdefgh"), "presence_penalty": 0})
+    # the tiny chat model's greedy answer is "Paris."; the eighth of eight stop strings cuts it
+    from smolkit.chat import render_chat
+    prompt = render_chat([{"role": "user", "content": "What is the capital of France?"}])
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
+    whole = post(chat_server, body).json()["choices"][0]
+    assert (whole["text"], whole["finish_reason"]) == ("Paris.", "stop")  # ended by <|im_end|>
+    stops = ["Rome", "Blue", "Four", "Hello", "qq", "zz", "##", "is."]
+    r = post(chat_server, {**body, "stop": stops, "ignore_eos": True})
     assert r.status_code == 200, r.text
+    cut = r.json()["choices"][0]
+    assert (cut["text"], cut["finish_reason"]) == ("Par", "stop")
 
 
 def test_lm_eval_through_the_server_gives_what_its_transformers_backend_gives(instruct_dir, tmp_path):
@@ -231,15 +257,28 @@ def test_lm_eval_through_the_server_gives_what_its_transformers_backend_gives(in
 
 def test_lm_eval_through_a_server_with_an_api_key(chat_model, tmp_path):
     """--api_key guards the tokenizer routes too: lm_eval sends the key to the completions
-    as OPENAI_API_KEY and to the tokenizer routes as auth_token, as docs/evaluate.md says."""
+    as OPENAI_API_KEY and to the tokenizer routes as auth_token, as docs/evaluate.md says.
+    Without auth_token the tokenizer routes answer 401: lm_eval takes that for a server
+    without them and fails looking for a tokenizer on the hub, or, told to use the remote
+    one (tokenizer_backend=remote), fails naming the 401."""
     need_module("lm_eval", "pip install 'lm-eval[api]'")
-    with Server("--init_from", chat_model["hf"], "--dtype", "float32", "--api_key", "sesame") as server:
-        proc = subprocess.run(
+
+    def lm_eval(server, model_args):
+        return subprocess.run(
             [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
-             f"base_url={server.url}/v1/completions,model=hf,tokenized_requests=True,auth_token=sesame",
+             f"base_url={server.url}/v1/completions,model=hf,tokenized_requests=True{model_args}",
              "--tasks", "smol_mc", "--include_path", os.path.join(ROOT, "tests", "lm_eval_tasks"), "--limit", "2",
              "--output_path", tmp_path], cwd=ROOT, env={**OFFLINE, "OPENAI_API_KEY": "sesame"},
             capture_output=True, text=True, timeout=400)
+    with Server("--init_from", chat_model["hf"], "--dtype", "float32", "--api_key", "sesame") as server:
+        proc = lm_eval(server, ",auth_token=sesame")
+        without = {backend: lm_eval(server, backend) for backend in ("", ",tokenizer_backend=remote")}
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Using remote tokenizer" in out, out[-3000:]
     assert re.search(r"\|\s*smol_mc\s*\|", proc.stdout), out[-3000:]  # its row of the results table
+    said = {backend: run.stdout + run.stderr for backend, run in without.items()}
+    assert all(run.returncode != 0 and not re.search(r"\|\s*smol_mc\s*\|", run.stdout)
+               for run in without.values()), said
+    assert "Remote tokenizer not supported" in said[""], said[""][-3000:]
+    assert "/tokenizer_info failed after 3 attempts: 401 Client Error: Unauthorized" in \
+        said[",tokenizer_backend=remote"], said[",tokenizer_backend=remote"][-3000:]
