@@ -7,7 +7,7 @@ the program or its measurements fails here. Fast and in process: no training, no
    is at FIGURE below), bar the few derived ones listed with their reason.
 3. Every error message the docs quote is printed by a test that provokes it: here, in
    process, where that is cheap; else by a named test of the suite, which must exist and
-   hold the quoted words."""
+   check the quoted words in its assertions."""
 import ast
 import asyncio
 import errno
@@ -310,7 +310,7 @@ def test_the_figure_rule():
 # how it is provoked. Each check is (provoke, fragments): provoke is a function below that
 # brings the message about in process and returns what the user sees, or the name of a
 # test of the suite ("tests/file.py::name") that provokes it for real (a server, a real
-# out-of-memory, a real fp16 overflow) and whose strings must hold the fragments. The
+# out-of-memory, a real fp16 overflow) and whose assertions must check the fragments. The
 # fragments are the quote's stable parts: by default the quote cut at each "...", which
 # the docs write where a message goes on or has machine-dependent figures.
 
@@ -660,6 +660,8 @@ PAIR = '{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "ass
 T = "docs/troubleshooting.md"
 QUOTES = [
     # (page, the quoted code span, [(provoke, fragments or None: the quote cut at "...")])
+    ("docs/training.md", "error: --log_to tensorboard needs the tensorboard package: pip install tensorboard",
+     [("tests/test_tracking.py::test_trackers_are_imported_only_when_asked_for_and_missing_is_one_line", None)]),
     (T, "train.py: error: unknown flag --learning_rat (did you mean --learning_rate?)", [(unknown_flag, None)]),
     (T, "train.py: error: argument --batch_size: invalid int value: 'abc'", [(not_an_int, None)]),
     (T, "error: data file notes.txt not found; pass --data PATH to a UTF-8 text file", [(missing_data, None)]),
@@ -772,7 +774,8 @@ QUOTES = [
      [(pairs_mistake("\n".join([PAIR] * 5 + [GOOD])), None)]),
     ("docs/chat-and-serve.md", "{\"error\": {\"message\": \"max_tokens: Input should be greater than or equal to 1\",\n"
      "\"type\": \"invalid_request_error\", \"param\": \"max_tokens\", \"code\": null}}",
-     [("tests/test_serve.py::BAD", ["greater than or equal to 1", "max_tokens"]),
+     [("tests/test_serve.py::test_a_client_mistake_gets_an_openai_style_4xx", ["greater than or equal to 1",
+                                                                               "max_tokens"]),
       ("tests/test_page.py::test_errors_are_shown", ["max_tokens: Input should be greater than or equal to 1"])]),
 ]
 
@@ -827,12 +830,77 @@ def test_each_quoted_message_is_what_the_program_says(page, quote, provoke, frag
 
 
 def strings_of(ref):
-    """The string constants of a test function (or module-level name) of the suite."""
+    """The strings a test of the suite checks (ref: "tests/file.py::test_name"): the string
+    constants of its assertions (assert statements, pytest.raises(match=...) and the
+    suite's wait helpers) and of what those read by name, followed back through the test
+    (an assignment, a for loop, a parametrize decorator's values) and its module (a table
+    such as BAD). A string elsewhere (a comment-like constant, a docstring, a request's
+    text) is not checked by the test, and does not count."""
     path, _, name = ref.partition("::")
     tree = ast.parse(read(path))
+    tests = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name]
+    assert tests, f"{ref}: no such test"
+    test = tests[0]
+
+    def is_check(node):
+        if isinstance(node, ast.Assert):
+            return True
+        if isinstance(node, ast.Call):
+            f = node.func
+            called = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            return called.startswith("wait") or called == "raises"
+        return False
+
+    def names_bound(target):
+        return {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+
+    # what binds each name to an expected value: in the test (assignments, loops), its
+    # decorators, the module; not a call's result (what the program said, not what it must say)
+    binders = {}
+    for node in ast.walk(test):
+        if isinstance(node, ast.Assign) and not isinstance(node.value, ast.Call):
+            for t in node.targets:
+                for n in names_bound(t):
+                    binders.setdefault(n, []).append(node.value)
+        elif isinstance(node, (ast.For, ast.comprehension)) and not isinstance(node.iter, ast.Call):
+            for n in names_bound(node.target):
+                binders.setdefault(n, []).append(node.iter)
+    for decorator in test.decorator_list:
+        if isinstance(decorator, ast.Call) and getattr(decorator.func, "attr", "") == "parametrize":
+            argnames = decorator.args[0].value if isinstance(decorator.args[0], ast.Constant) else ""
+            for n in re.split(r"[,\s]+", argnames.strip()):
+                binders.setdefault(n, []).append(decorator.args[1])
     for node in tree.body:
-        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
-            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
-        if name in names:
-            return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
-    raise AssertionError(f"{ref}: no such test")
+        if isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Name):
+                    binders.setdefault(t.id, []).append(node.value)
+    checked, seen, todo = [], set(), [n for n in ast.walk(test) if is_check(n)]
+    while todo:
+        node = todo.pop()
+        for n in ast.walk(node):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str):
+                checked.append(n.value)
+            elif isinstance(n, ast.Name) and n.id not in seen:
+                seen.add(n.id)
+                todo.extend(binders.get(n.id, []))
+    return checked
+
+
+def test_a_named_test_holds_a_quote_only_in_what_it_checks(tmp_path):
+    source = """
+import pytest
+CASES = {"a": "from the table"}
+@pytest.mark.parametrize("words", ["from the decorator"])
+def test_x(words):
+    "in the docstring"
+    sent = "in a request"
+    said = run(sent)
+    for expected in ("from a loop",):
+        wait(lambda: expected in said)
+    want = CASES["a"]
+    assert words in said and want in said and "in the assert" in said
+"""
+    (tmp_path / "test_case.py").write_text(source)
+    got = strings_of(f"{tmp_path / 'test_case.py'}::test_x")  # an absolute path: read() keeps it
+    assert sorted(set(got)) == ["a", "from a loop", "from the decorator", "from the table", "in the assert"]
