@@ -9,10 +9,12 @@ Train SmolLM2 from scratch on a text file, or resume a run exactly.
                                                          # fine-tune on conversations (docs/training.md)
     python train.py --init_from out-chat/ckpt.pt --data prefs.jsonl --out_dir out-dpo
                                                          # then preference tuning (DPO) on pairs of replies
+    python train.py --config configs/laptop-cpu.toml      # settings from a file (flags override it)
 
-Every setting in TrainConfig and SmolConfig is a `--name value` flag. On resume
-the checkpoint's settings are the defaults and only the flags you pass change
-them (the architecture cannot change). The checkpoint, out_dir/ckpt.pt, holds
+Every setting in TrainConfig and SmolConfig is a `--name value` flag, or a key of a
+--config FILE (TOML; configs/ holds examples) that flags override. On resume the
+checkpoint's settings are the defaults and only the file and flags change them (the
+architecture cannot change). The checkpoint, out_dir/ckpt.pt, holds
 everything the next step depends on: weights, AdamW moments, step count, the
 data sampler's random state; so N steps + a resume to N+M reproduces an
 uninterrupted N+M step run exactly (on the same device and settings).
@@ -53,6 +55,8 @@ class TrainConfig:
     eval_interval: int = 250         # evaluate, print a sample and save a checkpoint every N steps
     eval_iters: int = 20             # batches per loss estimate
     log_interval: int = 10
+    log_to: str = "none"             # live curves besides metrics.jsonl: tensorboard, wandb or both (tensorboard,wandb)
+    wandb_project: str = "smol"
     sample_prompt: str = "Once upon a time"
     sample_tokens: int = 48
     # data: tokens per step = batch_size * block_size * gradient_accumulation_steps
@@ -114,12 +118,21 @@ def build_parser():
             default = getattr(dc, f.name)
             parser.add_argument(f"--{f.name}", type=type(default), choices=CHOICES.get(f.name),
                                 help=f"default {default}")
+    parser.add_argument("--config", default=None, help="a TOML file of settings, keys the flags' names (flags "
+                                                       "override it)")
     return parser
 
 
 def parse_args(argv):
-    """Return {name: value} for the flags actually given (defaults are applied later)."""
-    return vars(build_parser().parse_args(argv))
+    """Return {name: value} for the settings given, a --config file's under the flags' (defaults
+    are applied later)."""
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    path = given.pop("config", None)
+    from_file = parser.parse_config_file(path) if path else {}
+    if {"max_iters", "epochs"} & given.keys():  # the command line's length of run replaces the file's
+        from_file = {k: v for k, v in from_file.items() if k not in ("max_iters", "epochs")}
+    return {**from_file, **given}
 
 
 def get_lr(it, cfg):
@@ -286,7 +299,7 @@ def main(argv=None):
         log(f"resuming from {ckpt_path(cfg.out_dir)} at step {iter_num} (best val loss {best_val_loss:.4f})")
     elif pairs:  # the reference: the starting model's log-probabilities of every reply, scored once
         sampler.score_reference(model, ctx)
-    resumed, ckpt = ckpt is not None, None  # drop the host copy of the weights and moments
+    resumed, wandb_id, ckpt = ckpt is not None, (ckpt or {}).get("wandb_id"), None  # drop the host copy
     raw_model = model  # checkpoints save this one: no "_orig_mod." or "module." prefixes
     model = wrap_for_training(model, device, ddp, compiled)  # DDP, then compiled
 
@@ -297,15 +310,18 @@ def main(argv=None):
                    compiled, raw_model.loss_rows_per_piece, data_line, tokens_per_step))
     guard = guards.Guard(cfg, mcfg, device, n_params, ddp, master, saved_step=iter_num if resumed else None)
     peak_share = raw_model.flops_per_token(seq_len) / (world * peak) if peak else None  # x tok/s = MFU
+    settings = {**asdict(cfg), **asdict(mcfg), "device": device, "dtype": dtype, "parameters": n_params}
     report = TrainingLog(cfg, RunFacts(master, iter_num if resumed else None, tokens_per_step, accum, peak_share,
-                                       on_cpu=device_type == "cpu" and pretrained is None, intact=guard.last_saved()))
+                                       on_cpu=device_type == "cpu" and pretrained is None, intact=guard.last_saved(),
+                                       settings=settings, wandb_id=wandb_id))
     loss_of = DPO(cfg.dpo_beta) if pairs else next_token_loss
     if pairs and not resumed:  # step 0: the reference's own preference, the figure training starts from
         report.eval(0, loss_of.before(sampler, cfg.eval_iters), best_val_loss, None)
     guard.catch_signals()
 
     def checkpoint_now():  # everything the next step depends on, as it stands after iter_num steps
-        return training_checkpoint(raw_model, optimizer, scaler, cfg, iter_num, best_val_loss, sampler.resume_state())
+        return training_checkpoint(raw_model, optimizer, scaler, cfg, iter_num, best_val_loss, sampler.resume_state(),
+                                   report.wandb_id)
 
     # ---- the loop: one iteration = one optimizer step ----
     model.train()

@@ -11,6 +11,7 @@ It imports smol.py (the model) and never the server, the tools or the three comm
     models         --init_from: the one way every command names a model
     guards         checks before the first step, the out_dir lock, signals, one-line failures
     metrics        the log lines, ETA, metrics.jsonl
+    tracking       --log_to: the same rows as live curves in TensorBoard or Weights & Biases
     chat           the ChatML template, fitting a conversation, the text stream, stop strings
     decoding       the model on its device, and fast decoding (Decoder, Step over a CacheBlock)
     grammar        constrained decoding: JSON schemas and tool calls as per-step token masks

@@ -207,9 +207,10 @@ def load_resumable(path):
     return ckpt
 
 
-def training_checkpoint(model, optimizer, scaler, train_config, iter_num, best_val_loss, data_state):
+def training_checkpoint(model, optimizer, scaler, train_config, iter_num, best_val_loss, data_state, wandb_id=None):
     """Everything the next step depends on. model: the unwrapped one (no "_orig_mod."
-    or "module." prefixes); data_state: BatchSampler.resume_state()."""
+    or "module." prefixes); data_state: BatchSampler.resume_state(); wandb_id: the W&B
+    run a resume continues (smolkit/tracking.py), None without one."""
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -220,6 +221,7 @@ def training_checkpoint(model, optimizer, scaler, train_config, iter_num, best_v
         "best_val_loss": best_val_loss,
         "rng": {"data": data_state, "torch": torch.get_rng_state()},
         "scaler": scaler.state_dict(),
+        "wandb_id": wandb_id,
     }
 
 

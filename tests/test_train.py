@@ -174,7 +174,7 @@ def test_a_run_of_hours_on_a_cpu_says_so_and_offers_the_small_model(tmp_path):
     assert lines[-1].startswith("note:"), lines
     assert lines[-2].startswith("step 1 |")
     note = lines[-1]
-    assert "on this CPU" in note and "python train.py --n_layer 4 --n_embd 128" in note and "--out_dir out-cpu" in note
+    assert "on this CPU" in note and "python train.py --config configs/laptop-cpu.toml" in note
     assert proc.returncode == 130 and (tmp_path / "ckpt.pt").exists()
 
 
