@@ -16,7 +16,7 @@ import train
 from conftest import command, need_module
 from smolkit.common import ROOT, UserError
 from smolkit.metrics import SMALL_CPU_CONFIG
-from test_train import TINY, load, run
+from test_train import TINY, load, run, run_until
 
 
 def rows(out_dir):
@@ -45,17 +45,9 @@ def curve(events, tag):
 
 def test_tensorboard_curves_equal_metrics_jsonl_each_step_once_through_a_crash_and_a_resume(tmp_path):
     # killed between checkpoints (saved at 4), after steps 5 and 6 reached TensorBoard
-    proc = subprocess.Popen(command("train.py", *TINY, "--max_iters", 40, "--eval_interval", 4, "--log_interval", 1,
-                                    "--out_dir", tmp_path, "--log_to", "tensorboard"),
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        for line in proc.stdout:  # a step's line is printed before its row is written: 6's is on disk at "step 7"
-            if line.startswith("step 7 |"):
-                break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
+    # (a step's line is printed before its row is written: 6's is on disk at "step 7")
+    run_until([*TINY, "--max_iters", 40, "--eval_interval", 4, "--log_interval", 1, "--out_dir", tmp_path,
+               "--log_to", "tensorboard"], "step 7 |", signal.SIGKILL)
     before = [s for s, _ in curve(tensorboard(tmp_path), "train/loss")]
     assert load(tmp_path)["iter_num"] == 4 and {5, 6} <= set(before)  # logged past the checkpoint
     out = run("train.py", "--init_from", "resume", "--max_iters", 10, "--out_dir", tmp_path)  # log_to carries over

@@ -25,6 +25,24 @@ def run(script, *args, check=True):
     return proc
 
 
+def run_until(args, first_words, sig):
+    """Start train.py with args, read its log until a line starts with first_words, send sig and
+    wait for the end. Returns (the lines read, the exit code)."""
+    proc = subprocess.Popen(command("train.py", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(first_words):
+                break
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    return lines, proc.returncode
+
+
 def train_losses(out_dir):
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     return {r["step"]: (r["loss"], r["lr"]) for r in rows if "loss" in r}
@@ -158,24 +176,12 @@ def test_a_run_of_hours_on_a_cpu_says_so_and_offers_the_small_model(tmp_path):
     # a run whose ETA is hours: after its first step, one line gives the duration and
     # the small configuration; then Ctrl-C stops it cleanly with a checkpoint
     import signal
-    proc = subprocess.Popen([*command("train.py"), *TINY, "--max_iters", "10000000",
-                             "--out_dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("note:"):
-                break
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
-    finally:
-        proc.kill()
+    lines, code = run_until([*TINY, "--max_iters", "10000000", "--out_dir", tmp_path], "note:", signal.SIGINT)
     assert lines[-1].startswith("note:"), lines
     assert lines[-2].startswith("step 1 |")
     note = lines[-1]
     assert "on this CPU" in note and "python train.py --config configs/laptop-cpu.toml" in note
-    assert proc.returncode == 130 and (tmp_path / "ckpt.pt").exists()
+    assert code == 130 and (tmp_path / "ckpt.pt").exists()
 
 
 def test_doc_mask_trains_and_says_so(tmp_path):
