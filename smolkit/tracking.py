@@ -10,9 +10,9 @@ TensorBoard: event files in out_dir/tensorboard. A resumed run writes to the sam
 purge_step = the checkpoint's step + 1: the steps a crash left logged past the checkpoint are
 dropped by TensorBoard's reader, and each step shows once (a new run in the folder: purge_step
 0, the old run's curve dropped as its metrics.jsonl is).
-W&B: one run per out_dir, its id kept in ckpt.pt so that a resume continues the same run. W&B
-ignores a step lower than the last it holds, so after a crash the steps trained again keep their
-first values (the same losses, since resume is exact on the same device).
+W&B: one run per out_dir, its id kept in ckpt.pt so that a resume continues the same run. After
+a crash, the steps trained again reach W&B twice, with the same losses (resume is exact on the
+same device).
 """
 import html
 import importlib

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import command
+from conftest import command, need_module
 from smolkit.common import ROOT
 
 TINY = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_head", "2", "--intermediate_size", "128",
@@ -48,8 +48,11 @@ def test_two_processes_with_the_defaults_equal_one_process(tmp_path):
     # --gradient_accumulation_steps 1 (the default) on 2 processes: each takes half the rows
     # of every micro step, so the step's rows, loss and update are those of one process
     one = train(*TINY, "--max_iters", 12, "--eval_interval", 6, "--out_dir", "one", cwd=tmp_path)
-    two = train(*TINY, "--max_iters", 12, "--eval_interval", 6, "--out_dir", "two", procs=2, cwd=tmp_path)
+    need_module("tensorboard", "pip install tensorboard")
+    two = train(*TINY, "--max_iters", 12, "--eval_interval", 6, "--out_dir", "two", "--log_to", "tensorboard", procs=2,
+                cwd=tmp_path)
     assert "device cpu x 2 processes (gloo), each 1 micro step(s) x 1 rows" in two.stdout
+    assert len(os.listdir(tmp_path / "two" / "tensorboard")) == 1  # one event file: only rank 0 logs to trackers
     assert "; 64 tokens per step" in two.stdout  # 2 rows x 32, as one process
     assert "device cpu, float32" in one.stdout
     assert sum(line.startswith("step 12 |") for line in two.stdout.splitlines()) == 1  # rank 0 logs

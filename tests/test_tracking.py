@@ -2,6 +2,7 @@
 are read back by TensorBoard's own event reader (which applies purge_step as the web page does),
 W&B's run file through W&B's own record types; the settings through train.py's real parser."""
 import glob
+import html
 import json
 import os
 import shlex
@@ -105,6 +106,7 @@ def test_wandb_offline_holds_the_settings_and_a_resume_continues_the_run(tmp_pat
         proc = subprocess.run(command("train.py", *args, "--out_dir", out_dir), env=env, cwd=ROOT,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
+    last_sample = eval(proc.stdout.split("sample: ")[-1].splitlines()[0])  # the resumed run's, at step 6
     run_id = load(out_dir)["wandb_id"]
     files = sorted(glob.glob(str(out_dir / "wandb" / "offline-run-*" / "run-*.wandb")))
     assert [os.path.basename(f) for f in files] == [f"run-{run_id}.wandb"] * 2  # one run, continued
@@ -112,8 +114,8 @@ def test_wandb_offline_holds_the_settings_and_a_resume_continues_the_run(tmp_pat
     for path in files:
         for record in wandb_records(path):
             kind = record.WhichOneof("record_type")
-            if kind == "run":
-                assert record.run.run_id == run_id and record.run.project == "smol"
+            if kind == "run":  # the project --wandb_project names, the run named after the out_dir
+                assert (record.run.run_id, record.run.project, record.run.display_name) == (run_id, "smol", "out")
                 config.update({u.key: json.loads(u.value_json) for u in record.run.config.update})
             elif kind == "history":
                 row = {"/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
@@ -125,6 +127,9 @@ def test_wandb_offline_holds_the_settings_and_a_resume_continues_the_run(tmp_pat
     assert {s: h["eval/val_loss"] for s, h in history.items() if "eval/val_loss" in h} == \
         {s: r["val_loss"] for s, r in evals.items()}
     assert sorted(history) == list(range(1, 7))
+    assert [s for s, h in sorted(history.items()) if "eval/sample/path" in h] == [2, 4, 6]  # the sample as text
+    page = open(os.path.join(os.path.dirname(files[1]), "files", history[6]["eval/sample/path"])).read()
+    assert html.escape(last_sample) in page
 
 
 def test_trackers_are_imported_only_when_asked_for_and_missing_is_one_line(tmp_path):
