@@ -56,7 +56,7 @@ class TrainConfig:
     eval_iters: int = 20             # batches per loss estimate
     log_interval: int = 10
     log_to: str = "none"             # live curves besides metrics.jsonl: tensorboard, wandb or both (tensorboard,wandb)
-    wandb_project: str = "smol"
+    wandb_project: str = "smol"       # --log_to wandb: the W&B project the run goes to
     sample_prompt: str = "Once upon a time"
     sample_tokens: int = 48
     # data: tokens per step = batch_size * block_size * gradient_accumulation_steps
