@@ -369,7 +369,8 @@ TIES = [  # (page, words of a citing block, [labels of the lines its figures quo
     ("docs/training.md", "already finds the short reply likelier in 100% of the pairs", ["before training, the starting"]),
     ("docs/training.md", "102.3 words on average", ["mean words:"]),
     # before the first step the model is its reference: every pair's DPO loss is ln 2, train or val
-    ("docs/training.md", "the validation DPO loss went from 0.6931 to 0.1102", ["step 1 |", "before training, the starting >> eval step 29 |"]),
+    ("docs/training.md", "DPO loss went from ln 2 = 0.6931 (before a step the model is its own reference) to 0.1102",
+     ["step 1 |", "before training, the starting >> eval step 29 |"]),
     ("docs/training.md", "(reward accuracy 100%, margin 2.219)", ["before training, the starting >> eval step 29 | >> val reward accuracy"]),
     ("docs/training.md", "56.7 words on average", ["mean words:"]),
     ("docs/training.md", "| 49.6 MB | 6.49 MB/s, 1.47M tokens/s | 5.80 MB/s, 1.31M tokens/s | 0.89x |",
