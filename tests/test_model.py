@@ -60,6 +60,12 @@ def test_forward_shapes_and_initial_loss():
     # and the expected loss of random targets is about ln(V) + s2 / 2
     s2 = m.config.n_embd * m.config.init_std ** 2
     assert abs(loss.item() - (math.log(512) + s2 / 2)) < 0.15
+    # the loss alone is ln(V) give or take 0.15 at any small std (0.02 instead of init_std passed it):
+    # the logits' variance is s2 itself (0.108 here for 0.111), and every matrix is drawn at init_std
+    assert abs(logits.var().item() / s2 - 1) < 0.1, (logits.var().item(), s2)
+    for n, p in m.named_parameters():
+        if p.dim() == 2:
+            assert abs(p.std().item() / m.config.init_std - 1) < 0.05, (n, p.std().item())
 
 
 def test_rope_matches_complex_rotation():
