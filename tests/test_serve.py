@@ -62,7 +62,8 @@ def test_chat_completion_with_the_openai_client(client, reference):
 
 
 def test_streamed_chat_completion_with_the_openai_client(client):
-    stream = client.chat.completions.create(model="hf", messages=[{"role": "user", "content": "Say hello."}],
+    messages = [{"role": "user", "content": "Say hello."}]
+    stream = client.chat.completions.create(model="hf", messages=messages,
                                             temperature=0, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -70,7 +71,12 @@ def test_streamed_chat_completion_with_the_openai_client(client):
     assert text == "Hello!"
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["stop"]
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 2
+    assert chunks[-1].choices == []
+    # the counts as the tokenizer gives them: the prompt, and the reply's tokens with its <|im_end|>
+    tok = load_tokenizer()
+    assert chunks[-1].usage.prompt_tokens == len(tok.encode(render_chat(messages)).ids)
+    assert chunks[-1].usage.completion_tokens == len(tok.encode("Hello!").ids) + 1
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + chunks[-1].usage.completion_tokens
 
 
 def test_completion_runs_to_max_tokens_as_generate_does(client, reference):
