@@ -113,9 +113,15 @@ def test_piped_chat_answers_each_line_and_stops_at_the_end_of_its_turn(chat_mode
 def test_verbose_chat_reports_each_replys_speed(chat_model):
     proc = chat("--init_from", chat_model["hf"], "--verbose", stdin="What is the capital of France?\nSay hello.\n")
     assert proc.returncode == 0 and proc.stdout == "Paris.\nHello!\n"
-    lines = proc.stderr.splitlines()  # one per reply; "Paris." is 3 tokens and <|im_end|>
+    lines = proc.stderr.splitlines()  # one per reply
     assert len(lines) == 2 and all(re.fullmatch(r"\[\d+ prompt tokens, \d+ new tokens in \d+\.\d\d s: "
                                                  r"\d+\.\d tokens/s\]", line) for line in lines), lines
+    # the counts are the tokenizer's: the whole conversation so far, and the reply's tokens with its <|im_end|>
+    tok, first = load_tokenizer(), [{"role": "user", "content": "What is the capital of France?"}]
+    second = first + [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Say hello."}]
+    expected = [(len(tok.encode(render_chat(m)).ids), len(tok.encode(reply).ids) + 1)
+                for m, reply in ((first, "Paris."), (second, "Hello!"))]
+    assert [tuple(map(int, re.findall(r"(\d+) (?:prompt|new) tokens", line))) for line in lines] == expected, lines
 
 
 def test_chat_with_a_checkpoint_not_trained_for_chat_warns_once_and_works(chat_model):
