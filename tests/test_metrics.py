@@ -5,13 +5,13 @@ import types
 
 from smolkit import metrics
 from smolkit.metrics import RunFacts, TrainingLog
+from train import TrainConfig
 
 
 def test_eta_counts_the_evaluations_to_come_and_a_long_evaluation_says_so(tmp_path, monkeypatch, capsys):
     now = [0.0]
     monkeypatch.setattr(metrics, "time", types.SimpleNamespace(time=lambda: now[0]))
-    cfg = types.SimpleNamespace(out_dir=str(tmp_path), max_iters=10, eval_interval=5, eval_iters=20, batch_size=4,
-                                log_interval=1)
+    cfg = TrainConfig(out_dir=str(tmp_path), max_iters=10, eval_interval=5, eval_iters=20, batch_size=4, log_interval=1)
     log = TrainingLog(cfg, RunFacts(master=True, resumed_at=None, tokens_per_step=100))
 
     def step(n, seconds=3.0):
@@ -38,8 +38,7 @@ def test_eta_counts_the_evaluations_to_come_and_a_long_evaluation_says_so(tmp_pa
 
 
 def test_a_short_evaluation_is_not_announced(tmp_path, capsys):
-    cfg = types.SimpleNamespace(out_dir=str(tmp_path), max_iters=10, eval_interval=5, eval_iters=1, batch_size=4,
-                                log_interval=1)
+    cfg = TrainConfig(out_dir=str(tmp_path), max_iters=10, eval_interval=5, eval_iters=1, batch_size=4, log_interval=1)
     log = TrainingLog(cfg, RunFacts(master=True, resumed_at=None, tokens_per_step=100))
     log.step(1, loss=1.0, lr=1e-3)
     capsys.readouterr()
