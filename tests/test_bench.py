@@ -112,7 +112,8 @@ def test_bench_serve_drives_the_real_server(chat_model):
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines() if len(line.split()) == 6 and line.split()[0].isdigit()]
-    assert [r[0] for r in rows] == ["1", "3"] and all(float(r[1]) > 0 for r in rows)  # every client got 5 tokens
+    # a round of n clients exits non-zero unless the server streamed n x --max_tokens tokens (bench_serve's check)
+    assert [r[0] for r in rows] == ["1", "3"] and all(float(r[1]) > 0 for r in rows)
     assert "3 clients together:" in proc.stdout and "the tokens/s of one client alone" in proc.stdout
     assert re.search(r"^sample\.py, same weights, dtype and prompt: [\d.]+ tok/s; one client of the server: "
                      r"[\d.]+ tok/s = [\d.]+x \(best of 1 rounds each, in turns\)$", proc.stdout, re.M), proc.stdout

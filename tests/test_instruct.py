@@ -7,6 +7,7 @@ import subprocess
 
 import httpx
 import pytest
+import torch
 
 from conftest import command, need_module, on_cpu
 from smol import IM_END_ID
@@ -50,18 +51,24 @@ def test_quantized_gives_the_same_greedy_answers(instruct_dir, kind):
     assert proc.stdout == "The capital of France is Paris.\nThe capital of Italy is Rome.\n"
 
 
-def test_fp16_gives_fp32_greedy_tokens(instruct_dir):
+def test_fp16_gives_fp32_greedy_tokens(instruct_dir, monkeypatch, capsys):
     # --dtype float16, what a T4 or a V100 gets by default: the instruct model's residual stream
     # peaks near 2.3e4 on input.txt, under fp16's 65,504, so 100 greedy tokens are fp32's
+    import sample
     prompt = f"<|im_start|>user\n{FRANCE} Tell me about its history.<|im_end|>\n<|im_start|>assistant\n"
-    out = {}
-    for dtype in ("float32", "float16"):
-        proc = run_sample("--init_from", instruct_dir, "--temperature", 0, "--num_samples", 1, "--max_new_tokens", 100,
-                          "--start", prompt, "--dtype", dtype)
-        assert proc.returncode == 0, proc.stderr
-        out[dtype] = proc.stdout
-    assert "The capital of France is Paris." in out["float16"] and len(out["float16"]) > 300
-    assert out["float16"] == out["float32"]
+    args = ["--init_from", instruct_dir, "--temperature", 0, "--num_samples", 1, "--max_new_tokens", 100,
+            "--start", prompt, "--device", "cpu"]
+    fp32 = run_sample(*args, "--dtype", "float32")
+    assert fp32.returncode == 0, fp32.stderr
+    # fp16 in this process, the dtype of the weights the decoder runs observed on the way
+    seen, decoder = [], sample.Decoder
+    monkeypatch.setattr(sample, "Decoder", lambda model, **kw: seen.append(model.lm_head.weight.dtype) or
+                        decoder(model, **kw))
+    sample.main([str(a) for a in args] + ["--dtype", "float16"])
+    fp16 = capsys.readouterr().out
+    assert seen == [torch.float16]
+    assert "The capital of France is Paris." in fp16 and len(fp16) > 300
+    assert fp16 == fp32.stdout
 
 
 def test_sample_with_a_chatml_prompt_stops_at_im_end(instruct_dir):

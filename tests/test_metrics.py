@@ -1,6 +1,7 @@
 """metrics.py's log lines on a controlled clock: the ETA counts the evaluations still to
 come (first guessed from the step time, then as measured), and an evaluation expected to
 take more than a few seconds announces itself when it starts."""
+import json
 import types
 
 from smolkit import metrics
@@ -45,3 +46,18 @@ def test_a_short_evaluation_is_not_announced(tmp_path, capsys):
     log.eval_started(5)  # a step of milliseconds: an evaluation of milliseconds, nothing to say
     assert capsys.readouterr().out == ""
     log.close()
+
+
+def test_mfu_where_the_peak_is_known_is_in_the_line_and_the_row(tmp_path, monkeypatch, capsys):
+    # on a GPU that common.PEAK_FLOPS names: MFU = peak_share x tok/s, shown in the step line and
+    # written to metrics.jsonl (and so sent to --log_to's trackers as train/mfu)
+    now = [0.0]
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(time=lambda: now[0]))
+    cfg = TrainConfig(out_dir=str(tmp_path), max_iters=10, eval_interval=5, log_interval=1)
+    log = TrainingLog(cfg, RunFacts(master=True, resumed_at=None, tokens_per_step=1000, peak_share=2 ** -12))
+    now[0] += 2.0  # 500 tok/s: MFU 500 / 4,096
+    log.step(1, loss=1.0, lr=1e-3)
+    log.close()
+    assert " | mfu 12.2% | " in capsys.readouterr().out
+    row = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert row == {"step": 1, "loss": 1.0, "lr": 1e-3, "tok_s": 500.0, "mfu": 500 / 4096}
