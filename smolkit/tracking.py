@@ -71,6 +71,7 @@ class Trackers:
                 raise UserError(f"W&B could not start a run ({str(e).splitlines()[0]}): log in with `wandb login`, "
                                 f"or set WANDB_MODE=offline and `wandb sync` later") from None
             self.wandb_id = self.wandb.id  # new runs: the id W&B chose
+            self.wandb_html = wandb.Html
 
     def log(self, step, values, sample=None):
         """values: {tag: number} at this step; sample: the evaluation's text, or None."""
@@ -81,8 +82,7 @@ class Trackers:
                 self.tensorboard.add_text("eval/sample", sample, step)
             self.tensorboard.flush()  # on disk at once: a live curve, and nothing lost to a crash
         if self.wandb is not None:
-            import wandb
-            text = {} if sample is None else {"eval/sample": wandb.Html(f"<pre>{html.escape(sample)}</pre>")}
+            text = {} if sample is None else {"eval/sample": self.wandb_html(f"<pre>{html.escape(sample)}</pre>")}
             self.wandb.log({**values, **text}, step=step)
 
     def close(self):

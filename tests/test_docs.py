@@ -279,17 +279,20 @@ def figures(block):
 # line of the cited files holds ("FILE: text" to name the file; "A >> B": the first line
 # holding B after the line holding A, for a table repeated under several headings). A span
 # starts at its words and runs to the next span of the block (or the block's end).
+def lm_eval_rows(run):
+    """The labels of one lm_eval results table of assets/eval-record: its three metrics' rows."""
+    return [f"eval-record/{run} >> |{metric}" for metric in ("acc ", "acc_norm ", "exact_match")]
+
+
 TIES = [  # (page, words of a citing block, [labels of the lines its figures quote])
     ("docs/chat-and-serve.md", "batch 1 37.1 tokens/s free, 36.2 under a schema (2% slower)", ["batch   1:"]),
     ("docs/chat-and-serve.md", "batch 16 286.1 and 279.9 (2% slower)", ["batch  16:"]),
     ("docs/evaluate.md", "`--model hf` (transformers, the exported directory, fp32)",
-     ["eval-record/hf >> |acc ", "eval-record/hf >> |acc_norm ", "eval-record/hf >> |exact_match"]),
+     lm_eval_rows("hf")),
     ("docs/evaluate.md", "(`python -m server --dtype float32`, `num_concurrent=4`)",
-     ["eval-record/server-float32 >> |acc ", "eval-record/server-float32 >> |acc_norm ",
-      "eval-record/server-float32 >> |exact_match"]),
+     lm_eval_rows("server-float32")),
     ("docs/evaluate.md", "(`python -m server --dtype bfloat16`)",
-     ["eval-record/server-bfloat16 >> |acc ", "eval-record/server-bfloat16 >> |acc_norm ",
-      "eval-record/server-bfloat16 >> |exact_match"]),
+     lm_eval_rows("server-bfloat16")),
     ("docs/huggingface.md", "a KL divergence of 0.00367 nats", ["gguf q8_0 plain:"]),
     ("docs/huggingface.md", "strays as far (0.00257)", ["gguf official Q4_1:"]),
     ("docs/performance.md", "Python 3.11", ['assets/bench-cpu-2026-11-26.txt: "python": ']),
