@@ -3,8 +3,9 @@ Live curves beside metrics.jsonl: train.py --log_to tensorboard,wandb sends each
 to metrics.jsonl (the step's loss, lr, tok/s and MFU where known as train/...; an evaluation's
 losses and, on preference pairs, TRL's figures as eval/...) to TensorBoard and/or Weights &
 Biases, the step as x, with the evaluation's sample as text and the run's settings as its
-hyperparameters (TensorBoard: as the run started) or config (W&B: updated on resume). Each library is optional and imported only
-when asked for; only the process that writes checkpoints logs (rank 0 under torchrun).
+hyperparameters (TensorBoard: as the run started) or config (W&B: updated on resume). Each
+library is optional and imported only when asked for; only the process that writes checkpoints
+logs (rank 0 under torchrun).
 
 TensorBoard: event files in out_dir/tensorboard. A resumed run writes to the same folder with
 purge_step = the checkpoint's step + 1: the steps a crash left logged past the checkpoint are
