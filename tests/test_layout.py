@@ -15,7 +15,8 @@ TOP_FILES = {"smol.py", "train.py", "sample.py", "input.txt", "README.md", "toke
 ROOMS = ("smolkit", "server", "tools", "bench")
 # the commands besides train.py and sample.py, as the docs run them: python -m NAME
 COMMANDS = ["server", "tools.export", "tools.prepare", "tools.plot", "tools.build_tokenizer", "bench.bench",
-            "bench.bench_serve", "bench.bench_prepare", "bench.profile_decode", "bench.quantize_quality"]
+            "bench.bench_serve", "bench.bench_prepare", "bench.bench_llama_cpp", "bench.profile_decode",
+            "bench.quantize_quality"]
 
 
 def tracked_top_level():
