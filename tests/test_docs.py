@@ -169,8 +169,6 @@ FIGURE = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d+(?=[x
 # figures that a citing block derives, or takes from elsewhere, rather than copies from
 # its asset: (page, figure, the words around it, why)
 DERIVED = [
-    ("docs/performance.md", "7.7", "attention is about 1 ms of 7.7",
-     "the compiled step's profile, bench/NOTES.md entry 19 (a probe); the file splits the eager step"),
     ("docs/performance.md", "21.9", "Before, one client measured 21.9",
      "a measurement before the fix, kept in no asset"),
     ("docs/performance.md", "0.47x", "measured 21.9 against 46.6 (0.47x)", "derived: 21.9 / 46.6"),
@@ -179,11 +177,6 @@ DERIVED = [
     ("docs/training.md", "10.8", "(ln 49,152 = 10.8, a uniform guess)", "derived: ln 49,152 = 10.80"),
     ("docs/training.md", "5.1", "the run reads 5.1M", "derived: 5,000 steps of 1,024 tokens, 5.12M"),
     ("docs/training.md", "3.4", "(steps of 1 to 3.4 s there", "derived: the log's slowest step, 3,373.7 ms at step 2350"),
-    ("docs/performance.md", "4.4", "the matrix products about 4.4 ms", "derived: 3.35 + 1.05, bench/NOTES.md entry 19"),
-    ("docs/performance.md", "3.35", "(the int4 ones 3.35, the int8 head 1.05)",
-     "the compiled step's profile, bench/NOTES.md entry 19"),
-    ("docs/performance.md", "1.05", "(the int4 ones 3.35, the int8 head 1.05)",
-     "the compiled step's profile, bench/NOTES.md entry 19"),
 ]
 
 
@@ -330,6 +323,23 @@ TIES = [  # (page, words of a citing block, [labels of the lines its figures quo
      ["generate smol bfloat16 compiled batch 1 vs generate smol bfloat16 batch 1:",
       "generate smol bfloat16 compiled batch 16 vs generate smol bfloat16 batch 16:"]),
     ("docs/performance.md", "(19.3 tokens/s for int8 on 2026-11-25", ["generate smol int8 batch 1  "]),
+    # the llama.cpp side by side: each row of the table quotes its three (or two) rows and ours their ratios
+    *[("docs/performance.md", row, [f"gguf {p} {kind}{end}" for p in precisions
+                                    for end in ("  ",) + ((" vs llama.cpp:",) if "llama.cpp" not in kind else ())])
+      for row, kind, precisions in [
+          ("| llama.cpp, decoding |", "decode: llama.cpp", ("bfloat16", "int8", "int4")),
+          ("| sample.py, as users run it |", "decode: sample.py", ("bfloat16", "int8", "int4")),
+          ("| smol eager (Decoder, warm) |", "decode: smol eager", ("bfloat16", "int8", "int4")),
+          ("| smol, compiled step (`--compile true`, warm) |", "decode: smol compiled", ("int8", "int4")),
+          ("| llama.cpp, 512-token prompt |", "prompt 512: llama.cpp", ("bfloat16", "int8", "int4")),
+          ("| smol, 512-token prompt |", "prompt 512: smol", ("bfloat16", "int8", "int4"))]],
+    ("docs/performance.md", "ours is at 0.53x to 0.65x of llama.cpp",
+     ["gguf int8 decode: sample.py vs llama.cpp:", "gguf int4 decode: sample.py vs llama.cpp:"]),
+    *[("docs/performance.md", row, [f"--tokens 128  (2026-12-07 >> {p} " for p in ("bfloat16", "int8 bfloat16",
+                                                                              "int4 bfloat16")])
+      for row in ("| the whole step, without the profiler |", "| its matrix products alone, in a loop |")],
+    ("docs/performance.md", "whole token (8.42 ms in", ["gguf bfloat16 decode: llama.cpp  "]),
+    ("docs/performance.md", "removes most of them (int4 0.93x)", ["gguf int4 decode: smol compiled vs llama.cpp:"]),
     *[("docs/performance.md", f"| {row} | {figures} | same |", [f"{setting}  loss"]) for row, figures, setting in [
         ("fp32, int8", "3.9182 (+0.11%)", "float32   int8"), ("fp32, int4", "3.9153 (+0.03%)", "float32   int4"),
         ("bf16", "3.9161 (+0.05%)", "bfloat16  none"), ("bf16, int8", "3.9164 (+0.06%)", "bfloat16  int8"),
