@@ -90,7 +90,8 @@ def sample_py(init_from, flags, new_tokens):
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
     m = re.search(r"(\d+) new tokens in [\d.]+ s: ([\d.]+) tokens/s", proc.stderr)
     if proc.returncode != 0 or not m:
-        raise UserError(f"sample.py {' '.join(flags)} failed: {proc.stderr.strip()[-500:]}")
+        said = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"sample.py --init_from {init_from} {' '.join(flags)} failed: {said}")
     return int(m.group(1)), float(m.group(2))
 
 
@@ -135,7 +136,7 @@ def side_by_side(args):
 
         def llama(ids, n, llm=llm):
             llm.reset()  # else generate() reuses the cache of a prompt it has seen
-            return sum(1 for _, t in zip(range(n), llm.generate(ids, temp=0.0, top_k=1)))
+            return sum(1 for _ in zip(range(n), llm.generate(ids, temp=0.0, top_k=1)))
 
         def ours(ids, n, decoder=eager):
             return decoder.generate(torch.tensor([ids]), n, temperature=0).size(1) - len(ids)
@@ -143,7 +144,8 @@ def side_by_side(args):
         runs += [(f"{kind}: llama.cpp", lambda f=llama: f(prompt, args.new_tokens)),
                  (f"{kind}: smol eager", lambda f=ours: f(prompt, args.new_tokens))]
         if name in ("int8", "int4") and args.compile_decode == "true":
-            runs.append((f"{kind}: smol compiled", lambda d=Decoder(model, compile=True): ours(prompt, args.new_tokens, d)))
+            compiled = Decoder(model, compile=True)
+            runs.append((f"{kind}: smol compiled", lambda d=compiled: ours(prompt, args.new_tokens, d)))
         runs.append((f"{kind}: sample.py", lambda f=flags: sample_py(args.init_from, f, args.new_tokens)))
         kind = f"gguf {name} prompt {len(long_prompt)}"
         runs += [(f"{kind}: llama.cpp", lambda f=llama: f(long_prompt, 1)),
@@ -155,8 +157,8 @@ def side_by_side(args):
         dt = time.perf_counter() - t0
         if isinstance(made, tuple):  # sample.py: its own count and rate
             made, tok_s = made
-        else:  # a prompt row's tokens are its prompt's, read before the one new token
-            made = len(long_prompt) if " prompt " in what and made == 1 else made
+        else:  # a prompt row counts its prompt's tokens, read before the one new token
+            made = len(long_prompt) if " prompt " in what else made
             tok_s = made / dt
         return {"what": what, "tok_s": tok_s, "ms": 1000 / tok_s, "tokens": made, "mfu": None,
                 "peak_gib": peak_gib("cpu")}
@@ -264,7 +266,7 @@ def main(argv=None):
     for r in rows:
         print_row(r)
     if rows:
-        print("\nratios (tokens/s):")
+        print("\nagainst llama.cpp (tokens/s):")
         print("\n".join(ratios(rows)))
     if args.json:
         with open(args.json, "w") as f:
