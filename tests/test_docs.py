@@ -333,6 +333,7 @@ TIES = [  # (page, words of a citing block, [labels of the lines its figures quo
           ("| smol, compiled step (`--compile true`, warm) |", "decode: smol compiled", ("int8", "int4")),
           ("| llama.cpp, 512-token prompt |", "prompt 512: llama.cpp", ("bfloat16", "int8", "int4")),
           ("| smol, 512-token prompt |", "prompt 512: smol", ("bfloat16", "int8", "int4"))]],
+    ("docs/performance.md", "with every matrix Q8_0 (144.8 MB", ["gguf q8_0 plain:"]),
     ("docs/performance.md", "ours is at 0.53x to 0.65x of llama.cpp",
      ["gguf int8 decode: sample.py vs llama.cpp:", "gguf int4 decode: sample.py vs llama.cpp:"]),
     *[("docs/performance.md", row, [f"--tokens 128  (2026-12-07 >> {p} " for p in ("bfloat16", "int8 bfloat16",
