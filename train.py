@@ -30,15 +30,14 @@ import torch.distributed as dist
 
 from smol import IM_END_ID, SmolConfig, SmolLM
 from smolkit import guards
-from smolkit.checkpoint import ckpt_path, load_resumable, model_from_checkpoint, restore_training, training_checkpoint
+from smolkit.checkpoint import ckpt_path, model_from_checkpoint, restore_training, training_checkpoint
 from smolkit.common import (DTYPES, Parser, UserError, autocast_for, expand_kv, fail, loss_rows_per_piece, peak_flops,
                             pick_device, start_processes, use_compile, wrap_for_training)
-from smolkit.conversations import data_kind
 from smolkit.data import load_tokenizer
 from smolkit.metrics import RunFacts, TrainingLog, eval_sample, param_breakdown, setup_line, tuning_line
-from smolkit.models import load_model
 from smolkit.preferences import DPO
 from smolkit.samplers import open_data, settings_from_data, shard
+from smolkit.settings import resolve
 
 
 @dataclass
@@ -56,7 +55,7 @@ class TrainConfig:
     eval_iters: int = 20             # batches per loss estimate
     log_interval: int = 10
     log_to: str = "none"             # live curves besides metrics.jsonl: tensorboard, wandb or both (tensorboard,wandb)
-    wandb_project: str = "smol"       # --log_to wandb: the W&B project the run goes to
+    wandb_project: str = "smol"      # --log_to wandb: the W&B project the run goes to
     sample_prompt: str = "Once upon a time"
     sample_tokens: int = 48
     # data: tokens per step = batch_size * block_size * gradient_accumulation_steps
@@ -90,7 +89,6 @@ class TrainConfig:
 # a 512-token context instead of the 2,048 of pretraining: input.txt is small and
 # the short context keeps the default run quick; --block_size changes it
 MODEL_DEFAULTS = SmolConfig(block_size=512)
-ARCH_FIELDS = [f.name for f in fields(SmolConfig) if f.name not in ("block_size", "init_std")]
 CHOICES = {"dtype": DTYPES, "compile": ("auto", "true", "false"), "backend": ("auto", "nccl", "gloo"),
            "packing": ("true", "false"), "doc_mask": ("true", "false")}
 
@@ -203,38 +201,8 @@ def train_step(model, optimizer, scaler, batches, accum, ctx, grad_clip, votes=N
 
 
 def resolve_settings(given):
-    """Merge defaults, the checkpoint (on resume) and the flags given. Returns
-    (TrainConfig, SmolConfig, checkpoint or None, pretrained SmolLM or None)."""
-    train_keys = {f.name for f in fields(TrainConfig)}
-    ckpt = pretrained = None
-    init_from = given.get("init_from", "scratch")
-    if init_from == "resume":
-        ckpt = load_resumable(ckpt_path(given.get("out_dir", TrainConfig.out_dir)))
-        train = {**asdict(TrainConfig()), **ckpt.get("train_config", {})}
-        model = dict(ckpt["config"])
-    elif init_from != "scratch":  # weights to fine-tune (smolkit/models.py); a fresh optimizer
-        pretrained = load_model(init_from)
-        train, model = asdict(TrainConfig()), {**asdict(pretrained.config), "block_size": MODEL_DEFAULTS.block_size}
-        kind = data_kind(given.get("data", TrainConfig.data))
-        if kind != "text":
-            train.update(FINETUNE_DEFAULTS if kind == "conversations" else DPO_DEFAULTS)
-            model["block_size"] = pretrained.config.max_position_embeddings
-    else:
-        train, model = asdict(TrainConfig()), asdict(MODEL_DEFAULTS)
-    if "max_iters" in given and "epochs" in given and given["epochs"] > 0:
-        raise UserError("pass --epochs or --max_iters, not both: --epochs N sets max_iters to N passes")
-    if "max_iters" in given:  # steps asked for: no passes to count
-        train["epochs"] = 0.0
-    if init_from != "scratch":
-        for k in ARCH_FIELDS:
-            if k in given and given[k] != model.get(k):
-                raise UserError(f"--{k} {given[k]} conflicts with {init_from}'s {k} = {model.get(k)}; drop the "
-                                f"flag, or train from scratch in another --out_dir")
-    for k, v in given.items():
-        (train if k in train_keys else model)[k] = v
-    tcfg, mcfg = TrainConfig(**train), SmolConfig(**model)
-    guards.check_settings(tcfg, mcfg, ckpt)
-    return tcfg, mcfg, ckpt, pretrained
+    """(TrainConfig, SmolConfig, checkpoint or None, pretrained SmolLM or None): smolkit/settings.py."""
+    return resolve(given, TrainConfig, MODEL_DEFAULTS, {"conversations": FINETUNE_DEFAULTS, "preferences": DPO_DEFAULTS})
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ It imports smol.py (the model) and never the server, the tools or the three comm
     preferences    preference pairs and the DPO loss (the stage after fine-tuning)
     samplers       the batches a training step reads: text windows, packed conversations or pairs
     checkpoint     training checkpoints: atomic save, weights-only load, validate, restore
+    settings       train.py's settings: defaults, checkpoint, config file and flags, in one order
     models         --init_from: the one way every command names a model
     guards         checks before the first step, the out_dir lock, signals, one-line failures
     metrics        the log lines, ETA, metrics.jsonl
