@@ -35,8 +35,7 @@ def matrices_alone(model, rounds=20):
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear, Int4Linear))]
     weight_bytes = sum(sum(t.numel() * t.element_size() for t in m.state_dict().values()) for m in layers)
     dtype = model.model.norm.weight.dtype
-    inputs = [torch.randn(1, m.in_features if isinstance(m, nn.Linear) else m.q.size(1)
-                          if isinstance(m, Int8Linear) else m.packed.size(1) * 2, dtype=dtype) for m in layers]
+    inputs = [torch.randn(1, m.in_features, dtype=dtype) for m in layers]
     best = float("inf")
     with torch.inference_mode(), step_kernels(1, KVCache.zeros(model.config, 1, 1, "cpu", dtype)):  # as a step
         for _ in range(rounds):

@@ -35,6 +35,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.register_buffer("q", q)  # (out, in) int8
         self.register_buffer("scale", scale)  # (out,) in the activations' dtype
+        self.in_features = q.size(1)  # as nn.Linear's
 
     def forward(self, x):
         shape = x.shape  # (..., in)
@@ -78,6 +79,7 @@ class Int4Linear(nn.Module):
         codes, scales_and_zeros = quantize_groups(w)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))  # (out, in/2) uint8
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(dtype))  # (in/32, out, 2)
+        self.in_features = w.size(1)  # as nn.Linear's
 
     @staticmethod
     def check_shape(w):
